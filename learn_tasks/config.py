@@ -213,9 +213,11 @@ def _deep_update(base: dict, new: dict) -> dict:
 def _parse_value(text: str) -> Any:
     """CLI/env values are YAML scalars: ``3`` -> int, ``true`` -> bool, ``[10, 50]`` -> list."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    # Dates and times stay text: fields that hold times parse them themselves.
+    return value if isinstance(value, (int, float, bool, list, dict, str, type(None))) else text
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -122,6 +122,7 @@ def stream_csv(
             width = len(head)
         else:
             pos, width = list(range(len(columns))), len(columns)
+        identity = pos == list(range(width))
         rows: list[list[str]] = []
         lines: list[int] = []
         seen_any = False
@@ -131,24 +132,24 @@ def stream_csv(
                 line = reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line: nothing to keep or lose
-                text = ",".join(row)
                 if len(row) != width:
-                    q.add(path, line, "*", f"expected {width} fields, got {len(row)}", text)
+                    q.add(path, line, "*", f"expected {width} fields, got {len(row)}", ",".join(row))
                     continue
-                if _SURROGATE.search(text):
+                text = ",".join(row) if not all(map(str.isascii, row)) else ""
+                if text and _SURROGATE.search(text):
                     q.add(path, line, "*", "non-UTF-8 bytes", text.encode("utf-8", "backslashreplace").decode())
                     continue
-                rows.append([row[p] if p >= 0 else "" for p in pos])
+                rows.append(row if identity else [row[p] if p >= 0 else "" for p in pos])
                 lines.append(line)
                 if len(rows) >= chunk_rows:
-                    yield pd.DataFrame(rows, columns=columns, dtype="string"), np.asarray(lines)
+                    yield pd.DataFrame(rows, columns=columns, dtype=object), np.asarray(lines)
                     rows, lines = [], []
         except csv.Error as exc:
             raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
         if not seen_any and header:
             raise DataError(path, "file has a header but no rows")
         if rows:
-            yield pd.DataFrame(rows, columns=columns, dtype="string"), np.asarray(lines)
+            yield pd.DataFrame(rows, columns=columns, dtype=object), np.asarray(lines)
 
 
 def _coerce(
@@ -162,7 +163,7 @@ def _coerce(
     reason = np.full(len(df), "", dtype=object)
     out: dict[str, Any] = {}
     for col, kind in spec.items():
-        s = df[col].str.strip()
+        s = df[col].str.strip() if kind.rstrip("?") == "str" else df[col]
         optional = kind.endswith("?")
         kind = kind.rstrip("?")
         empty = (s.isna() | (s == "")).to_numpy()
