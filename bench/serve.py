@@ -1,0 +1,333 @@
+"""Benchmark: the recommendation service on loopback with the model trained on the Amazon Books sample.
+
+Steps (each reuses what LEARN_HOME already has):
+
+1. content embeddings (``learn encode``), a promoted model (``learn train --budget-s``; trained only when
+   none is promoted), Feast features (``learn features``) and the Milvus index (``learn index``);
+2. index check in this process: Milvus search latency and recall@10 against exact numpy search, on user
+   embeddings of sampled users (the queries the service really sends); then the index is released;
+3. ``learn serve`` is started as a child process on 127.0.0.1 and driven from this process over HTTP:
+   latency p50/p95/p99 and requests/s at concurrency 1 and 8 (bounded by a request count and a time
+   limit), errors (non-2xx or transport errors), ``POST /events`` latency, and new-item time to
+   recommendable: from sending ``POST /items`` (a new edition of a catalogue book) until a
+   ``GET /recommendations`` seeded with the original book returns the new one.
+
+Writes ``bench/results/serve.json``. Targets: p99 <= 50 ms at concurrency 1, zero errors, a new item
+recommendable in < 1 s.
+
+Usage: python bench/serve.py [--quick] [--home DIR] [--dataset NAME] [--search replica|milvus]
+       [--requests N] [--duration S] [--train-budget-s S]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "serve.json"
+TARGETS = {"p99_ms": 50.0, "errors": 0, "new_item_s": 1.0}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------- prepare
+def prepare(cfg, dataset: str, train_budget_s: float) -> dict:
+    """Embeddings, promoted model, features and index: made only when missing or out of date."""
+    from learn_tasks import encode, features, index, registry, train
+
+    out: dict = {}
+    if encode.current_fingerprint(cfg, dataset) is None:
+        log(f"encoding {dataset} (once)")
+        out["encode"] = encode.run(cfg, dataset)
+    run_dir = registry.promoted(cfg, dataset)
+    if run_dir is None:
+        log(f"training a model for {train_budget_s:.0f} s (none promoted yet)")
+        res = train.run(cfg, dataset, budget_s=train_budget_s)
+        run_dir = registry.promote(cfg, dataset, Path(res["run_dir"]), reason="bench/serve.py")
+        out["trained"] = {k: res.get(k) for k in ("run_id", "epochs_run", "stopped", "train_seconds", "val")}
+    out["model_version"] = run_dir.name
+    log("features (idempotent)")
+    t0 = time.perf_counter()
+    out["features"] = {k: v for k, v in features.run(cfg, dataset).items() if k in ("rows", "rebuilt", "materialized")}
+    out["features"]["seconds"] = time.perf_counter() - t0
+    if index.current(cfg, dataset) != index.collection_name(dataset, run_dir.name):
+        log("indexing the promoted model's items")
+        t0 = time.perf_counter()
+        built = index.run(cfg, dataset)
+        out["index_build"] = {k: built[k] for k in ("rows", "index_type", "index_recall_at_10", "load_s", "skipped")}
+        out["index_build"]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def index_check(cfg, dataset: str, n_queries: int, n_latency: int) -> dict:
+    """Milvus search latency and recall@10 against exact numpy search, on real user embeddings."""
+    from learn_tasks import data, index, registry
+    from learn_tasks.serve import ModelBundle
+
+    client = index.connect(cfg)
+    target = index.current(cfg, dataset)
+    everything = index.fetch_all(client, target)
+    bundle = ModelBundle.load(cfg, dataset, registry.promoted(cfg, dataset))
+    queries = bundle.sample_user_vectors(data.load_interactions(cfg, dataset), n_queries, seed=1)
+    rec = index.measure_recall(client, target, everything, queries, k=10, search_params=cfg.index.search_params)
+    milvus_ms, exact_ms = [], []
+    for q in queries[:n_latency]:
+        t0 = time.perf_counter()
+        index.search(client, target, q[None], 10, search_params=cfg.index.search_params, output_fields=())
+        milvus_ms.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        index.exact_topk(everything.vectors, q[None], 10)
+        exact_ms.append(1000 * (time.perf_counter() - t0))
+    index.close(cfg)  # release Milvus Lite for the service process
+    return {"index_recall_at_10": rec["recall_at_10"], "recall_queries": rec["queries"], "index_rows": len(everything),
+            "index_type": cfg.index.index_type, "index_search_ms_p50": pct(milvus_ms, 50),
+            "index_search_ms_p99": pct(milvus_ms, 99), "exact_numpy_search_ms_p50": pct(exact_ms, 50),
+            "exact_numpy_search_ms_p99": pct(exact_ms, 99), "latency_queries": len(milvus_ms)}
+
+
+# -------------------------------------------------------------------------------------------- service
+def start_service(home: str, dataset: str, port: int, token: str, search: str, timeout_s: float) -> subprocess.Popen:
+    env = {**os.environ, "LEARN_HOME": home, "LEARN_API_TOKEN": token}
+    cmd = [sys.executable, "-m", "learn_tasks.cli", "serve", "--dataset", dataset, "--host", "127.0.0.1",
+           "--port", str(port), "--search", search]
+    logf = open(Path(home) / "bench-serve.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}; see {Path(home) / 'bench-serve.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_service(proc)
+    raise RuntimeError(f"service not healthy within {timeout_s:.0f} s")
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def drive(base: str, users: list[int], concurrency: int, n_requests: int, duration_s: float, k: int = 10) -> dict:
+    """GET /recommendations for ``users`` round-robin from ``concurrency`` threads; bounded by count and time."""
+    import httpx
+
+    lat: list[float] = []
+    errors: list[str] = []
+    strategies: dict[str, int] = {}
+    lock = threading.Lock()
+    counter = iter(range(n_requests))
+    deadline = time.monotonic() + duration_s
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while time.monotonic() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = client.get(f"/recommendations/{users[i % len(users)]}", params={"k": k})
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        if r.status_code == 200:
+                            lat.append(1000 * dt)
+                            s = r.json()["strategy"]
+                            strategies[s] = strategies.get(s, 0) + 1
+                        else:
+                            errors.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"requests": len(lat) + len(errors), "ok": len(lat), "errors": len(errors), "error_samples": errors[:5],
+            "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "max_ms": max(lat, default=None),
+            "rps": len(lat) / wall if wall else None, "wall_s": wall, "strategies": strategies}
+
+
+def new_item_times(base: str, token: str, seeds: list[tuple[int, str]], timeout_s: float = 5.0) -> dict:
+    """Send POST /items, then poll a seeded recommendation until the new item shows up."""
+    import httpx
+
+    client_s, server_s, misses = [], [], 0
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for seed, title in seeds:
+            t0 = time.perf_counter()
+            r = client.post("/items", json={"title": f"{title} (new edition)"}, headers=headers)
+            if r.status_code != 201:
+                misses += 1
+                continue
+            body = r.json()
+            server_s.append(body["time_to_recommendable_s"])
+            while time.perf_counter() - t0 < timeout_s:
+                rec = client.get(f"/recommendations/{10**15 + seed}", params={"k": 10, "seed_item": seed}).json()
+                if body["item_id"] in [i["item_id"] for i in rec.get("items", [])]:
+                    client_s.append(time.perf_counter() - t0)
+                    break
+            else:
+                misses += 1
+    return {"new_item_s": pct(client_s, 50), "new_item_s_max": max(client_s, default=None),
+            "new_item_server_s": pct(server_s, 50), "new_items": len(seeds), "new_item_misses": misses}
+
+
+def event_times(base: str, token: str, pairs: list[tuple[int, int]]) -> dict:
+    import httpx
+
+    lat, errors = [], 0
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for user, item in pairs:
+            t0 = time.perf_counter()
+            r = client.post("/events", json={"user_id": user, "item_id": item},
+                            headers={"Authorization": f"Bearer {token}"})
+            if r.status_code == 202:
+                lat.append(1000 * (time.perf_counter() - t0))
+            else:
+                errors += 1
+    return {"events_p50_ms": pct(lat, 50), "events_p99_ms": pct(lat, 99), "event_errors": errors}
+
+
+# -------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small bounded run (minutes)")
+    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", "/tmp/lh"))
+    ap.add_argument("--dataset", default="amazon-books")
+    ap.add_argument("--search", default="replica", choices=["replica", "milvus"])
+    ap.add_argument("--requests", type=int, default=None, help="requests per concurrency level")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per concurrency level (upper bound)")
+    ap.add_argument("--train-budget-s", type=float, default=120.0)
+    ap.add_argument("--startup-timeout-s", type=float, default=600.0)
+    args = ap.parse_args()
+    n_req = args.requests or (300 if args.quick else 2000)
+    duration = args.duration or (40.0 if args.quick else 120.0)
+
+    # The service's own state (Feast store, Milvus data, items added by this benchmark) lives in a work
+    # folder beside LEARN_HOME, so benchmark items never leak into the shared catalogue; the prepared data,
+    # content embeddings and models are LEARN_HOME's own, linked in.
+    work = Path(args.home).with_name(Path(args.home).name + "-serve-bench")
+    for sub in ("data", "embeddings", "models"):
+        (Path(args.home) / sub).mkdir(parents=True, exist_ok=True)
+        link = work / sub
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(args.home).resolve() / sub, target_is_directory=True)
+    os.environ["LEARN_HOME"] = str(work)
+    from learn_tasks import data, schema as S
+    from learn_tasks.config import load_settings
+
+    cfg = load_settings()
+    t_start = time.perf_counter()
+    prep = prepare(cfg, args.dataset, args.train_budget_s)
+    log("index check (Milvus vs exact numpy)")
+    idx = index_check(cfg, args.dataset, n_queries=cfg.index.recall_queries, n_latency=20 if args.quick else 100)
+
+    inter = data.load_interactions(cfg, args.dataset)
+    items = data.load_items(cfg, args.dataset)
+    rng = np.random.default_rng(0)
+    users = rng.choice(inter[S.USER_ID].unique(), size=min(2000, inter[S.USER_ID].nunique()), replace=False).tolist()
+    popular = inter[S.ITEM_ID].value_counts().index[:50].tolist()
+    titles = items.set_index(S.ITEM_ID)[S.TITLE]
+    seeds = [(int(i), str(titles.get(i, f"item {i}"))) for i in rng.choice(popular, size=3 if args.quick else 10,
+                                                                           replace=False)]
+
+    port, token = free_port(), secrets.token_hex(16)
+    log(f"starting the service on 127.0.0.1:{port} (search={args.search})")
+    t0 = time.perf_counter()
+    proc = start_service(str(work), args.dataset, port, token, args.search, args.startup_timeout_s)
+    startup_s = time.perf_counter() - t0
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        log("warm-up")
+        drive(base, users[:50], 1, 50, 30.0)
+        log(f"concurrency 1: {n_req} requests / {duration:.0f} s max")
+        c1 = drive(base, users, 1, n_req, duration)
+        log(f"concurrency 8: {n_req} requests / {duration:.0f} s max")
+        c8 = drive(base, users[::-1], 8, n_req, duration)
+        unknown = drive(base, [10**15 + i for i in range(50)], 1, 50, 20.0)
+        log("new items and events")
+        new = new_item_times(base, token, seeds)
+        ev = event_times(base, token, [(int(u), int(i)) for u, i in zip(users[:20], popular[:20])])
+    finally:
+        stop_service(proc)
+
+    result = {
+        "p50_ms": c1["p50_ms"], "p95_ms": c1["p95_ms"], "p99_ms": c1["p99_ms"], "rps_c1": c1["rps"],
+        "p50_ms_c8": c8["p50_ms"], "p95_ms_c8": c8["p95_ms"], "p99_ms_c8": c8["p99_ms"], "rps_c8": c8["rps"],
+        "errors": c1["errors"] + c8["errors"] + unknown["errors"] + ev["event_errors"] + new["new_item_misses"],
+        "requests_c1": c1["requests"], "requests_c8": c8["requests"],
+        "new_item_s": new["new_item_s"], "new_item_s_max": new["new_item_s_max"],
+        "new_item_server_s": new["new_item_server_s"], **{k: v for k, v in idx.items()},
+        "index_recall_at_10_at_load": prep.get("index_build", {}).get("index_recall_at_10"),
+        "unknown_user_p50_ms": unknown["p50_ms"], "unknown_user_strategies": unknown["strategies"],
+        **ev, "c1": c1, "c8": c8, "search": args.search, "service_startup_s": startup_s,
+        "health": health.get("checks"), "dataset": args.dataset, "model_version": prep["model_version"],
+        "learn_home": args.home, "work_dir": str(work),
+        "prepare": prep, "quick": args.quick, "targets": TARGETS,
+        "meets_targets": {"p99_ms": (c1["p99_ms"] or 1e9) <= TARGETS["p99_ms"],
+                          "errors": c1["errors"] + c8["errors"] == 0,
+                          "new_item_s": (new["new_item_s"] or 1e9) < TARGETS["new_item_s"]},
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0], "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "total_s": time.perf_counter() - t_start,
+        "notes": "service and driver share this machine's CPUs; the driver is a separate process (this one).",
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    from learn_tasks.storage import write_json
+
+    write_json(result, RESULTS)
+    log(f"wrote {RESULTS}")
+    print(json.dumps({k: result[k] for k in ("p50_ms", "p99_ms", "p99_ms_c8", "rps_c8", "errors", "new_item_s",
+                                             "index_recall_at_10", "index_search_ms_p50")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

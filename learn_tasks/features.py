@@ -1,0 +1,587 @@
+"""Feast features: build the feature Parquet, apply the repo, materialise a bounded window, read them back.
+
+The Feast objects (entities, sources, feature views, feature services) live in ``feature_repo/``; this
+module turns a prepared dataset into the tables those sources read and runs Feast on them. Every
+dataset gets its own store directory, which is the Feast repo path of that store::
+
+    $LEARN_HOME/feast/<dataset>/
+        feature_store.yaml        rendered from feature_repo/ (connection strings stay ${...} placeholders)
+        data/user_recent.parquet  one row per (user, event time): the last L item ids and their times
+        data/user_activity.parquet  one row per (user, event time): counts and first/last seen
+        data/item_stats.parquet   one row per catalogue item, as of the window end
+        registry.db, online.db    embedded registry and SQLite online store (default stack)
+        state.json                what was written, applied and materialised (idempotence)
+
+Why one row per (user, event time): Feast joins point-in-time on the row timestamp, so a training
+example at time t reads exactly the history before t (``training_examples``), and materialising a
+window puts each user's latest state inside it into the online store.
+
+The production stack (Redis online store, SQL registry) uses the same definitions and data; it is
+selected by ``features.online_store`` / ``features.registry`` and connects with strings taken from the
+environment only (``LEARN_FEATURES__REDIS_URL``, ``LEARN_FEATURES__REGISTRY_URL``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from learn_tasks import schema as S
+from learn_tasks.config import REPO_ROOT, Settings
+from learn_tasks.storage import atomic_path, read_json, write_json, write_text
+
+if TYPE_CHECKING:  # feast is heavy; imported where used
+    from feast import FeatureStore
+
+log = logging.getLogger("learn.features")
+
+FEATURE_REPO = REPO_ROOT / "feature_repo"
+DEFINITION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")  # import order
+USER_RECENT_VIEW, USER_ACTIVITY_VIEW, ITEM_STATS_VIEW = "user_recent_items", "user_activity", "item_stats"
+USER_RECENT_PUSH, USER_ACTIVITY_PUSH = "user_recent_push", "user_activity_push"
+ITEM_STATS_SERVICE = "item_stats_v1"
+TABLES = {USER_RECENT_VIEW: "user_recent", USER_ACTIVITY_VIEW: "user_activity", ITEM_STATS_VIEW: "item_stats"}
+_ENV = {"LEARN_FEAST_PROJECT", "LEARN_FEATURES__REDIS_URL", "LEARN_FEATURES__REGISTRY_URL"}
+
+
+class FeaturesError(RuntimeError):
+    """A feature store that cannot be built or read, with what to do about it."""
+
+
+# ==================================================================================================
+# Small helpers
+# ==================================================================================================
+def recent_len(cfg: Settings) -> int:
+    """L, the number of recent items kept per user (``features.recent_items`` or ``model.max_len``)."""
+    return int(cfg.features.recent_items or cfg.model.max_len)
+
+
+def store_dir(cfg: Settings, dataset: str) -> Path:
+    return cfg.paths.feast() / dataset
+
+
+def project_name(dataset: str) -> str:
+    """Feast project of a dataset: namespaces Redis keys and SQL registry rows per dataset."""
+    return "learn_" + re.sub(r"[^0-9A-Za-z_]", "_", dataset).strip("_").lower()
+
+
+def epoch_seconds(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+    """Timezone-aware timestamps -> int64 seconds since 1970-01-01 UTC (floor)."""
+    values = pd.DatetimeIndex(ts).tz_convert("UTC").tz_localize(None).to_numpy()
+    return values.astype("datetime64[s]").astype(np.int64)
+
+
+def _utc(value: str | datetime | pd.Timestamp) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+# ==================================================================================================
+# Feature tables (pure: interactions in, Arrow tables out)
+# ==================================================================================================
+@dataclass(frozen=True)
+class Window:
+    """The materialisation window [start, end); item statistics are computed as of ``end``."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+
+    def as_dict(self) -> dict[str, str]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+
+def default_window(interactions: pd.DataFrame, window_days: float = 0.0,
+                   start: str | datetime | None = None, end: str | datetime | None = None) -> Window:
+    """End = one second after the last event (or ``end``); start = end - window_days (0 = first event)."""
+    ts = interactions[S.EVENT_TIMESTAMP]
+    if len(ts) == 0 and (start is None or end is None):
+        raise FeaturesError("no interactions: give --start and --end explicitly")
+    w_end = _utc(end) if end is not None else ts.max().floor("s") + pd.Timedelta(seconds=1)
+    if start is not None:
+        w_start = _utc(start)
+    elif window_days > 0:
+        w_start = w_end - pd.Timedelta(days=window_days)
+    else:
+        w_start = ts.min().floor("s")
+    if w_start >= w_end:
+        raise FeaturesError(f"empty window: start {w_start} is not before end {w_end}")
+    return Window(w_start, w_end)
+
+
+def build_tables(interactions: pd.DataFrame, item_ids: np.ndarray, recent: int, window: Window,
+                 tail_share: float) -> dict[str, pa.Table]:
+    """The three feature tables from canonical interactions.
+
+    * ``user_recent``: per (user, distinct event time t), the last ``recent`` item ids with time <= t,
+      oldest first, and their epoch seconds; events sharing a time keep their order in the log.
+    * ``user_activity``: per (user, t), events so far, distinct items so far, first and last seen.
+    * ``item_stats``: per catalogue item, popularity = events in [window.start, window.end), first seen,
+      cold-start (popularity 0) and long-tail flags (``evaluate.item_slices``), stamped one second
+      before ``window.end`` so the materialised window contains it.
+    """
+    if recent < 1:
+        raise ValueError(f"recent must be >= 1, got {recent}")
+    df = interactions[[S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]]
+    df = df.sort_values([S.USER_ID, S.EVENT_TIMESTAMP], kind="stable")
+    u = df[S.USER_ID].to_numpy(np.int64)
+    it = df[S.ITEM_ID].to_numpy(np.int64)
+    t = epoch_seconds(df[S.EVENT_TIMESTAMP])
+    n = len(df)
+
+    # First row of each user's block, repeated for every row of the block.
+    new_user = np.r_[True, u[1:] != u[:-1]] if n else np.zeros(0, bool)
+    user_first = np.flatnonzero(new_user)
+    ustart = np.repeat(user_first, np.diff(np.r_[user_first, n]))
+    # Last row of each (user, time) group: one feature row per group.
+    ends = np.flatnonzero(np.r_[(u[1:] != u[:-1]) | (t[1:] != t[:-1]), True]) if n else np.zeros(0, np.int64)
+    begin = np.maximum(ustart[ends], ends - recent + 1)
+    lengths = ends - begin + 1
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    gather = np.repeat(begin - offsets[:-1], lengths) + np.arange(offsets[-1])
+    ts_col = pa.array(pd.DatetimeIndex(t[ends].astype("datetime64[s]")).tz_localize("UTC"),
+                      type=pa.timestamp("us", tz="UTC"))
+    user_col = pa.array(u[ends], type=pa.int64())
+    user_recent = pa.table({
+        S.USER_ID: user_col,
+        S.EVENT_TIMESTAMP: ts_col,
+        S.RECENT_ITEM_IDS: pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(it[gather], pa.int64())).cast(
+            pa.list_(pa.int64())),
+        S.RECENT_TIMESTAMPS: pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(t[gather], pa.int64())).cast(
+            pa.list_(pa.int64())),
+    })
+
+    first_time = ~pd.DataFrame({"u": u, "i": it}).duplicated().to_numpy()
+    cum_first = np.cumsum(first_time)
+    before_user = np.where(ustart > 0, cum_first[np.maximum(ustart - 1, 0)], 0)
+    user_activity = pa.table({
+        S.USER_ID: user_col,
+        S.EVENT_TIMESTAMP: ts_col,
+        S.EVENT_COUNT: pa.array(ends - ustart[ends] + 1, pa.int64()),
+        S.DISTINCT_ITEMS: pa.array(cum_first[ends] - before_user[ends], pa.int64()),
+        S.FIRST_SEEN: pa.array(t[ustart[ends]], pa.int64()),
+        S.LAST_SEEN: pa.array(t[ends], pa.int64()),
+    })
+
+    from learn_tasks.evaluate import item_slices  # numpy/pandas only; one definition of the slices
+
+    ids = np.unique(np.r_[np.asarray(item_ids, np.int64), it])
+    in_window = (t >= epoch_seconds(pd.DatetimeIndex([window.start]))[0]) & (
+        t < epoch_seconds(pd.DatetimeIndex([window.end]))[0])
+    window_events = pd.DataFrame({S.ITEM_ID: it[in_window]})
+    slices = item_slices(window_events, ids, tail_share)
+    popularity = window_events[S.ITEM_ID].value_counts().reindex(ids, fill_value=0).to_numpy(np.int64)
+    first_seen = pd.Series(t[in_window]).groupby(it[in_window]).min().reindex(ids, fill_value=0).to_numpy(np.int64)
+    stamp = window.end - pd.Timedelta(seconds=1)
+    item_stats = pa.table({
+        S.ITEM_ID: pa.array(ids, pa.int64()),
+        S.EVENT_TIMESTAMP: pa.array(pd.DatetimeIndex([stamp] * len(ids)), type=pa.timestamp("us", tz="UTC")),
+        S.POPULARITY: pa.array(popularity, pa.int64()),
+        S.FIRST_SEEN: pa.array(first_seen, pa.int64()),
+        S.IS_COLD_START: pa.array(np.isin(ids, slices[S.SLICE_COLD_START]), pa.bool_()),
+        S.IS_LONG_TAIL: pa.array(np.isin(ids, slices[S.SLICE_LONG_TAIL]), pa.bool_()),
+    })
+    return {"user_recent": user_recent, "user_activity": user_activity, "item_stats": item_stats}
+
+
+def data_fingerprint(interactions: pd.DataFrame, item_ids: np.ndarray, recent: int, window: Window,
+                     tail_share: float) -> str:
+    """Hash of everything the feature tables depend on: same inputs -> same fingerprint -> nothing to do."""
+    h = hashlib.sha256()
+    for col in (S.USER_ID, S.ITEM_ID):
+        h.update(interactions[col].to_numpy(np.int64).tobytes())
+    h.update(epoch_seconds(interactions[S.EVENT_TIMESTAMP]).tobytes())
+    h.update(np.sort(np.asarray(item_ids, np.int64)).tobytes())
+    h.update(repr((recent, window.as_dict(), tail_share)).encode())
+    return h.hexdigest()[:16]
+
+
+# ==================================================================================================
+# Feast configuration and definitions
+# ==================================================================================================
+def _template(cfg: Settings) -> Path:
+    production = cfg.features.online_store == "redis" or cfg.features.registry == "sql"
+    if production and not (cfg.features.online_store == "redis" and cfg.features.registry == "sql"):
+        raise FeaturesError("the production feature store uses both Redis (features.online_store=redis) and "
+                            "a SQL registry (features.registry=sql); set both or neither")
+    return FEATURE_REPO / ("feature_store.production.yaml" if production else "feature_store.yaml")
+
+
+def _env_values(cfg: Settings, dataset: str) -> dict[str, str]:
+    values = {"LEARN_FEAST_PROJECT": project_name(dataset), "LEARN_FEATURES__REDIS_URL": cfg.features.redis_url}
+    if cfg.features.registry == "sql":
+        if not cfg.features.registry_url:
+            raise FeaturesError("features.registry=sql needs LEARN_FEATURES__REGISTRY_URL "
+                                "(e.g. postgresql+psycopg2://user@127.0.0.1:5432/postgres) in the environment")
+        values["LEARN_FEATURES__REGISTRY_URL"] = cfg.features.registry_url
+    return values
+
+
+def _substitute(text: str, values: dict[str, str]) -> str:
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in values:
+            raise FeaturesError(f"{name} is not set (feature_store.yaml placeholder)")
+        return values[name]
+
+    return re.sub(r"\$\{([A-Z0-9_]+)\}", repl, text)
+
+
+def repo_config(cfg: Settings, dataset: str, write: bool = True):
+    """The Feast RepoConfig of a dataset's store; also renders its feature_store.yaml for the ``feast`` CLI.
+
+    The rendered file fills in the project only; connection strings stay ``${...}`` so no secret is
+    written to disk (``feast`` expands them from the environment when it reads the file).
+    """
+    from feast.repo_config import RepoConfig
+
+    root = store_dir(cfg, dataset)
+    text = _template(cfg).read_text(encoding="utf-8")
+    values = _env_values(cfg, dataset)
+    if write:
+        rendered = _substitute(text, {"LEARN_FEAST_PROJECT": values["LEARN_FEAST_PROJECT"]} |
+                               {k: "${%s}" % k for k in _ENV - {"LEARN_FEAST_PROJECT"}})
+        target = root / "feature_store.yaml"
+        if not target.exists() or target.read_text(encoding="utf-8") != rendered:
+            write_text(rendered, target)
+    raw = yaml.safe_load(_substitute(text, values))
+    # Absolute paths for the embedded stores, so the store works whatever the working directory.
+    if isinstance(raw.get("registry"), str):
+        raw["registry"] = str(root / raw["registry"])
+    if raw.get("online_store", {}).get("type") == "sqlite":
+        raw["online_store"]["path"] = str(root / raw["online_store"]["path"])
+    conf = RepoConfig(**raw)
+    conf.repo_path = root
+    return conf
+
+
+_store_lock = threading.Lock()
+
+
+def get_store(cfg: Settings, dataset: str) -> "FeatureStore":
+    """A FeatureStore on the dataset's store directory (the data sources resolve under it)."""
+    from feast import FeatureStore
+
+    root = store_dir(cfg, dataset)
+    root.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(root), config=repo_config(cfg, dataset))
+
+
+def load_definitions(repo: Path = FEATURE_REPO) -> dict[str, list]:
+    """Import the Feast objects of ``feature_repo/`` the way ``feast apply`` does (each file as a module).
+
+    The files import each other by plain module name (``from entities import user``), as ``feast apply``
+    requires; they are imported with the repo folder on ``sys.path`` and removed from ``sys.modules``
+    afterwards so they never shadow anything else.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    found: dict[str, list] = {"entities": [], "data_sources": [], "feature_views": [], "feature_services": []}
+    kinds = (("entities", Entity), ("feature_views", FeatureView), ("feature_services", FeatureService),
+             ("data_sources", DataSource))
+    with _store_lock:
+        saved_path = list(sys.path)
+        saved_modules = {name: sys.modules.pop(name) for name in DEFINITION_MODULES if name in sys.modules}
+        sys.path.insert(0, str(repo))
+        try:
+            for name in DEFINITION_MODULES:
+                module = importlib.import_module(name)
+                if Path(module.__file__).resolve().parent != repo.resolve():
+                    raise FeaturesError(f"module {name!r} resolved to {module.__file__}, not {repo}")
+                for attr in sorted(vars(module)):
+                    obj = getattr(module, attr)
+                    for key, kind in kinds:
+                        if isinstance(obj, kind) and not any(obj is o for o in found[key]):
+                            found[key].append(obj)
+                            break
+        finally:
+            sys.path[:] = saved_path
+            for name in DEFINITION_MODULES:
+                sys.modules.pop(name, None)
+            sys.modules.update(saved_modules)
+    return found
+
+
+def definitions_hash(repo: Path = FEATURE_REPO) -> str:
+    h = hashlib.sha256()
+    for path in sorted(repo.glob("*.py")) + sorted(repo.glob("*.yaml")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _store_identity(cfg: Settings, dataset: str) -> str:
+    """Which physical stores a state record refers to (no secrets: hashed)."""
+    f = cfg.features
+    key = f"{project_name(dataset)}|{f.online_store}|{f.registry}"
+    if f.online_store == "redis":
+        key += "|" + hashlib.sha256(f.redis_url.encode()).hexdigest()[:12]
+    if f.registry == "sql":
+        key += "|" + hashlib.sha256((f.registry_url or "").encode()).hexdigest()[:12]
+    return key
+
+
+# ==================================================================================================
+# Build, apply, materialise
+# ==================================================================================================
+def _state_path(cfg: Settings, dataset: str) -> Path:
+    return store_dir(cfg, dataset) / "state.json"
+
+
+def _load_state(cfg: Settings, dataset: str) -> dict[str, Any]:
+    path = _state_path(cfg, dataset)
+    return read_json(path) if path.exists() else {}
+
+
+def write_tables(cfg: Settings, dataset: str, tables: dict[str, pa.Table]) -> dict[str, int]:
+    data = store_dir(cfg, dataset) / "data"
+    rows = {}
+    for name, table in tables.items():
+        with atomic_path(data / f"{name}.parquet", ".parquet") as tmp:
+            pq.write_table(table, tmp)
+        rows[name] = table.num_rows
+    return rows
+
+
+def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, force: bool = False) -> bool:
+    """Register the feature_repo/ objects in the dataset's registry; True when something was applied.
+
+    Skipped when the same definitions were already applied to the same stores and the registry still
+    holds them, so re-running changes nothing.
+    """
+    store = store or get_store(cfg, dataset)
+    state = _load_state(cfg, dataset)
+    defs = load_definitions()
+    key = {"definitions": definitions_hash(), "stores": _store_identity(cfg, dataset)}
+    if not force and state.get("applied") == key:
+        try:
+            registered = {fv.name for fv in store.list_feature_views()}
+            if {fv.name for fv in defs["feature_views"]} <= registered:
+                return False
+        except Exception:  # noqa: BLE001 - an unreadable registry is re-applied below
+            pass
+    objects = defs["entities"] + defs["data_sources"] + defs["feature_views"] + defs["feature_services"]
+    store.apply(objects)
+    state["applied"] = key
+    write_json(state, _state_path(cfg, dataset))
+    return True
+
+
+def latest_in_window(table: pa.Table, key: str, window: Window) -> pa.Table:
+    """The latest row of each entity with ``window.start <= event_timestamp < window.end``."""
+    ts = table.column(S.EVENT_TIMESTAMP).to_numpy()  # datetime64[us]; UTC by construction
+    start = np.datetime64(window.start.tz_convert("UTC").tz_localize(None).to_datetime64(), "us")
+    end = np.datetime64(window.end.tz_convert("UTC").tz_localize(None).to_datetime64(), "us")
+    rows = np.flatnonzero((ts >= start) & (ts < end))
+    keys = table.column(key).to_numpy()[rows]
+    order = np.lexsort((ts[rows], keys))  # by entity, then time
+    last = np.r_[keys[order][1:] != keys[order][:-1], True] if len(rows) else np.zeros(0, bool)
+    return table.take(pa.array(rows[order][last]))
+
+
+def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
+                store: "FeatureStore | None" = None, force: bool = False, batch: int = 10_000) -> bool:
+    """Put the latest row of every entity inside ``window`` into the online store (True when it ran).
+
+    This is what ``feast materialize`` does, written through Feast's online write API: the file
+    offline store (dask) hashes object columns row by row and takes minutes on array features of a few
+    hundred thousand rows, while reading the Parquet with Arrow takes a second. Skipped when the same
+    window of the same data was already written to the same stores.
+    """
+    store = store or get_store(cfg, dataset)
+    state = _load_state(cfg, dataset)
+    key = {"window": window.as_dict(), "fingerprint": fingerprint, "stores": _store_identity(cfg, dataset)}
+    if not force and state.get("materialized") == key:
+        return False
+    data_dir = store_dir(cfg, dataset) / "data"
+    for view, table_name in TABLES.items():
+        entity = S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID
+        latest = latest_in_window(pq.read_table(data_dir / f"{table_name}.parquet"), entity, window)
+        for lo in range(0, latest.num_rows, batch):
+            frame = latest.slice(lo, batch).to_pandas()
+            for col in (S.RECENT_ITEM_IDS, S.RECENT_TIMESTAMPS):  # Feast wants Python lists for arrays
+                if col in frame:
+                    frame[col] = [v.tolist() for v in frame[col]]
+            store.write_to_online_store(view, frame)
+    state["materialized"] = key
+    write_json(state, _state_path(cfg, dataset))
+    return True
+
+
+def run(cfg: Settings, dataset: str, start: str | datetime | None = None, end: str | datetime | None = None,
+        force: bool = False, interactions: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Build the feature Parquet, apply the repo and materialise the window. Idempotent.
+
+    ``interactions`` defaults to the dataset's prepared (validated) interactions; the window defaults to
+    the whole history, or its last ``features.window_days`` days. Re-running with the same data and
+    window rewrites nothing, re-applies nothing and re-materialises nothing (``force`` redoes all three).
+    """
+    from learn_tasks import data
+
+    inter = data.load_interactions(cfg, dataset) if interactions is None else interactions
+    items = data.load_items(cfg, dataset)
+    item_ids = items[S.ITEM_ID].to_numpy(np.int64)
+    window = default_window(inter, cfg.features.window_days, start, end)
+    recent = recent_len(cfg)
+    fp = data_fingerprint(inter, item_ids, recent, window, cfg.evaluate.tail_share)
+    root = store_dir(cfg, dataset)
+    state = _load_state(cfg, dataset)
+
+    files_present = all((root / "data" / f"{t}.parquet").exists() for t in TABLES.values())
+    rebuilt = force or state.get("tables", {}).get("fingerprint") != fp or not files_present
+    if rebuilt:
+        rows = write_tables(cfg, dataset, build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share))
+        state["tables"] = {"fingerprint": fp, "rows": rows, "recent_items": recent, "window": window.as_dict()}
+        write_json(state, _state_path(cfg, dataset))
+    store = get_store(cfg, dataset)
+    applied = apply(cfg, dataset, store, force=force)
+    materialized = materialize(cfg, dataset, window, fp, store, force=force)
+    state = _load_state(cfg, dataset)
+    return {
+        "dataset": dataset, "store": str(root), "project": project_name(dataset),
+        "online_store": cfg.features.online_store, "registry": cfg.features.registry,
+        "fingerprint": fp, "window": window.as_dict(), "recent_items": recent,
+        "rows": state["tables"]["rows"], "rebuilt": rebuilt, "applied": applied, "materialized": materialized,
+        "feature_service": cfg.features.feature_service,
+    }
+
+
+def teardown(cfg: Settings, dataset: str) -> None:
+    """Remove the dataset's online tables/keys and registry entries (the Parquet stays)."""
+    store = get_store(cfg, dataset)
+    # Not FeatureStore.teardown(): it deletes *every* project of the registry, which on a shared SQL
+    # registry would take other datasets' (and other teams') definitions with it.
+    store._get_provider().teardown_infra(store.project, store.list_feature_views(), store.list_entities())
+    try:
+        store.registry.delete_project(store.project, commit=True)
+    except Exception as exc:  # noqa: BLE001 - already gone is fine
+        log.info("registry project %s not deleted: %s", store.project, exc)
+    path = _state_path(cfg, dataset)
+    if path.exists():
+        state = read_json(path)
+        state.pop("applied", None)
+        state.pop("materialized", None)
+        write_json(state, path)
+
+
+# ==================================================================================================
+# Reading features
+# ==================================================================================================
+def _rows_to_dicts(result: dict[str, list], key: str) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for i, entity in enumerate(result[key]):
+        out[int(entity)] = {name: values[i] for name, values in result.items() if name != key}
+    return out
+
+
+def online_user_features(store: "FeatureStore", user_ids: Iterable[int], service: str = "recommender_v1",
+                         feature_service: Any = None) -> dict[int, dict[str, Any]]:
+    """Online features of users: ``{user_id: {recent_item_ids, recent_timestamps, event_count, ...}}``.
+
+    A user absent from the online store has every value None. ``feature_service`` (a FeatureService
+    object fetched once) saves a registry lookup per request.
+    """
+    fs = feature_service if feature_service is not None else store.get_feature_service(service)
+    rows = [{S.USER_ID: int(u)} for u in user_ids]
+    return _rows_to_dicts(store.get_online_features(features=fs, entity_rows=rows).to_dict(), S.USER_ID)
+
+
+def online_item_stats(store: "FeatureStore", item_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    fs = store.get_feature_service(ITEM_STATS_SERVICE)
+    rows = [{S.ITEM_ID: int(i)} for i in item_ids]
+    return _rows_to_dicts(store.get_online_features(features=fs, entity_rows=rows).to_dict(), S.ITEM_ID)
+
+
+def append_event(recent_ids: list[int] | None, recent_ts: list[int] | None, item_id: int, ts: int,
+                 recent: int) -> tuple[list[int], list[int]]:
+    """A user's recent lists after one more event (kept in time order, trimmed to the last ``recent``)."""
+    ids, times = list(recent_ids or []), list(recent_ts or [])
+    pos = len(times)
+    while pos > 0 and times[pos - 1] > ts:  # a late event goes where its time puts it
+        pos -= 1
+    ids.insert(pos, int(item_id))
+    times.insert(pos, int(ts))
+    return ids[-recent:], times[-recent:]
+
+
+def push_event(store: "FeatureStore", user_id: int, item_id: int, when: datetime, recent: int,
+               current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record one event in the online store (read, append, write) and return the user's new features.
+
+    The read-modify-write is not atomic across processes; the service serialises its own pushes.
+    """
+    when = _utc(when)
+    ts = int(epoch_seconds(pd.DatetimeIndex([when]))[0])
+    if current is None:
+        current = online_user_features(store, [user_id]).get(int(user_id), {})
+    ids, times = append_event(current.get(S.RECENT_ITEM_IDS), current.get(S.RECENT_TIMESTAMPS), item_id, ts, recent)
+    previous_ids = current.get(S.RECENT_ITEM_IDS) or []
+    count = int(current.get(S.EVENT_COUNT) or 0) + 1
+    # Distinct items are exact while the history fits in L; beyond it, an item that left the window
+    # and comes back is counted again (the offline rebuild restores the exact value).
+    distinct = int(current.get(S.DISTINCT_ITEMS) or 0) + (int(item_id) not in previous_ids)
+    first = current.get(S.FIRST_SEEN)
+    first = ts if first is None else min(int(first), ts)
+    last = max(int(current.get(S.LAST_SEEN) or ts), ts)
+    stamp = pd.Timestamp(max(times[-1], last), unit="s", tz="UTC")
+    # write_to_online_store is what store.push(<push source>) ends in; called per view directly it skips
+    # the registry scan push does on every call (most of its latency).
+    store.write_to_online_store(USER_RECENT_VIEW, pd.DataFrame({
+        S.USER_ID: [int(user_id)], S.EVENT_TIMESTAMP: [stamp],
+        S.RECENT_ITEM_IDS: [ids], S.RECENT_TIMESTAMPS: [times]}))
+    store.write_to_online_store(USER_ACTIVITY_VIEW, pd.DataFrame({
+        S.USER_ID: [int(user_id)], S.EVENT_TIMESTAMP: [stamp], S.EVENT_COUNT: [count],
+        S.DISTINCT_ITEMS: [distinct], S.FIRST_SEEN: [first], S.LAST_SEEN: [last]}))
+    return {S.RECENT_ITEM_IDS: ids, S.RECENT_TIMESTAMPS: times, S.EVENT_COUNT: count,
+            S.DISTINCT_ITEMS: distinct, S.FIRST_SEEN: first, S.LAST_SEEN: last}
+
+
+def historical_features(cfg: Settings, dataset: str, entity_df: pd.DataFrame,
+                        service: str | None = None, store: "FeatureStore | None" = None) -> pd.DataFrame:
+    """Point-in-time-correct features for ``entity_df`` (``user_id``, ``event_timestamp``, any extra columns).
+
+    Each row gets the latest feature row with a timestamp <= its own, from the offline (Parquet) store.
+    """
+    missing = {S.USER_ID, S.EVENT_TIMESTAMP} - set(entity_df.columns)
+    if missing:
+        raise ValueError(f"entity_df lacks column(s) {sorted(missing)}")
+    store = store or get_store(cfg, dataset)
+    fs = store.get_feature_service(service or cfg.features.feature_service)
+    df = entity_df.copy()
+    df[S.EVENT_TIMESTAMP] = pd.to_datetime(df[S.EVENT_TIMESTAMP], utc=True)
+    return store.get_historical_features(entity_df=df, features=fs).to_df()
+
+
+def training_examples(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, stage: str = S.TEST,
+                      store: "FeatureStore | None" = None) -> pd.DataFrame:
+    """Each target event of a split stage with the user's features just before it, read from Feast.
+
+    The query time is one microsecond before the target's timestamp, so the history excludes the
+    target and everything logged at the same instant (no leakage); columns: user_id, item_id (the
+    target), event_timestamp (the target's time) and the feature service's features.
+    """
+    from learn_tasks import data
+
+    split = data.load_split(cfg, dataset, protocol)
+    targets = split.loc[split[S.SPLIT] == stage, [S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]].reset_index(drop=True)
+    query = targets.rename(columns={S.EVENT_TIMESTAMP: "target_timestamp"})
+    query[S.EVENT_TIMESTAMP] = query["target_timestamp"] - timedelta(microseconds=1)
+    out = historical_features(cfg, dataset, query, store=store)
+    out = out.drop(columns=[S.EVENT_TIMESTAMP]).rename(columns={"target_timestamp": S.EVENT_TIMESTAMP})
+    return out.sort_values([S.USER_ID, S.EVENT_TIMESTAMP], kind="stable").reset_index(drop=True)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,543 @@
+"""Milvus item index: one collection per model version behind a stable alias, with rollback and upserts.
+
+Every catalogue item, cold-start items included, is encoded by the item tower of a model version and
+loaded into its own collection ``items__<dataset>__<version>`` (item_id INT64 primary key, 64-d
+FLOAT_VECTOR, popularity, first_seen, is_cold_start, is_long_tail, title). Only when the collection is
+complete, indexed and loaded does the alias ``<index.alias>__<dataset>`` move to it, in one
+``alter_alias`` call, so a reader sees the old version or the new one and never half of one. The newest
+``index.keep_versions`` collections stay for rollback; the alias target is never dropped.
+
+At load time the index is checked against exact search: recall@10 of Milvus' answers against a numpy
+brute-force top-10 on a sample of queries (user embeddings of real users when available), recorded
+in the collection's properties and the ``run`` result.
+
+Where the data lives (``resolve_uri``):
+
+* ``index.uri`` set: a Milvus standalone/cluster server (``index.token`` from ``LEARN_INDEX__TOKEN``);
+* else, while ``learn index server start`` runs: the local Milvus Lite server's URI (shared by processes);
+* else: Milvus Lite in-process on ``$LEARN_HOME/milvus/milvus.db``. Only one process may open it; a second
+  one gets :class:`IndexLockedError` at once (not a hang) telling it to start the shared server.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from learn_tasks import schema as S
+from learn_tasks.config import Settings
+
+if TYPE_CHECKING:
+    from pymilvus import MilvusClient
+
+log = logging.getLogger("learn.index")
+
+VECTOR = S.EMBEDDING
+TITLE_MAX = 1024
+SCALARS = (S.POPULARITY, S.FIRST_SEEN, S.IS_COLD_START, S.IS_LONG_TAIL, S.TITLE)
+PROP = "learn."  # prefix of our collection properties
+
+
+class IndexStoreError(RuntimeError):
+    """The index cannot be used as asked; the message says what to do."""
+
+
+class IndexLockedError(IndexStoreError):
+    """The Milvus Lite data directory is open in another process."""
+
+
+# ==================================================================================================
+# Names and connections
+# ==================================================================================================
+def slug(text: str) -> str:
+    """Milvus names allow letters, digits and underscores."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", str(text))
+
+
+def alias_name(cfg: Settings, dataset: str) -> str:
+    return f"{slug(cfg.index.alias)}__{slug(dataset)}"
+
+
+def collection_prefix(dataset: str) -> str:
+    return f"items__{slug(dataset)}__"
+
+
+def collection_name(dataset: str, version: str) -> str:
+    return collection_prefix(dataset) + slug(version)
+
+
+def check_lite_lock(path: str | Path) -> None:
+    """Raise IndexLockedError when another process holds the Milvus Lite data directory ``path``."""
+    lock = Path(path) / "LOCK"
+    if not lock.exists():
+        return
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexLockedError(
+                f"the Milvus Lite data {path} is open in another process (the service or a pipeline task). "
+                f"Run `learn index server start` once so every process shares it through a URI, or stop "
+                f"that process.") from None
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def resolve_uri(cfg: Settings) -> tuple[str, str | None, str]:
+    """(uri, token, kind): kind is ``server`` (index.uri), ``lite-server`` (local server) or ``lite``."""
+    if cfg.index.uri:
+        return cfg.index.uri, cfg.index.token, "server"
+    from learn_tasks import milvus_server
+
+    uri = milvus_server.running_uri(cfg)
+    if uri:
+        return uri, None, "lite-server"
+    return str(milvus_server.data_dir(cfg).resolve()), None, "lite"
+
+
+_clients: dict[tuple[str, str | None], "MilvusClient"] = {}
+_clients_lock = threading.Lock()
+
+
+def connect(cfg: Settings) -> "MilvusClient":
+    """A MilvusClient for this configuration, one per (uri, token) per process."""
+    uri, token, kind = resolve_uri(cfg)
+    with _clients_lock:
+        client = _clients.get((uri, token))
+        if client is not None:
+            return client
+        from pymilvus import MilvusClient
+
+        if kind == "lite":
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            check_lite_lock(uri)
+            try:
+                client = MilvusClient(uri=uri)
+            except Exception as exc:  # noqa: BLE001 - pymilvus says only "Open local milvus failed"
+                check_lite_lock(uri)  # lost a race with another process: say so clearly
+                raise IndexStoreError(f"cannot open Milvus Lite at {uri}: {exc}") from exc
+        else:
+            try:
+                client = MilvusClient(uri=uri, token=token or "", timeout=30)
+            except Exception as exc:  # noqa: BLE001
+                raise IndexStoreError(f"cannot reach Milvus at {uri}: {exc}") from exc
+        _clients[(uri, token)] = client
+        return client
+
+
+def close(cfg: Settings) -> None:
+    """Close this process's client; for in-process Milvus Lite also release the data directory lock."""
+    uri, token, kind = resolve_uri(cfg)
+    with _clients_lock:
+        client = _clients.pop((uri, token), None)
+    if client is not None:
+        client.close()
+    if kind == "lite":
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+
+
+# ==================================================================================================
+# What goes in a collection
+# ==================================================================================================
+@dataclass
+class ItemRows:
+    """Column arrays of the rows of a collection (one row per item)."""
+
+    item_ids: np.ndarray  # [N] int64
+    vectors: np.ndarray  # [N, D] float32, L2-normalised by the item tower
+    popularity: np.ndarray | None = None  # [N] int64
+    first_seen: np.ndarray | None = None  # [N] int64 epoch seconds, 0 = never
+    is_cold_start: np.ndarray | None = None  # [N] bool
+    is_long_tail: np.ndarray | None = None  # [N] bool
+    titles: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        n = len(self.item_ids)
+        if self.vectors.ndim != 2 or len(self.vectors) != n:
+            raise ValueError(f"vectors must be [N={n}, D], got {self.vectors.shape}")
+        if len(np.unique(self.item_ids)) != n:
+            raise ValueError("item_ids contain duplicates")
+        if not np.isfinite(self.vectors).all():
+            bad = self.item_ids[~np.isfinite(self.vectors).all(axis=1)][:5].tolist()
+            raise ValueError(f"non-finite vectors for item_ids {bad}")
+        self.popularity = np.zeros(n, np.int64) if self.popularity is None else np.asarray(self.popularity, np.int64)
+        self.first_seen = np.zeros(n, np.int64) if self.first_seen is None else np.asarray(self.first_seen, np.int64)
+        self.is_cold_start = (self.popularity == 0) if self.is_cold_start is None else np.asarray(self.is_cold_start, bool)
+        self.is_long_tail = np.zeros(n, bool) if self.is_long_tail is None else np.asarray(self.is_long_tail, bool)
+        self.titles = [""] * n if self.titles is None else ["" if t is None or t != t else str(t)[:TITLE_MAX]
+                                                           for t in self.titles]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def records(self, lo: int = 0, hi: int | None = None) -> list[dict[str, Any]]:
+        hi = len(self) if hi is None else hi
+        return [{S.ITEM_ID: int(self.item_ids[i]), VECTOR: self.vectors[i], S.POPULARITY: int(self.popularity[i]),
+                 S.FIRST_SEEN: int(self.first_seen[i]), S.IS_COLD_START: bool(self.is_cold_start[i]),
+                 S.IS_LONG_TAIL: bool(self.is_long_tail[i]), S.TITLE: self.titles[i]} for i in range(lo, hi)]
+
+
+def _schema(dim: int):
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(S.ITEM_ID, DataType.INT64, is_primary=True)
+    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field(S.POPULARITY, DataType.INT64)
+    schema.add_field(S.FIRST_SEEN, DataType.INT64)
+    schema.add_field(S.IS_COLD_START, DataType.BOOL)
+    schema.add_field(S.IS_LONG_TAIL, DataType.BOOL)
+    schema.add_field(S.TITLE, DataType.VARCHAR, max_length=TITLE_MAX * 4)  # bytes: room for UTF-8
+    return schema
+
+
+def _index_params(client: "MilvusClient", cfg: Settings):
+    params = client.prepare_index_params()
+    params.add_index(field_name=VECTOR, index_type=cfg.index.index_type, metric_type=cfg.index.metric,
+                     params=dict(cfg.index.index_params) if cfg.index.index_type != "FLAT" else {})
+    return params
+
+
+# ==================================================================================================
+# Exact search and recall (pure)
+# ==================================================================================================
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None,
+               item_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k: (rows [Q, k], scores [Q, k]), best first.
+
+    ``exclude[q]`` (item ids, needs ``item_ids``) are left out for query q. Fewer than k candidates
+    pad with row -1 and score -inf.
+    """
+    scores = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T  # [Q, N]
+    if exclude is not None:
+        pos = {int(i): r for r, i in enumerate(item_ids)} if item_ids is not None else None
+        for q, ex in enumerate(exclude):
+            rows = [pos[i] for i in ex if i in pos] if pos is not None else list(ex)
+            scores[q, rows] = -np.inf
+    k_eff = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff] if k_eff else np.zeros((len(scores), 0), int)
+    order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
+    rows = np.take_along_axis(part, order, 1)
+    top = np.take_along_axis(scores, rows, 1)
+    rows = np.where(np.isfinite(top), rows, -1)
+    if k_eff < k:
+        rows = np.pad(rows, ((0, 0), (0, k - k_eff)), constant_values=-1)
+        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
+    return rows, top
+
+
+def recall_at_k(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int) -> float:
+    """Mean over queries of |found[:k] ∩ exact[:k]| / |exact[:k]| (ids; -1 padding ignored)."""
+    vals = []
+    for f, e in zip(found, exact):
+        truth = {int(x) for x in list(e)[:k] if int(x) >= 0}
+        if truth:
+            vals.append(len({int(x) for x in list(f)[:k]} & truth) / len(truth))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+# ==================================================================================================
+# Collections
+# ==================================================================================================
+def _properties(client: "MilvusClient", name: str) -> dict[str, str]:
+    props = client.describe_collection(name).get("properties") or {}
+    return {k[len(PROP):]: v for k, v in props.items() if k.startswith(PROP)}
+
+
+def _set_properties(client: "MilvusClient", name: str, **values: Any) -> None:
+    client.alter_collection_properties(name, properties={PROP + k: (v if isinstance(v, str) else json.dumps(v))
+                                                         for k, v in values.items()})
+
+
+def current(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> str | None:
+    """The collection the dataset's alias points at (None when there is no alias yet)."""
+    client = client or connect(cfg)
+    alias = alias_name(cfg, dataset)
+    if alias not in client.list_aliases().get("aliases", []):
+        return None
+    return client.describe_alias(alias)["collection_name"]
+
+
+def versions(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> list[dict[str, Any]]:
+    """The dataset's collections, oldest first, with their recorded properties and which one is live."""
+    client = client or connect(cfg)
+    live = current(cfg, dataset, client)
+    out = []
+    for name in client.list_collections():
+        if not name.startswith(collection_prefix(dataset)):
+            continue
+        props = _properties(client, name)
+        out.append({"collection": name, "version": props.get("version", name), "created": props.get("created", ""),
+                    "complete": props.get("complete") == "1", "current": name == live,
+                    "recall_at_10": float(props["recall_at_10"]) if "recall_at_10" in props else None,
+                    "rows": int(props.get("rows", 0))})
+    return sorted(out, key=lambda v: (v["created"], v["collection"]))
+
+
+def swap_alias(client: "MilvusClient", alias: str, collection: str) -> None:
+    """Point ``alias`` at ``collection`` in one step (create it the first time)."""
+    if alias in client.list_aliases().get("aliases", []):
+        client.alter_alias(collection_name=collection, alias=alias)
+    else:
+        client.create_alias(collection_name=collection, alias=alias)
+
+
+def ensure_loaded(client: "MilvusClient", name: str) -> None:
+    """Milvus Lite forgets loaded state when the data is reopened; load before searching."""
+    state = client.get_load_state(name).get("state")
+    if str(state).split(".")[-1].split(":")[0].strip("<> ") != "Loaded":
+        client.load_collection(name)
+
+
+def search(client: "MilvusClient", target: str, queries: np.ndarray, k: int,
+           exclude: Sequence[Sequence[int]] | None = None, search_params: dict | None = None,
+           output_fields: Sequence[str] = SCALARS) -> list[list[dict[str, Any]]]:
+    """Top-k per query: ``[[{"item_id", "score", **scalars}, ...], ...]``, best first.
+
+    ``exclude`` holds item ids to leave out per query (a filter in Milvus, so k results still come back).
+    One call per distinct exclusion list; queries without exclusions are batched in one call.
+    """
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    out: list[list[dict[str, Any]]] = [[] for _ in range(len(queries))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for q in range(len(queries)):
+        ex = tuple(sorted({int(i) for i in (exclude[q] if exclude is not None else [])}))
+        groups.setdefault(ex, []).append(q)
+    for ex, qs in groups.items():
+        kwargs: dict[str, Any] = {}
+        if ex:
+            kwargs["filter"] = f"{S.ITEM_ID} not in [{', '.join(map(str, ex))}]"
+        res = client.search(target, data=[queries[q] for q in qs], limit=k, output_fields=list(output_fields),
+                            search_params={"params": dict(search_params or {})}, **kwargs)
+        for q, hits in zip(qs, res):
+            out[q] = [{S.ITEM_ID: int(h["item_id"] if "item_id" in h else h["id"]), "score": float(h["distance"]),
+                       **{f: h["entity"].get(f) for f in output_fields}} for h in hits]
+    return out
+
+
+def measure_recall(client: "MilvusClient", target: str, rows: ItemRows, queries: np.ndarray, k: int = 10,
+                   search_params: dict | None = None, batch: int = 64) -> dict[str, Any]:
+    """Recall@k of Milvus search against exact numpy search over the same vectors, and Milvus latency."""
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    exact_rows, _ = exact_topk(rows.vectors, queries, k)
+    exact = [[int(rows.item_ids[r]) if r >= 0 else -1 for r in qr] for qr in exact_rows]
+    found, per_call = [], []
+    for lo in range(0, len(queries), batch):
+        t0 = time.perf_counter()
+        res = search(client, target, queries[lo:lo + batch], k, search_params=search_params, output_fields=())
+        per_call.append((time.perf_counter() - t0) / max(len(res), 1))
+        found += [[h[S.ITEM_ID] for h in hits] for hits in res]
+    return {f"recall_at_{k}": recall_at_k(found, exact, k), "queries": len(queries),
+            "search_ms_per_query": 1000 * float(np.mean(per_call)) if per_call else None}
+
+
+def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np.ndarray | None = None,
+          meta: dict[str, Any] | None = None, swap: bool = True, client: "MilvusClient | None" = None,
+          seed: int = 0) -> dict[str, Any]:
+    """Create, fill, index and load the collection of ``version``, check recall, then swap the alias.
+
+    Idempotent: a complete collection of the same version is reused (only loaded and re-pointed); an
+    incomplete one (an interrupted build) is dropped and rebuilt.
+    """
+    client = client or connect(cfg)
+    name = collection_name(dataset, version)
+    alias = alias_name(cfg, dataset)
+    t0 = time.perf_counter()
+    reused = False
+    if client.has_collection(name):
+        props = _properties(client, name)
+        if props.get("complete") == "1" and int(props.get("rows", -1)) == len(rows):
+            reused = True
+        else:
+            if current(cfg, dataset, client) == name:
+                raise IndexStoreError(f"{name} is live behind {alias} but incomplete; roll back first")
+            client.drop_collection(name)
+    if not reused:
+        client.create_collection(name, schema=_schema(rows.vectors.shape[1]), index_params=_index_params(client, cfg),
+                                 consistency_level="Strong")
+        _set_properties(client, name, dataset=dataset, version=version, complete="0",
+                        created=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
+        step = max(1, int(cfg.index.insert_batch))
+        for lo in range(0, len(rows), step):
+            client.insert(name, rows.records(lo, min(lo + step, len(rows))))
+        client.flush(name)
+    ensure_loaded(client, name)
+    load_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(seed)
+    if queries is None or len(queries) == 0:  # fall back to item vectors as queries
+        pick = rng.choice(len(rows), size=min(cfg.index.recall_queries, len(rows)), replace=False)
+        queries = rows.vectors[pick]
+    elif len(queries) > cfg.index.recall_queries:
+        queries = queries[rng.choice(len(queries), size=cfg.index.recall_queries, replace=False)]
+    check = measure_recall(client, name, rows, queries, k=10, search_params=cfg.index.search_params)
+    if not reused:
+        _set_properties(client, name, complete="1", rows=str(len(rows)), recall_at_10=str(check["recall_at_10"]),
+                        meta=json.dumps(meta or {}, default=str))
+    previous = current(cfg, dataset, client)
+    if swap:
+        swap_alias(client, alias, name)
+    dropped = prune(cfg, dataset, client) if swap else []
+    return {"dataset": dataset, "version": version, "collection": name, "alias": alias, "rows": len(rows),
+            "dim": int(rows.vectors.shape[1]), "index_type": cfg.index.index_type, "metric": cfg.index.metric,
+            "index_recall_at_10": check["recall_at_10"], "recall_queries": check["queries"],
+            "search_ms_per_query": check["search_ms_per_query"], "load_s": load_s, "reused": reused,
+            "previous": previous, "swapped": swap, "dropped": dropped, "uri_kind": resolve_uri(cfg)[2]}
+
+
+def prune(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> list[str]:
+    """Drop the oldest collections beyond ``index.keep_versions``; never the live one."""
+    client = client or connect(cfg)
+    vs = versions(cfg, dataset, client)
+    keep = max(1, int(cfg.index.keep_versions))
+    newest = {v["collection"] for v in vs[-keep:]}
+    dropped = []
+    for v in vs:
+        if v["collection"] not in newest and not v["current"]:
+            client.drop_collection(v["collection"])
+            dropped.append(v["collection"])
+    return dropped
+
+
+def rollback(cfg: Settings, dataset: str, to: str | None = None, client: "MilvusClient | None" = None) -> dict[str, Any]:
+    """Point the alias back at ``to`` (a version or collection name) or at the version before the live one."""
+    client = client or connect(cfg)
+    vs = [v for v in versions(cfg, dataset, client) if v["complete"]]
+    live = current(cfg, dataset, client)
+    if to is not None:
+        match = [v for v in vs if to in (v["version"], v["collection"])]
+        if not match:
+            raise IndexStoreError(f"no complete index version {to!r} for {dataset}; have "
+                                  f"{[v['version'] for v in vs]}")
+        target = match[0]
+    else:
+        names = [v["collection"] for v in vs]
+        if live not in names or names.index(live) == 0:
+            raise IndexStoreError(f"nothing to roll back to for {dataset}: live={live}, versions={names}")
+        target = vs[names.index(live) - 1]
+    ensure_loaded(client, target["collection"])
+    swap_alias(client, alias_name(cfg, dataset), target["collection"])
+    return {"dataset": dataset, "from": live, "to": target["collection"], "version": target["version"]}
+
+
+def upsert(cfg: Settings, dataset: str, rows: ItemRows, target: str | None = None,
+           client: "MilvusClient | None" = None) -> dict[str, Any]:
+    """Insert or replace items in the live collection (or ``target``); searchable when this returns."""
+    client = client or connect(cfg)
+    target = target or current(cfg, dataset, client)
+    if target is None:
+        raise IndexStoreError(f"no index for {dataset}: run `learn index --dataset {dataset}` first")
+    client.upsert(target, rows.records())
+    return {"collection": target, "upserted": len(rows)}
+
+
+def fetch_all(client: "MilvusClient", target: str, batch: int = 4096) -> ItemRows:
+    """Every row of a collection (vectors included), sorted by item id."""
+    ensure_loaded(client, target)
+    # Milvus Lite lacks the timestamp RPC the iterator tries first; it falls back by itself, so keep
+    # its error and warning out of the logs.
+    quiet = [logging.getLogger(n) for n in ("grpc._server", "pymilvus")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        return _fetch_all(client, target, batch)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _fetch_all(client: "MilvusClient", target: str, batch: int) -> ItemRows:
+    it = client.query_iterator(target, batch_size=batch, filter=f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}",
+                               output_fields=[S.ITEM_ID, VECTOR, *SCALARS])
+    recs: list[dict] = []
+    try:
+        while True:
+            chunk = it.next()
+            if not chunk:
+                break
+            recs.extend(chunk)
+    finally:
+        it.close()
+    recs.sort(key=lambda r: r[S.ITEM_ID])
+    dim = len(recs[0][VECTOR]) if recs else 0
+    return ItemRows(item_ids=np.array([r[S.ITEM_ID] for r in recs], np.int64),
+                    vectors=np.array([r[VECTOR] for r in recs], np.float32).reshape(len(recs), dim),
+                    popularity=np.array([r[S.POPULARITY] for r in recs], np.int64),
+                    first_seen=np.array([r[S.FIRST_SEEN] for r in recs], np.int64),
+                    is_cold_start=np.array([r[S.IS_COLD_START] for r in recs], bool),
+                    is_long_tail=np.array([r[S.IS_LONG_TAIL] for r in recs], bool),
+                    titles=[r[S.TITLE] for r in recs])
+
+
+# ==================================================================================================
+# From a model version to an index (needs the model modules)
+# ==================================================================================================
+def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
+    """Epoch seconds of each item's first event (0 = never), from the Feast item table when it is built."""
+    from learn_tasks import data, features
+
+    path = features.store_dir(cfg, dataset) / "data" / "item_stats.parquet"
+    if path.exists():
+        stats = pd.read_parquet(path, columns=[S.ITEM_ID, S.FIRST_SEEN])
+    else:
+        inter = data.load_interactions(cfg, dataset)
+        stats = pd.DataFrame({S.ITEM_ID: inter[S.ITEM_ID].to_numpy(),
+                              S.FIRST_SEEN: features.epoch_seconds(inter[S.EVENT_TIMESTAMP])})
+        stats = stats.groupby(S.ITEM_ID, as_index=False)[S.FIRST_SEEN].min()
+    return stats.set_index(S.ITEM_ID)[S.FIRST_SEEN].reindex(item_ids).fillna(0).astype(np.int64).to_numpy()
+
+
+def run(cfg: Settings, dataset: str, run_dir: str | Path | None = None, swap: bool = True) -> dict[str, Any]:
+    """Index every catalogue item (and every item added online) with the item tower of ``run_dir``.
+
+    ``run_dir`` defaults to the promoted model. Popularity, cold-start and long-tail flags are the model's
+    own (its training interactions, from the checkpoint's items.parquet), so a badge says what the model
+    saw; first_seen comes from the Feast item table. Items without any text (quarantined by ``learn
+    encode``) have no content embedding and cannot be indexed: they are counted in ``skipped``.
+    """
+    from learn_tasks import data, registry
+    from learn_tasks.serve import ModelBundle, load_new_items
+
+    run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, dataset)
+    if run_dir is None:
+        raise IndexStoreError(f"no promoted model for {dataset}: train and promote one, or pass --run-dir")
+    bundle = ModelBundle.load(cfg, dataset, run_dir)
+    items = data.load_items(cfg, dataset)
+    new_items, new_content = load_new_items(cfg, dataset)
+    if len(new_items) and bundle.uses_content:
+        bundle.extra.update({int(i): c for i, c in zip(new_items[S.ITEM_ID], new_content)})
+    catalogue = items
+    if len(new_items):
+        catalogue = pd.concat([items, new_items[~new_items[S.ITEM_ID].isin(items[S.ITEM_ID])]], ignore_index=True)
+    catalogue = catalogue.drop_duplicates(S.ITEM_ID).sort_values(S.ITEM_ID)
+    all_ids = catalogue[S.ITEM_ID].to_numpy(np.int64)
+    usable = np.array([bundle.knows(i) or not bundle.uses_content for i in all_ids], bool)
+    item_ids = all_ids[usable]
+    titles = catalogue[S.TITLE].to_numpy()[usable].tolist() if S.TITLE in catalogue else None
+    stats = bundle.stats.reindex(item_ids)
+    rows = ItemRows(item_ids=item_ids, vectors=bundle.item_vectors(item_ids),
+                    popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+                    first_seen=first_seen(cfg, dataset, item_ids),
+                    is_cold_start=stats[S.IS_COLD_START].fillna(True).astype(bool).to_numpy(),
+                    is_long_tail=stats[S.IS_LONG_TAIL].fillna(False).astype(bool).to_numpy(), titles=titles)
+    # Recall is checked on the queries the index will really get: user embeddings of sampled users.
+    inter = data.load_interactions(cfg, dataset)
+    queries = bundle.sample_user_vectors(inter, cfg.index.recall_queries, seed=cfg.train.seed)
+    result = build(cfg, dataset, bundle.version, rows, queries=queries, swap=swap,
+                   meta={"run_dir": str(run_dir), "model_kind": bundle.kind})
+    return {**result, "run_dir": str(run_dir), "skipped": int((~usable).sum()),
+            "skipped_item_ids": all_ids[~usable][:20].tolist(), "new_items": int(len(new_items))}

@@ -1,0 +1,288 @@
+"""PCH twin towers (LEARN's preference comprehension) and the ID-based SASRec baseline, in one small file.
+
+Three model kinds share one causal pre-LN transformer:
+
+* ``learn``        the paper's content-only towers: the input of each position is the item's frozen content
+                   embedding (centred on the catalogue mean), through the content adaptor and a LayerNorm;
+* ``learn_hybrid`` content adaptor + a learned item-ID embedding. During training an item's ID embedding is
+                   replaced with probability ``id_dropout`` by one shared *unknown-item* embedding (row 0),
+                   and items unseen in training always use it, so a cold-start item is represented from
+                   content alone and a warm item from both;
+* ``sasrec``       ID only: one item-ID embedding table used as the transformer input and as the item tower
+                   (the standard SASRec form); it ignores content.
+
+Towers. The user tower runs the transformer over the user's history; its output at position t is the user
+after t+1 events. The item tower is one of the paper's variants:
+
+* ``a`` the same transformer, same weights, over the item alone (a length-1 sequence; the default),
+* ``b`` a separate transformer of the same shape over the item alone,
+* ``c`` a linear projection of the (centred) raw content embedding.
+
+Every item is encoded alone, in training and at serving, so an item embedding depends only on that item
+(its text, plus its ID for the hybrid): an item with zero interactions has one, and there is no train/serve
+skew. Both towers end in the same online projection to ``out_dim`` and an L2 normalisation, so a score is
+a cosine similarity.
+
+Sequences are **left-aligned**: position 0 is the oldest kept event and padding follows the last valid event
+(``mask`` True on events). With causal attention a valid position never attends to padding, so no key mask
+is needed. :meth:`PCH.encode_users` also accepts right-aligned input and re-aligns it.
+
+Checkpoints are ``model.safetensors`` (weights and buffers, including the content centring vector) plus
+``config.json`` (the :class:`PCHConfig`); loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from learn_tasks.storage import atomic_path
+
+KINDS = ("learn", "learn_hybrid", "sasrec")
+ITEM_TOWERS = ("a", "b", "c")
+UNKNOWN_ITEM = 0  # row of the ID vocab shared by every item not seen in training
+
+
+@dataclass(frozen=True)
+class PCHConfig:
+    kind: str = "learn"  # learn | learn_hybrid | sasrec
+    item_tower: str = "a"  # a | b | c (content kinds)
+    d_in: int = 384  # width of the frozen content embeddings
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.1
+    max_len: int = 50
+    out_dim: int = 64
+    n_items: int = 0  # ID vocab size without the unknown row: ids 1..n_items, 0 = unknown
+    id_dropout: float = 0.1  # learn_hybrid: probability of replacing an ID embedding by the unknown one
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        if self.item_tower not in ITEM_TOWERS:
+            raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.kind != "learn" and self.n_items < 1:
+            raise ValueError(f"kind {self.kind!r} needs an ID vocab (n_items >= 1)")
+
+    @property
+    def uses_content(self) -> bool:
+        return self.kind != "sasrec"
+
+    @property
+    def uses_ids(self) -> bool:
+        return self.kind != "learn"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PCHConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformer (nanoGPT-style, pre-LN, causal)
+# --------------------------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: PCHConfig):
+        super().__init__()
+        self.n_heads = c.n_heads
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
+        self.proj = nn.Linear(c.d_model, c.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, L, d]
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # [B, h, L, dh]
+        # No dropout on attention weights: it forces the slow unfused path on CPU; residual dropout regularises.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class Block(nn.Module):
+    def __init__(self, c: PCHConfig):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(c.d_model), CausalSelfAttention(c)
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.mlp = nn.Sequential(nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model))
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    """Learned positions + causal blocks + final LayerNorm: [B, L, d] inputs -> [B, L, d] states."""
+
+    def __init__(self, c: PCHConfig):
+        super().__init__()
+        self.pos = nn.Embedding(c.max_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(x + self.pos.weight[: x.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Twin towers
+# --------------------------------------------------------------------------------------------------
+class PCH(nn.Module):
+    def __init__(self, c: PCHConfig):
+        super().__init__()
+        self.config = c
+        if c.uses_content:
+            # Frozen sentence embeddings are nearly collinear across a catalogue; centring them on the
+            # catalogue mean (a buffer set by training, saved with the weights) and a LayerNorm after the
+            # adaptor give the small transformer a usable signal.
+            self.register_buffer("content_mean", torch.zeros(c.d_in))
+            self.adaptor = nn.Linear(c.d_in, c.d_model)
+            self.ln_in = nn.LayerNorm(c.d_model)
+        if c.uses_ids:
+            self.item_id = nn.Embedding(c.n_items + 1, c.d_model)  # row 0 = unknown item
+            nn.init.normal_(self.item_id.weight, std=0.02 if c.kind == "learn_hybrid" else 0.1)
+        self.transformer = Transformer(c)
+        if c.kind != "sasrec" and c.item_tower == "b":
+            self.item_transformer = Transformer(c)
+        if c.kind != "sasrec" and c.item_tower == "c":
+            self.item_direct = nn.Linear(c.d_in, c.d_model)
+        self.head = nn.Linear(c.d_model, c.out_dim)  # the online projection, shared by both towers
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def _id_input(self, item_idx: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+        c = self.config
+        if item_idx is None:
+            if c.kind == "sasrec":
+                raise ValueError("sasrec needs item_idx")
+            item_idx = torch.full(shape, UNKNOWN_ITEM, dtype=torch.long, device=device)
+        if self.training and c.kind == "learn_hybrid" and c.id_dropout > 0:
+            drop = torch.rand(item_idx.shape, device=item_idx.device) < c.id_dropout
+            item_idx = item_idx.masked_fill(drop, UNKNOWN_ITEM)
+        return self.item_id(item_idx)
+
+    def embed_items(self, content: Tensor | None, item_idx: Tensor | None) -> Tensor:
+        """Per-item transformer input: [..., d_in] content and/or [...] ID rows -> [..., d_model]."""
+        c = self.config
+        if not c.uses_content:
+            return self._id_input(item_idx, None, None)
+        if content is None:
+            raise ValueError(f"model kind {c.kind!r} needs content embeddings")
+        x = self.ln_in(self.adaptor(content - self.content_mean))
+        if c.uses_ids:
+            x = x + self._id_input(item_idx, x.shape[:-1], x.device)
+        return x
+
+    def project(self, h: Tensor) -> Tensor:
+        return F.normalize(self.head(h), dim=-1)
+
+    # ---- towers ------------------------------------------------------------------------------------
+    def user_states(self, x: Tensor) -> Tensor:
+        """Left-aligned inputs [B, L, d_model] -> L2-normalised user embeddings at every position [B, L, out]."""
+        return self.project(self.transformer(x))
+
+    @property
+    def item_tower_reuses_inputs(self) -> bool:
+        """True when the item tower starts from :meth:`embed_items` (all but variant c)."""
+        return self.config.kind == "sasrec" or self.config.item_tower != "c"
+
+    def items_from_inputs(self, x: Tensor) -> Tensor:
+        """Item tower (sasrec, variants a and b) from per-item inputs [N, d_model] -> [N, out]."""
+        c = self.config
+        if c.kind == "sasrec":
+            return self.project(x)  # the input embedding table is also the output table
+        if c.item_tower == "a":
+            return self.project(self.transformer(x[:, None, :])[:, 0])
+        return self.project(self.item_transformer(x[:, None, :])[:, 0])
+
+    def encode_items(self, content: Tensor | None, item_idx: Tensor | None = None) -> Tensor:
+        """[N, d_in] content (+ [N] ID rows, 0 = unknown) -> [N, out_dim] L2-normalised item embeddings."""
+        if self.item_tower_reuses_inputs:
+            return self.items_from_inputs(self.embed_items(content, item_idx))
+        if content is None:
+            raise ValueError(f"model kind {self.config.kind!r} needs content embeddings")
+        h = self.item_direct(content - self.content_mean)  # variant c: the raw content, projected
+        if self.config.uses_ids:
+            h = h + self._id_input(item_idx, h.shape[:-1], h.device)
+        return self.project(h)
+
+    def encode_users(self, content: Tensor | None, mask: Tensor, item_idx: Tensor | None = None) -> Tensor:
+        """[B, L, d_in] history (+ [B, L] ID rows), [B, L] event mask -> [B, out_dim] after the last event.
+
+        Sequences longer than ``max_len`` keep their most recent events. Rows with no event get the
+        embedding of an empty history's first position (callers should not ask for them).
+        """
+        content, mask, item_idx = left_align(content, mask, item_idx)
+        L = self.config.max_len
+        if mask.shape[1] > L:  # keep the most recent max_len events of each row
+            n = mask.sum(1)
+            start = (n - L).clamp(min=0)
+            idx = start[:, None] + torch.arange(L, device=mask.device)[None, :]
+            idx = idx.clamp(max=mask.shape[1] - 1)
+            mask = torch.gather(mask, 1, idx) & (torch.arange(L, device=mask.device)[None, :] < n[:, None])
+            if content is not None:
+                content = torch.gather(content, 1, idx[..., None].expand(-1, -1, content.shape[-1]))
+            if item_idx is not None:
+                item_idx = torch.gather(item_idx, 1, idx)
+        states = self.user_states(self.embed_items(content, item_idx))  # [B, L, out]
+        last = (mask.sum(1) - 1).clamp(min=0)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+def left_align(content: Tensor | None, mask: Tensor, item_idx: Tensor | None) -> tuple:
+    """Move each row's events to the front, keeping their order (a no-op for left-aligned input)."""
+    mask = mask.bool()
+    if mask.shape[1] == 0 or bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return content, mask, item_idx
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # events first, in order
+    mask = torch.gather(mask, 1, order)
+    if content is not None:
+        content = torch.gather(content, 1, order[..., None].expand(-1, -1, content.shape[-1]))
+    if item_idx is not None:
+        item_idx = torch.gather(item_idx, 1, order)
+    return content, mask, item_idx
+
+
+def build_model(cfg: PCHConfig) -> PCH:
+    """A freshly initialised model (seed torch beforehand for reproducible weights)."""
+    return PCH(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, no pickle
+# --------------------------------------------------------------------------------------------------
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_checkpoint(model: PCH, cfg: PCHConfig, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS, ".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": cfg.kind})
+    with atomic_path(directory / CONFIG) as tmp:
+        tmp.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[PCH, PCHConfig]:
+    """Rebuild a model from ``config.json`` and load ``model.safetensors``; returned in eval mode."""
+    directory = Path(directory)
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name}: checkpoint file missing")
+    cfg = PCHConfig.from_dict(json.loads((directory / CONFIG).read_text(encoding="utf-8")))
+    model = PCH(cfg)
+    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    return model.to(device).eval(), cfg

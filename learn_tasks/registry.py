@@ -1,0 +1,81 @@
+"""Model registry on the file system: one folder per training run, and a promoted pointer per dataset.
+
+Layout under ``$LEARN_HOME/models/<dataset>/``::
+
+    <run_id>/            model.safetensors, config.json, items.parquet, meta.json, train_log.jsonl, metrics.json
+    PROMOTED             the promoted run id (one line, replaced atomically)
+    promotions.jsonl     every promotion, appended, for audit
+
+A run folder appears only when complete (training builds it under a temporary name and renames it), so a
+reader never sees half a checkpoint, and ``PROMOTED`` always names a complete run.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+
+from learn_tasks.config import Settings
+from learn_tasks.storage import read_json, write_text
+
+PROMOTED = "PROMOTED"
+META = "meta.json"
+
+
+def dataset_models(cfg: Settings, dataset: str) -> Path:
+    return cfg.paths.models() / dataset
+
+
+def new_run_dir(cfg: Settings, dataset: str, kind: str) -> Path:
+    """A fresh, not yet existing run folder ``<UTC time>-<kind>-<random>``; build it with ``storage.atomic_dir``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    while True:
+        path = dataset_models(cfg, dataset) / f"{stamp}-{kind}-{secrets.token_hex(3)}"
+        if not path.exists():
+            return path
+
+
+def runs(cfg: Settings, dataset: str, kind: str | None = None, protocol: str | None = None) -> list[Path]:
+    """Complete runs (those with a meta.json), oldest first."""
+    root = dataset_models(cfg, dataset)
+    if not root.exists():
+        return []
+    out = []
+    for path in root.iterdir():
+        if path.name.startswith(".") or not (path / META).exists():
+            continue
+        meta = read_json(path / META)
+        if kind is not None and meta.get("kind") != kind:
+            continue
+        if protocol is not None and meta.get("protocol") != protocol:
+            continue
+        out.append((meta.get("created", ""), path.name, path))
+    return [p for _, _, p in sorted(out)]
+
+
+def latest(cfg: Settings, dataset: str, kind: str | None = None, protocol: str | None = None) -> Path | None:
+    found = runs(cfg, dataset, kind, protocol)
+    return found[-1] if found else None
+
+
+def promote(cfg: Settings, dataset: str, run_dir: str | Path, reason: str = "") -> Path:
+    """Point the dataset's ``PROMOTED`` file at ``run_dir`` (which must be a complete run of that dataset)."""
+    run_dir = Path(run_dir)
+    root = dataset_models(cfg, dataset)
+    if run_dir.parent.resolve() != root.resolve() or not (run_dir / META).exists():
+        raise ValueError(f"{run_dir}: not a complete run of dataset {dataset!r} under {root}")
+    write_text(run_dir.name + "\n", root / PROMOTED)
+    entry = {"run_id": run_dir.name, "at": datetime.now(timezone.utc).isoformat(), "reason": reason}
+    with open(root / "promotions.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return run_dir
+
+
+def promoted(cfg: Settings, dataset: str) -> Path | None:
+    """The promoted run folder, or None when nothing was promoted (or the run was removed)."""
+    pointer = dataset_models(cfg, dataset) / PROMOTED
+    if not pointer.exists():
+        return None
+    path = dataset_models(cfg, dataset) / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / META).exists() else None

@@ -1,0 +1,178 @@
+"""PCH towers: shapes, causality, alignment, the three item towers, the hybrid's unknown-item path, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from learn_tasks.model import PCHConfig, build_model, load_checkpoint, save_checkpoint
+
+D_IN = 12
+
+
+def make(kind: str = "learn", tower: str = "a", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = PCHConfig(kind=kind, item_tower=tower, d_in=D_IN, d_model=16, n_layers=2, n_heads=2, dropout=0.0,
+                    max_len=8, out_dim=8, n_items=20 if kind != "learn" else 0, **kw)
+    return build_model(cfg).eval()
+
+
+def batch(B: int = 3, L: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    content = torch.randn(B, L, D_IN, generator=g)
+    idx = torch.randint(1, 21, (B, L), generator=g)
+    lengths = torch.tensor([L, 3, 1])[:B]
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    return content, mask, idx
+
+
+@pytest.mark.parametrize("kind", ["learn", "learn_hybrid", "sasrec"])
+def test_shapes_and_normalisation(kind):
+    m = make(kind)
+    content, mask, idx = batch()
+    u = m.encode_users(content, mask, idx)
+    v = m.encode_items(content[0], idx[0])
+    assert u.shape == (3, 8) and v.shape == (6, 8)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(v.norm(dim=-1), torch.ones(6), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["learn", "learn_hybrid", "sasrec"])
+def test_no_position_sees_the_future(kind):
+    m = make(kind)
+    content, _, idx = batch(B=2, L=6)
+    x = m.embed_items(content, idx)
+    before = m.user_states(x)
+    x2 = x.clone()
+    x2[:, 4:] += torch.randn_like(x2[:, 4:]) * 5  # change events 4 and 5 only
+    after = m.user_states(x2)
+    assert torch.allclose(before[:, :4], after[:, :4], atol=1e-6)
+    assert not torch.allclose(before[:, 4:], after[:, 4:], atol=1e-3)
+
+
+def test_user_embedding_is_the_state_after_the_last_event_and_ignores_padding():
+    m = make("learn_hybrid")
+    content, mask, idx = batch()
+    u = m.encode_users(content, mask, idx)
+    # the second user has 3 events: the same as feeding exactly those 3
+    alone = m.encode_users(content[1:2, :3], mask[1:2, :3], idx[1:2, :3])
+    assert torch.allclose(u[1], alone[0], atol=1e-5)
+    garbage = content.clone()
+    garbage[1, 3:] = 1e3  # padding content must not matter
+    assert torch.allclose(m.encode_users(garbage, mask, idx)[1], u[1], atol=1e-5)
+
+
+def test_right_aligned_input_gives_the_same_embedding():
+    m = make("learn")
+    content, mask, _ = batch()
+    u = m.encode_users(content, mask)
+    shift = torch.stack([torch.roll(torch.arange(6), int(6 - mask[i].sum())) for i in range(3)])
+    c_r = torch.gather(content, 1, shift[..., None].expand(-1, -1, D_IN))
+    m_r = torch.gather(mask, 1, shift)
+    assert not torch.equal(m_r, mask)
+    assert torch.allclose(m.encode_users(c_r, m_r), u, atol=1e-5)
+
+
+def test_long_histories_keep_the_most_recent_events():
+    m = make("learn")  # max_len 8
+    g = torch.Generator().manual_seed(3)
+    content = torch.randn(1, 12, D_IN, generator=g)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    assert torch.allclose(m.encode_users(content, mask), m.encode_users(content[:, -8:], mask[:, -8:]), atol=1e-5)
+
+
+def test_item_tower_a_shares_the_user_transformer():
+    m = make("learn", "a")
+    content, _, _ = batch()
+    items = m.encode_items(content[0])
+    as_users = m.encode_users(content[0][:, None, :], torch.ones(6, 1, dtype=torch.bool))
+    assert torch.allclose(items, as_users, atol=1e-5)
+    with torch.no_grad():
+        m.transformer.blocks[0].mlp[0].weight.add_(torch.randn_like(m.transformer.blocks[0].mlp[0].weight))
+    assert not torch.allclose(m.encode_items(content[0]), items, atol=1e-4)
+
+
+@pytest.mark.parametrize("tower", ["b", "c"])
+def test_item_towers_b_and_c_do_not_use_the_user_transformer(tower):
+    m = make("learn", tower)
+    content, _, _ = batch()
+    items = m.encode_items(content[0])
+    assert items.shape == (6, 8)
+    with torch.no_grad():
+        m.transformer.blocks[0].mlp[0].weight.add_(torch.randn_like(m.transformer.blocks[0].mlp[0].weight))
+    assert torch.allclose(m.encode_items(content[0]), items, atol=1e-6)
+    if tower == "b":
+        assert hasattr(m, "item_transformer")
+    else:
+        assert not any(n.startswith("item_transformer") for n, _ in m.named_parameters())
+
+
+@pytest.mark.parametrize("tower", ["a", "b", "c"])
+def test_an_item_embedding_depends_only_on_that_item(tower):
+    m = make("learn", tower)
+    content, _, _ = batch()
+    together = m.encode_items(content[0])
+    alone = torch.cat([m.encode_items(content[0][i:i + 1]) for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("tower", ["a", "c"])
+def test_unseen_item_does_not_depend_on_any_trained_id_embedding(tower):
+    m = make("learn_hybrid", tower)
+    content, _, _ = batch()
+    unknown = torch.zeros(6, dtype=torch.long)
+    before = m.encode_items(content[0], unknown)
+    assert torch.allclose(before, m.encode_items(content[0]), atol=1e-6)  # no ids = unknown item
+    with torch.no_grad():
+        m.item_id.weight[1:] = torch.randn_like(m.item_id.weight[1:]) * 10
+    assert torch.allclose(m.encode_items(content[0], unknown), before, atol=1e-6)
+    warm = m.encode_items(content[0], torch.arange(1, 7))
+    assert not torch.allclose(warm, before, atol=1e-3)
+
+
+def test_id_dropout_uses_the_unknown_embedding_in_training_only():
+    m = make("learn_hybrid", id_dropout=1.0)
+    content, _, _ = batch()
+    ids = torch.arange(1, 7)
+    unknown = m.encode_items(content[0], torch.zeros(6, dtype=torch.long))
+    m.train()
+    assert torch.allclose(m.encode_items(content[0], ids), unknown, atol=1e-6)  # every id dropped
+    m.eval()
+    assert not torch.allclose(m.encode_items(content[0], ids), unknown, atol=1e-3)
+
+
+def test_sasrec_ignores_content_and_shares_its_id_table():
+    m = make("sasrec")
+    content, mask, idx = batch()
+    u = m.encode_users(None, mask, idx)
+    assert torch.allclose(u, m.encode_users(content * 100, mask, idx), atol=1e-6)
+    v = m.encode_items(None, torch.tensor([3]))
+    assert torch.allclose(v, m.project(m.item_id.weight[3:4]), atol=1e-6)
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    m = make("learn_hybrid", "b")
+    with torch.no_grad():
+        m.content_mean.fill_(0.25)
+    save_checkpoint(m, m.config, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["kind"] == "learn_hybrid"
+    loaded, cfg = load_checkpoint(tmp_path)
+    assert cfg == m.config and not loaded.training
+    assert torch.equal(loaded.content_mean, m.content_mean)
+    content, mask, idx = batch()
+    assert torch.allclose(loaded.encode_users(content, mask, idx), m.encode_users(content, mask, idx), atol=1e-6)
+    assert torch.allclose(loaded.encode_items(content[0], idx[0]), m.encode_items(content[0], idx[0]), atol=1e-6)
+
+
+def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="item_tower"):
+        PCHConfig(item_tower="d")
+    with pytest.raises(ValueError, match="ID vocab"):
+        PCHConfig(kind="sasrec", n_items=0)

@@ -1,0 +1,254 @@
+"""The pipeline: promotion rule, run arguments, landing/validation/publishing, failure notes, and the whole
+``learn_pipeline`` DAG run end to end by Airflow's own runner on generated data (twice: idempotence)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from learn_tasks import pipeline as P
+from learn_tasks import schema as S
+from learn_tasks.config import Settings
+
+
+# ------------------------------------------------------------------------------------------- gate
+@pytest.mark.parametrize("candidate, current, promote", [
+    (0.10, None, True),  # nothing promoted yet
+    (0.10, 0.10, True),  # equal
+    (0.0985, 0.10, True),  # 1.5% worse: inside the 2% margin (floor 0.098)
+    (0.098, 0.10, True),  # exactly at the floor
+    (0.0979, 0.10, False),  # 2.1% worse
+    (None, 0.10, False),  # a candidate without a score is never promoted over a model
+    (0.2, 0.1, True),
+])
+def test_gate_rule(candidate, current, promote) -> None:
+    ok, reason = P.decide(candidate, current, margin=0.02)
+    assert ok is promote
+    if not ok and candidate is not None:
+        assert "keeping the current model" in reason and "0.0980" in reason
+
+
+# ----------------------------------------------------------------------------------------- run args
+def test_run_args_from_params(settings: Settings) -> None:
+    a = P.RunArgs.from_params(settings, {"dataset": "synth", "mode": "incremental", "window_days": 3,
+                                         "epochs": "2", "budget_s": None},
+                              "2021-01-01T00:00:00+00:00", "2021-01-02T00:00:00+00:00")
+    assert a.key == "synth_20210101T000000Z_20210102T000000Z_incremental"
+    assert a.accept_from == pd.Timestamp("2020-12-30", tz="UTC")
+    assert a.epochs == 2 and a.budget_s is None
+    full = P.RunArgs.from_params(settings, {}, None, "2021-01-02")
+    assert full.dataset == settings.pipeline.dataset and full.mode == settings.pipeline.mode
+    assert full.start == pd.Timestamp("2021-01-01", tz="UTC") and full.accept_from is None
+    with pytest.raises(P.PipelineError, match="mode must be one of"):
+        P.RunArgs.from_params(settings, {"mode": "sometimes"}, None, "2021-01-02")
+    # --date D runs the interval [D, D+1): Airflow's manual run at D+1 00:00 UTC
+    assert P.logical_date_for("2021-01-01").isoformat() == "2021-01-02T00:00:00+00:00"
+
+
+# ------------------------------------------------------------------- land, validate, publish (no Airflow)
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_incremental_batch_lands_validates_publishes_once(settings: Settings, synth_dataset: str) -> None:
+    from learn_tasks import data
+
+    cfg = settings.with_overrides(validate={"max_failed_share": 0.5, "data_docs": False})
+    inter = data.load_interactions(cfg, synth_dataset)
+    items = data.load_items(cfg, synth_dataset)
+    day = (inter[S.EVENT_TIMESTAMP].max() + pd.Timedelta(days=1)).floor("D")
+    users, known = inter[S.USER_ID].unique()[:4], items[S.ITEM_ID].to_numpy()[:4]
+    new_id = int(items[S.ITEM_ID].max()) + 1
+    t = int((day + pd.Timedelta(hours=6)).timestamp())
+    rows = [(users[0], known[0], t), (users[1], known[1], t + 1), (users[2], new_id, t + 2),  # good (new item)
+            (users[3], new_id + 1, t + 3),  # its item has an empty title -> quarantined as unknown item
+            (users[0], known[0], t),  # duplicate of the first row
+            (users[1], known[2], t - 3 * 86400)]  # outside the run's window
+    incoming = P.incoming_dir(cfg, synth_dataset)
+    (incoming / "interactions").mkdir(parents=True)
+    (incoming / "items").mkdir(parents=True)
+    pd.DataFrame(rows, columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]).to_csv(
+        incoming / "interactions" / "day.csv", index=False)
+    pd.DataFrame({S.ITEM_ID: [new_id, new_id + 1], S.TITLE: ["Baking Bread at Home", " "]}).to_csv(
+        incoming / "items" / "new.csv", index=False)
+
+    a = P.RunArgs(synth_dataset, P.INCREMENTAL, day, day + pd.Timedelta(days=1))
+    landed = P.land_logs(cfg, a)
+    assert sorted(landed["new_files"]) == ["raw/interactions/interactions__day.csv", "raw/items/items__new.csv"]
+    assert landed["rows"] == {"interactions": 6, "items": 2}
+    assert not list(incoming.rglob("*.csv"))  # claimed: each file belongs to one interval only
+
+    summary = P.validate_logs(cfg, a)
+    vi, vt = summary["interactions"], summary["items"]
+    assert vi["read"] == 6 == vi["accepted"] + vi["quarantined"]
+    assert vi["by_check"] == {"known_item": 1, "duplicate_event": 1, "timestamp_in_interval": 1}
+    assert vt == {**vt, "read": 2, "accepted": 1, "quarantined": 1, "by_check": {"title_present": 1}}
+    pub = summary["published"]
+    assert pub["changed"] and pub["interactions_added"] == 3 and pub["items_added"] == 1
+    after = data.load_interactions(cfg, synth_dataset)
+    assert len(after) == len(inter) + 3
+    assert new_id in set(after[S.ITEM_ID]) and new_id in set(data.load_items(cfg, synth_dataset)[S.ITEM_ID])
+    base = data.dataset_dir(cfg, synth_dataset)
+    state = _digest(base / "interactions.parquet", base / "items.parquet")
+    qdir = cfg.paths.quarantine() / synth_dataset / a.key
+    quarantine = _digest(qdir / "interactions.parquet", qdir / "items.parquet")
+
+    # the same interval again: same batch, same verdicts, nothing published twice
+    assert P.land_logs(cfg, a)["rows"] == landed["rows"]
+    again = P.validate_logs(cfg, a)
+    assert again["published"]["changed"] is False and again["published"]["already_present"] == 3
+    assert _digest(base / "interactions.parquet", base / "items.parquet") == state
+    assert _digest(qdir / "interactions.parquet", qdir / "items.parquet") == quarantine
+
+    # the next day has no new files: nothing to validate, nothing changes
+    b = P.RunArgs(synth_dataset, P.INCREMENTAL, a.end, a.end + pd.Timedelta(days=1))
+    assert P.land_logs(cfg, b)["rows"] == {"interactions": 0, "items": 0}
+    assert P.validate_logs(cfg, b)["published"]["changed"] is False
+    assert _digest(base / "interactions.parquet", base / "items.parquet") == state
+
+
+def test_failure_callback_writes_a_clear_note(settings: Settings) -> None:
+    ti = SimpleNamespace(dag_id="learn_pipeline", task_id="train_pch", map_index=-1, try_number=2, max_tries=1)
+    context = {"ti": ti, "exception": ValueError("no training user with 2 or more events"),
+               "params": {"dataset": "synth", "mode": "full"},
+               "data_interval_start": pd.Timestamp("2021-01-01", tz="UTC"),
+               "data_interval_end": pd.Timestamp("2021-01-02", tz="UTC")}
+    P.on_task_failure(context)
+    a = P.RunArgs.from_params(settings, context["params"], "2021-01-01", "2021-01-02")
+    note = json.loads((P.run_dir(settings, a) / "failures" / "train_pch.json").read_text())
+    assert note["final"] is True
+    for part in ("learn_pipeline.train_pch FAILED", "try 2 of 2", "dataset synth (full)",
+                 "[2021-01-01T00:00:00+00:00, 2021-01-02T00:00:00+00:00)",
+                 "ValueError: no training user with 2 or more events"):
+        assert part in note["message"]
+
+
+# ---------------------------------------------------------------- end to end through Airflow's runner
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session."""
+    home = tmp_path_factory.mktemp("airflow_home")
+    P.configure_airflow(home)
+    return home
+
+
+def _milvus_state(cfg: Settings, dataset: str) -> tuple[str | None, int]:
+    from learn_tasks import index
+
+    client = index.connect(cfg)
+    try:
+        name = index.current(cfg, dataset, client)
+        if name is None:
+            return None, 0
+        index.ensure_loaded(client, name)
+        rows = client.query(name, filter=f"{S.ITEM_ID} >= 0", output_fields=["count(*)"])
+        return name, int(rows[0]["count(*)"])
+    finally:
+        index.close(cfg)
+
+
+def _milvus_has(cfg: Settings, dataset: str, ids: list[int]) -> set[int]:
+    from learn_tasks import index
+
+    client = index.connect(cfg)
+    try:
+        name = index.current(cfg, dataset, client)
+        index.ensure_loaded(client, name)
+        got = client.get(name, ids=ids, output_fields=[S.ITEM_ID])
+        return {int(r[S.ITEM_ID]) for r in got}
+    finally:
+        index.close(cfg)
+
+
+def _feast_user(cfg: Settings, dataset: str, user_id: int) -> dict:
+    from learn_tasks import features
+
+    store = features.get_store(cfg, dataset)
+    return features.online_user_features(store, [user_id], service=cfg.features.feature_service)[user_id]
+
+
+def _store_state(cfg: Settings, dataset: str) -> dict[str, str]:
+    """Embedding store parts + CURRENT, Feast state, model folders and promotions: what must not move."""
+    from learn_tasks import features
+
+    emb = cfg.paths.embeddings() / dataset
+    out = {str(p.relative_to(emb)): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(emb.rglob("*")) if p.is_file() and (p.name.startswith("part-") or p.name == "CURRENT")}
+    state = json.loads((features.store_dir(cfg, dataset) / "state.json").read_text())
+    out["feast_state"] = json.dumps({k: state.get(k) for k in ("tables", "applied", "materialized")}, sort_keys=True)
+    models = cfg.paths.models() / dataset
+    out["models"] = ",".join(sorted(p.name for p in models.iterdir()))
+    out["promotions"] = (models / "promotions.jsonl").read_text()
+    return out
+
+
+@pytest.mark.integration
+def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_dataset: str, airflow_home: Path) -> None:
+    from learn_tasks import data, registry
+
+    cfg = settings
+    items = data.load_items(cfg, synth_dataset)
+    inter = data.load_interactions(cfg, synth_dataset)
+    res = P.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
+                         airflow_home=airflow_home)
+    assert res["ok"], (res.get("failures"), res["tasks"])
+    names = {t["task"] for t in res["tasks"]}
+    assert {"land_logs", "validate_logs", "refresh_user_features", "plan_encode_shards", "encode_new_items[0]",
+            "train_pch", "evaluate", "promotion_gate", "load_milvus", "monitor", "summarize"} <= names
+
+    # validation: every row accounted for, report and Data Docs written
+    v = res["validation"]
+    assert v["interactions"]["read"] == v["interactions"]["accepted"] == len(inter)
+    assert v["items"]["read"] == len(items)
+    assert Path(res["reports"]["data_docs"]).exists()
+    # encoding: every item has an embedding in the current version
+    assert res["encoding"]["encoded"] + res["encoding"]["skipped"] + res["encoding"]["quarantined"] == len(items)
+    assert (cfg.paths.embeddings() / synth_dataset / "CURRENT").exists()
+    # training, evaluation, promotion agree on one run folder
+    run_dir = Path(res["training"]["run_dir"])
+    assert (run_dir / "model.safetensors").exists()
+    assert res["evaluation"]["run_dir"] == str(run_dir)
+    assert (Path(res["reports"]["evaluation"]) / "metrics.json").exists()
+    assert {"all", "head"} <= set(res["evaluation"]["test"]["table"])
+    assert res["promotion"]["promoted"] is True and registry.promoted(cfg, synth_dataset) == run_dir
+    # Milvus: the serving model's collection behind the alias holds every catalogue item
+    collection, count = _milvus_state(cfg, synth_dataset)
+    assert collection == res["milvus"]["collection"] and count == len(items)
+    # Feast: online features of a known user are their latest items
+    user = int(inter[S.USER_ID].iloc[0])
+    feats = _feast_user(cfg, synth_dataset, user)
+    last = inter[inter[S.USER_ID] == user].sort_values(S.EVENT_TIMESTAMP)[S.ITEM_ID].tolist()
+    assert feats[S.RECENT_ITEM_IDS] and list(feats[S.RECENT_ITEM_IDS])[-1] == last[-1]
+    assert Path(res["reports"]["monitoring"]).exists()
+    assert Path(res["reports"]["summary"]).read_text().startswith("# learn_pipeline")
+
+    # the same interval again: every task succeeds and no store moves
+    before = _store_state(cfg, synth_dataset)
+    again = P.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
+                           airflow_home=airflow_home)
+    assert again["ok"], (again.get("failures"), again["tasks"])
+    assert again["training"]["reused"] is True and again["training"]["run_dir"] == str(run_dir)
+    assert _store_state(cfg, synth_dataset) == before
+    assert _milvus_state(cfg, synth_dataset) == (collection, count)
+    assert _feast_user(cfg, synth_dataset, user) == feats
+
+    # item_ingest: new items are validated, encoded and searchable without a retrain
+    incoming = P.incoming_dir(cfg, synth_dataset)
+    incoming.mkdir(parents=True, exist_ok=True)
+    new_ids = [int(items[S.ITEM_ID].max()) + k for k in (1, 2)]
+    pd.DataFrame({S.ITEM_ID: new_ids, S.TITLE: ["Rockets and Orbits", "Sourdough for Beginners"]}).to_csv(
+        incoming / "items-new.csv", index=False)
+    dr, tasks, _ = P.run_dag(cfg, P.ITEM_DAG, {"dataset": synth_dataset},
+                             pd.Timestamp("2021-01-02 06:00", tz="UTC").to_pydatetime(), airflow_home=airflow_home)
+    assert all(t["state"] == "success" for t in tasks), tasks
+    assert _milvus_has(cfg, synth_dataset, new_ids) == set(new_ids)
+    assert _milvus_state(cfg, synth_dataset) == (collection, count + 2)  # same collection: no retrain, no reload
+    assert (cfg.paths.models() / synth_dataset).joinpath("PROMOTED").read_text().strip() == run_dir.name

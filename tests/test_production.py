@@ -1,0 +1,391 @@
+"""The production stack: docker-compose.yml against the Compose specification, the production profile
+loaded against it, and that profile run for real on PostgreSQL (Airflow metadata DB, Feast registry),
+Redis (Feast online store) and a Milvus server URI.
+
+No Docker engine runs here, so the compose file is checked by the specification's JSON schema (vendored
+in tests/data, see compose-spec.NOTICE.md) and by interpolating it the way `docker compose` does; the
+services it points at are exercised with the same settings against the local PostgreSQL and Redis.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from learn_tasks.config import REPO_ROOT, load_settings
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+PROFILE = REPO_ROOT / "configs" / "production.yaml"
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
+INIT_SQL = REPO_ROOT / "docker" / "postgres" / "init-databases.sh"
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+LONG_RUNNING = {"postgres", "redis", "etcd", "minio", "milvus", "airflow-apiserver", "airflow-scheduler",
+                "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "learn-api", "evidently-ui"}
+
+
+# ==================================================================================================
+# Helpers: the compose file as `docker compose` reads it
+# ==================================================================================================
+def load_compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))  # anchors and `<<` merges resolved
+
+
+_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose variable interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
+    def repl(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        expr = m.group("braced") if m.group("braced") is not None else m.group("plain")
+        name, op, arg = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:?[-?])?(.*)", expr).groups()
+        value = env.get(name)
+        if op in (":-", ":?"):
+            missing = not value
+        else:
+            missing = value is None
+        if op in (":-", "-"):
+            return arg if missing else value
+        if op in (":?", "?"):
+            if missing:
+                raise KeyError(f"required variable {name} is missing: {arg}")
+            return value
+        return value or ""
+
+    return _VAR.sub(repl, text)
+
+
+def variables(text: str) -> set[str]:
+    names = set()
+    for m in _VAR.finditer(text):
+        expr = m.group("braced") or m.group("plain")
+        if expr:
+            names.add(re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0))
+    return names
+
+
+def env_example() -> dict[str, str]:
+    out = {}
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def generated_env() -> dict[str, str]:
+    """What `python docker/gen_env.py` would write to .env, as a dict."""
+    spec = importlib.util.spec_from_file_location("gen_env", REPO_ROOT / "docker" / "gen_env.py")
+    gen_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_env)
+    text, _ = gen_env.render(ENV_EXAMPLE.read_text(encoding="utf-8"))
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def service_env(compose: dict, service: str, env: dict[str, str]) -> dict[str, str]:
+    raw = compose["services"][service].get("environment", {})
+    return {k: interpolate(str(v), env) for k, v in raw.items()}
+
+
+# ==================================================================================================
+# The compose file (fast, no services needed)
+# ==================================================================================================
+def test_compose_file_matches_the_compose_specification() -> None:
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(load_compose()), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+
+
+def test_schema_rejects_a_broken_compose_file() -> None:
+    # The vendored schema is live: a misspelt key fails.
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    broken = load_compose()
+    broken["services"]["redis"]["helthcheck"] = broken["services"]["redis"].pop("healthcheck")
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+
+
+def test_stack_services_health_checks_and_volumes() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert LONG_RUNNING <= set(services), f"missing services: {LONG_RUNNING - set(services)}"
+    for name in LONG_RUNNING:
+        assert "healthcheck" in services[name], f"{name} has no health check"
+        assert services[name].get("restart") == "always", f"{name} is not restarted"
+    named_volumes = set(compose["volumes"])
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no check"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if not source.startswith((".", "/", "$")):
+                assert source in named_volumes, f"{name} mounts undeclared volume {source}"
+        image = interpolate(svc.get("image", ""), {})
+        assert image and not image.endswith(":latest") and ":" in image, f"{name}: pin the image ({image!r})"
+    # Airflow runs on its official image with the project installed, on Celery, metadata in PostgreSQL.
+    dockerfile = (REPO_ROOT / "docker" / "airflow.Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^FROM apache/airflow:3\.3\.2-python3\.11$", dockerfile, re.M)
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                 "airflow-worker", "airflow-init"):
+        assert services[name]["build"]["dockerfile"] == "docker/airflow.Dockerfile"
+        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert services["airflow-worker"]["command"] == "celery worker"
+    # Only the front doors are published, and on a configurable (loopback by default) address.
+    published = {n for n, s in services.items() if s.get("ports")}
+    assert published == {"airflow-apiserver", "learn-api", "evidently-ui"}
+    for n in published:
+        assert all(p.startswith("${LEARN_BIND_ADDRESS:-127.0.0.1}:") for p in services[n]["ports"])
+
+
+def test_images_carry_the_files_the_package_reads_beside_itself() -> None:
+    """learn_tasks finds configs/, feature_repo/, monitoring/ and dags/ at REPO_ROOT: the images install the
+    package editable from /opt/learn/src and copy each of those folders there."""
+    used = set()
+    for path in (REPO_ROOT / "learn_tasks").glob("*.py"):
+        used |= set(re.findall(r'REPO_ROOT\s*/\s*"([^"]+)"', path.read_text(encoding="utf-8")))
+    assert {"configs", "feature_repo", "dags"} <= used
+    for name in ("airflow.Dockerfile", "service.Dockerfile"):
+        text = (REPO_ROOT / "docker" / name).read_text(encoding="utf-8")
+        assert re.search(r"pip install [^\n]*-e ", text), f"{name}: install the package editable"
+        for folder in used:
+            assert re.search(rf"^COPY (--chown=\S+ )?{folder} ", text, re.M), f"{name} does not copy {folder}/"
+
+
+def test_every_compose_variable_is_in_env_example() -> None:
+    used = variables(COMPOSE.read_text(encoding="utf-8")) - {"HOSTNAME"}  # $${HOSTNAME}: the container's own
+    documented = set(env_example())
+    assert used <= documented, f"undocumented in .env.example: {sorted(used - documented)}"
+
+
+def test_missing_secret_stops_interpolation() -> None:
+    compose_text = COMPOSE.read_text(encoding="utf-8")
+    env = generated_env()
+    interpolate(compose_text, env)  # complete .env: fine
+    env.pop("REDIS_PASSWORD")
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
+        interpolate(compose_text, env)
+
+
+def test_production_profile_loads_against_the_compose_environment(tmp_path: Path) -> None:
+    """The settings every learn container gets: production.yaml + the environment compose gives it."""
+    compose = load_compose()
+    env = generated_env()
+    for service in ("learn-api", "airflow-worker", "airflow-scheduler"):
+        container_env = service_env(compose, service, env)
+        assert container_env["LEARN_CONFIG"] == "/opt/learn/src/configs/production.yaml"
+        container_env["LEARN_CONFIG"] = str(PROFILE)  # the same file, from the checkout
+        container_env["LEARN_HOME"] = str(tmp_path / "home")
+        cfg = load_settings(env=container_env)
+        assert cfg.features.online_store == "redis" and cfg.features.registry == "sql"
+        assert cfg.features.registry_url == (f"postgresql+psycopg2://feast:{env['FEAST_DB_PASSWORD']}"
+                                             "@postgres:5432/feast")
+        assert cfg.features.redis_url == f"redis:6379,db=0,password={env['REDIS_PASSWORD']}"
+        assert cfg.index.uri == "http://milvus:19530"
+        assert cfg.index.token == f"root:{env['MILVUS_ROOT_PASSWORD']}"
+        assert cfg.index.index_type == "HNSW" and cfg.index.index_params["M"] >= 32
+        assert cfg.index.search_params["ef"] >= 10
+        assert cfg.serve.search == "milvus" and cfg.serve.token_env == "LEARN_API_TOKEN"
+    api_env = service_env(compose, "learn-api", env)
+    assert api_env["LEARN_API_TOKEN"] == env["LEARN_API_TOKEN"]
+
+
+@pytest.mark.integration
+def test_compose_environment_makes_a_valid_feast_config(tmp_path: Path) -> None:
+    """Feast accepts the compose connection strings; its rendered file keeps them out (``${...}``)."""
+    from learn_tasks import features
+
+    compose = load_compose()
+    env = generated_env()
+    container_env = {**service_env(compose, "learn-api", env), "LEARN_CONFIG": str(PROFILE),
+                     "LEARN_HOME": str(tmp_path / "home")}
+    cfg = load_settings(env=container_env)
+    conf = features.repo_config(cfg, "books", write=True)
+    assert conf.online_store.type == "redis" and conf.registry.registry_type == "sql"
+    rendered = (features.store_dir(cfg, "books") / "feature_store.yaml").read_text(encoding="utf-8")
+    assert env["REDIS_PASSWORD"] not in rendered and env["FEAST_DB_PASSWORD"] not in rendered
+
+
+def test_profile_holds_no_credentials() -> None:
+    raw = yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
+    values = json.dumps(raw)  # the settings, without the comments that describe the variables
+    assert not re.search(r"://[^/\s:@\"]+:[^@\s\"]+@", values), "a URL with a password in production.yaml"
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key in values:
+                assert not re.search(r"password|secret|token$|_url$", key), f"{section}.{key} belongs in the env"
+
+
+# ==================================================================================================
+# For real: PostgreSQL and Redis on this machine
+# ==================================================================================================
+def _pg_admin():
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def stack_databases() -> Iterator[dict[str, str]]:
+    """Fresh Airflow and Feast databases and roles, made by the stack's own init script, dropped after."""
+    admin = _pg_admin()
+    tag = uuid.uuid4().hex[:8]
+    names = {"AIRFLOW_DB_NAME": f"learn_t_af_{tag}", "AIRFLOW_DB_USER": f"learn_t_af_{tag}",
+             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}"}
+    secrets = {k: v for k, v in generated_env().items() if k in ("AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD")}
+    env = {**os.environ, **names, **secrets, "PGHOST": PG["host"], "PGPORT": str(PG["port"]),
+           "POSTGRES_USER": PG["user"], "POSTGRES_DB": "postgres"}
+    try:
+        done = subprocess.run(["bash", str(INIT_SQL)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        yield {**names, **secrets}
+    finally:
+        with admin.cursor() as cur:
+            for db in (names["AIRFLOW_DB_NAME"], names["FEAST_DB_NAME"]):
+                cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            for role in (names["AIRFLOW_DB_USER"], names["FEAST_DB_USER"]):
+                cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+        admin.close()
+
+
+def _to_localhost(value: str) -> str:
+    """A compose URL as seen from this machine: the services' hostnames become 127.0.0.1."""
+    return re.sub(r"@(postgres|redis):", "@127.0.0.1:", value)
+
+
+@pytest.mark.production
+def test_airflow_metadata_db_migrates_on_postgresql(stack_databases: dict[str, str], tmp_path: Path) -> None:
+    """`airflow db migrate` with the compose file's Airflow settings, into a database the init script made."""
+    compose = load_compose()
+    env = {**generated_env(), **stack_databases}
+    af_env = {k: _to_localhost(v) for k, v in service_env(compose, "airflow-scheduler", env).items()
+              if k.startswith("AIRFLOW__")}
+    conn = af_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert conn.startswith(f"postgresql+psycopg2://{stack_databases['AIRFLOW_DB_USER']}:")
+    assert conn.endswith(f"@127.0.0.1:5432/{stack_databases['AIRFLOW_DB_NAME']}")
+    broker = af_env["AIRFLOW__CELERY__BROKER_URL"]
+    assert re.fullmatch(r"redis://:[A-Za-z0-9_-]{16,}@127\.0\.0\.1:6379/1", broker)  # password, db 1
+    redis = pytest.importorskip("redis")
+    redis.Redis.from_url(re.sub(r"//:[^@]*@", "//", broker), socket_connect_timeout=3).ping()  # (no AUTH here)
+    if importlib.util.find_spec("airflow.providers.fab") is None:
+        # The FAB auth manager ships in the Airflow image, not in this test environment.
+        af_env["AIRFLOW__CORE__AUTH_MANAGER"] = (
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    run_env.update(af_env, AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__DAGS_FOLDER=str(tmp_path / "dags"))
+    airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
+    done = subprocess.run([airflow, "db", "migrate"], env=run_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check = subprocess.run([airflow, "db", "check"], env=run_env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
+
+    import psycopg2
+
+    with psycopg2.connect(dbname=stack_databases["AIRFLOW_DB_NAME"], user=stack_databases["AIRFLOW_DB_USER"],
+                          host=PG["host"], port=PG["port"]) as c, c.cursor() as cur:
+        cur.execute("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'")
+        tables = dict(cur.fetchall())
+    for table in ("alembic_version", "dag", "dag_run", "task_instance"):
+        assert table in tables, f"{table} not created"
+        assert tables[table] == stack_databases["AIRFLOW_DB_USER"]  # owned by the stack's Airflow role
+    assert not (tmp_path / "airflow" / "airflow.db").exists()  # nothing went to SQLite
+
+
+@pytest.mark.production
+def test_feast_sql_registry_and_redis_online_store_with_the_profile(stack_databases: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.skip(f"Redis not reachable on 127.0.0.1:6379: {exc}")
+    from learn_tasks import data, features, synth
+    from learn_tasks import schema as S
+
+    registry_url = (f"postgresql+psycopg2://{stack_databases['FEAST_DB_USER']}:{stack_databases['FEAST_DB_PASSWORD']}"
+                    f"@127.0.0.1:5432/{stack_databases['FEAST_DB_NAME']}")
+    cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(tmp_path / "home"),
+                                              "LEARN_FEATURES__REDIS_URL": "127.0.0.1:6379,db=0",
+                                              "LEARN_FEATURES__REGISTRY_URL": registry_url},
+                        overrides=["features.recent_items=5"])
+    assert (cfg.features.online_store, cfg.features.registry) == ("redis", "sql")
+    dataset = f"prod_{uuid.uuid4().hex[:8]}"  # its own Feast project: its own Redis keys and registry rows
+    src = synth.write_seqrec(tmp_path / "src", synth.SynthSpec(n_users=40, n_items=60, seed=3))
+    data.prepare(cfg, "seqrec", src, dataset)
+    try:
+        first = features.run(cfg, dataset)
+        assert first["applied"] and first["materialized"]
+        again = features.run(cfg, dataset)
+        assert not again["rebuilt"] and not again["applied"] and not again["materialized"]
+        inter = data.load_interactions(cfg, dataset)
+        users = sorted(inter[S.USER_ID].unique())[:5]
+        store = features.get_store(cfg, dataset)
+        online = features.online_user_features(store, users, cfg.features.feature_service)
+        for u in users:
+            expected = inter[inter[S.USER_ID] == u].sort_values(S.EVENT_TIMESTAMP, kind="stable")[S.ITEM_ID].tolist()[-5:]
+            assert list(online[u][S.RECENT_ITEM_IDS]) == expected
+        assert any(k.startswith(features.project_name(dataset).encode()) or features.project_name(dataset).encode() in k
+                   for k in redis.Redis(host="127.0.0.1", port=6379).scan_iter(count=1000))
+
+        import psycopg2
+
+        with psycopg2.connect(dbname=stack_databases["FEAST_DB_NAME"], user=stack_databases["FEAST_DB_USER"],
+                              host=PG["host"], port=PG["port"]) as c, c.cursor() as cur:
+            cur.execute("SELECT count(*) FROM feature_views WHERE project_id = %s", (features.project_name(dataset),))
+            assert cur.fetchone()[0] == len(features.TABLES)
+    finally:
+        features.teardown(cfg, dataset)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Path) -> None:
+    """The index code against a server URI (here a Milvus Lite server) with the profile's HNSW parameters."""
+    from learn_tasks import index, milvus_server
+
+    home = tmp_path / "home"
+    lite = load_settings(env={"LEARN_HOME": str(home)})
+    server = milvus_server.start(lite, port=_free_port())
+    try:
+        cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(home), "LEARN_INDEX__URI": server["uri"]},
+                            overrides=["index.recall_queries=64"])
+        assert index.resolve_uri(cfg)[2] == "server" and cfg.index.index_type == "HNSW"
+        rng = np.random.default_rng(0)
+        vecs = rng.standard_normal((2000, 64)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        rows = index.ItemRows(item_ids=np.arange(10, 2010, dtype=np.int64), vectors=vecs)
+        out = index.build(cfg, "prod", "v1", rows)
+        assert out["uri_kind"] == "server" and out["rows"] == 2000
+        assert out["index_recall_at_10"] >= 0.95
+        client = index.connect(cfg)
+        hits = index.search(client, index.alias_name(cfg, "prod"), vecs[:3], k=5, search_params=cfg.index.search_params)
+        assert [h[0]["item_id"] for h in hits] == [10, 11, 12]
+        index.close(cfg)
+    finally:
+        milvus_server.stop(lite)

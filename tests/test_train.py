@@ -1,0 +1,237 @@
+"""Training: loss values on hand-built batches, accidental hits, batching, and tiny real training runs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from learn_tasks import data, evaluate, registry, train
+from learn_tasks import schema as S
+from learn_tasks.model import load_checkpoint
+from learn_tasks.train import dense_all_action_loss, length_buckets, next_item_loss
+
+
+def topic_embeddings(cfg, dataset: str, dim: int = 24, noise: float = 0.5, seed: int = 0):
+    """Stand-in content embeddings: a random direction per synth topic plus per-item noise."""
+    items = data.load_items(cfg, dataset)
+    rng = np.random.default_rng(seed)
+    topics = {t: i for i, t in enumerate(sorted(items[S.CATEGORY].astype(str).unique()))}
+    centres = rng.normal(size=(len(topics), dim))
+    emb = centres[items[S.CATEGORY].astype(str).map(topics).to_numpy()] + noise * rng.normal(size=(len(items), dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return items[S.ITEM_ID].to_numpy(np.int64), emb.astype(np.float32)
+
+
+def small(settings, **train):
+    return settings.with_overrides(
+        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "dropout": 0.0, "max_len": 20},
+        train={"batch_size": 32, "lr": 3e-3, "n_random_negatives": 64, "temperature": 0.1, "val_users": 100,
+               "patience": 2, "threads": 1, **train})
+
+
+# --------------------------------------------------------------------------------------------- losses
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_dense_all_action_loss_on_a_hand_built_batch():
+    user = t([[[1.0, 0.0]], [[0.6, 0.8]]])  # B=2, H=1
+    items = t([[[0.6, 0.8]], [[0.0, 1.0]]])  # T=1
+    ids = torch.tensor([[5], [7]])
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    loss = dense_all_action_loss(user, ones, items, ids, ones, temperature=0.5)
+    # user 0: positive 0.6/0.5 = 1.2, its negative (user 1's target) 0.0; user 1: positive 1.6, negative 2.0
+    expected = (math.log(1 + math.exp(0.0 - 1.2)) + math.log(1 + math.exp(2.0 - 1.6))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_dense_all_action_masks_accidental_hits():
+    user = t([[[1.0, 0.0]], [[0.6, 0.8]]])
+    items = t([[[0.6, 0.8]], [[0.0, 1.0]]])
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    same = torch.tensor([[5], [5]])  # both users' target is item 5: neither is the other's negative
+    loss = dense_all_action_loss(user, ones, items, same, ones, temperature=0.5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # no negative left: -log(1) = 0
+    # an extra random negative that is the user's own target is masked too
+    neg = t([[0.6, 0.8], [1.0, 0.0]])
+    with_neg = dense_all_action_loss(user, ones, items, same, ones, 0.5, neg, torch.tensor([5, 9]))
+    # item 9 = [1, 0] scores 1.0/0.5 for user 0 and 0.6/0.5 for user 1 (positive 0.8/0.5)
+    expected = (math.log(1 + math.exp(2.0 - 1.2)) + math.log(1 + math.exp(1.2 - 1.6))) / 2
+    assert with_neg.item() == pytest.approx(expected, abs=1e-5)
+
+
+def reference_dense_loss(user, uvalid, items, ids, ivalid, tau, neg=None, neg_ids=None):
+    """The loss written as loops over every positive pair, for comparison."""
+    B, H, _ = user.shape
+    T = items.shape[1]
+    total, count = 0.0, 0
+    for b in range(B):
+        own = {int(ids[b, t]) for t in range(T) if ivalid[b, t]}
+        for h in range(H):
+            if not uvalid[b, h]:
+                continue
+            negs = [float(user[b, h] @ items[c, s]) / tau for c in range(B) for s in range(T)
+                    if c != b and ivalid[c, s] and int(ids[c, s]) not in own]
+            if neg is not None:
+                negs += [float(user[b, h] @ neg[r]) / tau for r in range(len(neg)) if int(neg_ids[r]) not in own]
+            for tt in range(T):
+                if ivalid[b, tt]:
+                    pos = float(user[b, h] @ items[b, tt]) / tau
+                    total += -pos + math.log(math.exp(pos) + sum(math.exp(x) for x in negs))
+                    count += 1
+    return total / count
+
+
+def test_dense_all_action_matches_the_loop_reference_with_padding_and_duplicates():
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 4, 3, 3, 5
+    user = torch.nn.functional.normalize(torch.randn(B, H, D, generator=g), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(B, T, D, generator=g), dim=-1)
+    ids = torch.tensor([[1, 2, 3], [3, 4, 0], [5, 6, 7], [1, 8, 9]])
+    uvalid = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    ivalid = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    neg = torch.nn.functional.normalize(torch.randn(3, D, generator=g), dim=-1)
+    neg_ids = torch.tensor([2, 10, 11])
+    got = dense_all_action_loss(user, uvalid, items, ids, ivalid, 0.2, neg, neg_ids)
+    want = reference_dense_loss(user, uvalid, items, ids, ivalid, 0.2, neg, neg_ids)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_next_item_loss_hand_value_and_accidental_hit():
+    query = t([[1.0, 0.0]])
+    pos = t([[0.6, 0.8]])
+    cand = t([[0.0, 1.0], [0.6, 0.8]])
+    loss = next_item_loss(query, pos, torch.tensor([4]), cand, torch.tensor([9, 4]), temperature=1.0)
+    # candidate 4 is the positive itself and is masked; the only negative scores 0.0
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(0.0 - 0.6)), abs=1e-6)
+
+
+def test_a_constant_logq_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    q, p, c = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g)
+    pid, cid = torch.arange(5), torch.arange(10, 17)
+    base = next_item_loss(q, p, pid, c, cid, 0.5)
+    shifted = next_item_loss(q, p, pid, c, cid, 0.5, torch.full((5,), 2.0), torch.full((7,), 2.0))
+    assert shifted.item() == pytest.approx(base.item(), rel=1e-6)
+    skewed = next_item_loss(q, p, pid, c, cid, 0.5, torch.zeros(5), torch.linspace(-5, 5, 7))
+    assert abs(skewed.item() - base.item()) > 1e-2
+
+
+# -------------------------------------------------------------------------------------------- batches
+def test_length_buckets_cover_every_sequence_once_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=1000)
+    batches = length_buckets(lengths, 64, rng)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    spread = [lengths[b].max() - lengths[b].min() for b in batches]
+    assert max(spread) <= 5  # random batches would span ~49
+    assert [len(b) for b in batches].count(64) == 15
+    assert not np.array_equal(np.concatenate(length_buckets(lengths, 64, rng)), flat)  # order is shuffled
+
+
+def test_dense_batches_put_history_strictly_before_targets():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(100 * i, 100 * i + n) for i, n in enumerate([2, 5, 30, 80, 7])]  # rows grow with time
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    sq = train.Sequences(np.arange(5), offsets, np.concatenate(seqs))
+    seen = 0
+    for b in train.dense_batches(sq, max_len=20, batch_size=2, n_history=4, n_target=3, rng=rng):
+        for j in range(len(b["hist"])):
+            h = b["hist"][j][b["hist_mask"][j]]
+            tg = b["tgt"][j][b["tgt_valid"][j]]
+            assert 1 <= len(h) <= 20 and 1 <= len(tg) <= 3
+            assert np.all(np.diff(h) == 1)  # a contiguous, most recent window before the cut
+            assert tg.min() > h.max() and tg.max() // 100 == h[0] // 100
+            assert np.all(b["hsel"][j][b["hsel_valid"][j]] < len(h))
+            seen += 1
+    assert seen == 5
+
+
+# ------------------------------------------------------------------------------------ training runs
+def test_tiny_training_run_learns_the_topic_pattern(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    cfg = small(settings, lr=5e-3, patience=20, early_stop_metric="recall@10")
+    result = train.run(cfg, synth_dataset, "loo", "learn", epochs=15, embeddings=emb)
+    run_dir = result["run_dir"]
+    assert result["stopped"] in ("epochs", "early_stopping") and result["sequences_per_s"] > 0
+    for name in ("model.safetensors", "config.json", "items.parquet", "meta.json", "train_log.jsonl"):
+        assert (registry.latest(settings, synth_dataset, "learn", "loo") / name).exists(), name
+    metrics = evaluate.run(cfg, synth_dataset, "loo", "learn", run_dir=run_dir, embeddings=emb)
+    n_items = metrics["meta"]["items"]
+    random_recall = 10 / n_items
+    assert metrics["all"]["recall@10"] > 3 * random_recall, metrics["all"]
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "learn_hybrid"])
+def test_other_kinds_train_and_evaluate(settings, synth_dataset, kind):
+    emb = topic_embeddings(settings, synth_dataset)
+    cfg = small(settings)
+    result = train.run(cfg, synth_dataset, "temporal", kind, epochs=2, embeddings=emb)
+    assert result["kind"] == kind and result["id_vocab"] > 0
+    m = evaluate.run(cfg, synth_dataset, "temporal", kind, embeddings=emb)
+    assert 0.0 <= m["all"]["recall@200"] <= 1.0 and "future" in m
+
+
+def test_checkpoint_vocab_marks_unseen_items_unknown(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    res = train.run(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    vocab = pd.read_parquet(f"{res['run_dir']}/items.parquet")
+    split = data.load_split(settings, synth_dataset, "temporal")
+    seen = set(split.loc[split[S.SPLIT] == S.TRAIN, S.ITEM_ID])
+    assert ((vocab["item_idx"] > 0) == vocab[S.ITEM_ID].isin(seen)).all()
+    assert (vocab[S.IS_COLD_START] == ~vocab[S.ITEM_ID].isin(seen)).all()
+    assert vocab.loc[vocab["item_idx"] > 0, "item_idx"].is_unique
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_weights(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    res = train.run(small(settings, lr=1e30, grad_clip=0.0, warmup_steps=1), synth_dataset, "loo", "learn",
+                    epochs=3, embeddings=emb)
+    assert res["stopped"] == "nan_loss"
+    model, _ = load_checkpoint(res["run_dir"])
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def test_budget_warm_start_and_empty_validation(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    first = train.run(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=50, budget_s=0.01, embeddings=emb)
+    assert first["stopped"] == "budget" and first["epochs_run"] == 1
+    second = train.run(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=1, embeddings=emb,
+                       warm_start=first["run_dir"])
+    a, _ = load_checkpoint(first["run_dir"])
+    b, _ = load_checkpoint(second["run_dir"])
+    assert second["run_dir"] != first["run_dir"]
+    assert not torch.equal(a.adaptor.weight, b.adaptor.weight)  # it trained on from there
+    # no validation window (valid cut-off == test cut-off): training still runs and keeps its last epoch
+    cfg = small(settings).with_overrides(data={"temporal_valid_quantile": 0.9, "temporal_test_quantile": 0.9})
+    res = train.run(cfg, synth_dataset, "temporal", "learn", epochs=2, embeddings=emb)
+    assert res["val_users"] == 0 and res["val"] is None and res["epochs_run"] == 2
+
+
+def test_items_missing_from_the_embedding_store_are_listed(settings, synth_dataset):
+    ids, vecs = topic_embeddings(settings, synth_dataset)
+    with pytest.raises(ValueError, match=r"3 item\(s\).*no content embedding.*learn encode"):
+        train.run(small(settings), synth_dataset, "loo", "learn", epochs=1, embeddings=(ids[3:], vecs[3:]))
+
+
+def test_sasrec_needs_no_embeddings_and_rejects_unknown_kinds(settings, synth_dataset):
+    res = train.run(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
+    assert res["embedding_fingerprint"] is None
+    with pytest.raises(ValueError, match="cannot train"):
+        train.run(small(settings), synth_dataset, "loo", "popular")
+
+
+def test_registry_latest_and_promotion(settings, synth_dataset):
+    assert registry.promoted(settings, synth_dataset) is None
+    res = train.run(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
+    run = registry.latest(settings, synth_dataset, kind="sasrec", protocol="loo")
+    assert str(run) == res["run_dir"]
+    assert registry.latest(settings, synth_dataset, kind="sasrec", protocol="temporal") is None
+    registry.promote(settings, synth_dataset, run)
+    assert registry.promoted(settings, synth_dataset) == run
+    with pytest.raises(ValueError, match="not a complete run"):
+        registry.promote(settings, synth_dataset, run.parent / "nope")
