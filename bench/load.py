@@ -59,11 +59,13 @@ EXPECTED = {"recommend_known": 200, "recommend_known_k50": 200, "recommend_unkno
             "event": 202, "new_item": 201, "write_without_token": 401, "health": 200, "metrics": 200}
 
 
-def work_home(home: Path, suffix: str) -> Path:
-    """A service state folder beside LEARN_HOME (its own Feast store and Milvus data, so items and events
-    added by the load never reach the shared catalogue) with LEARN_HOME's data, embeddings and models linked."""
+def work_home(home: Path, suffix: str, linked: tuple[str, ...] = ("data", "embeddings")) -> Path:
+    """A state folder beside LEARN_HOME with LEARN_HOME's prepared data and content embeddings linked in.
+
+    Its own Feast store, Milvus data and model registry: items and events added by the load never reach
+    the shared catalogue, and the model it trains when none is promoted here is not promoted there."""
     work = home.with_name(home.name + suffix)
-    for sub in ("data", "embeddings", "models"):
+    for sub in linked:
         (home / sub).mkdir(parents=True, exist_ok=True)
         link = work / sub
         if not link.is_symlink():

@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     budget = args.budget_s if args.budget_s is not None else (40.0 if args.quick else 240.0)
-    max_users = args.max_users if args.max_users is not None else (5000 if args.quick else 0)
+    max_users = args.max_users if args.max_users is not None else (4000 if args.quick else 0)
     ablation = args.ablation if args.ablation is not None else not args.quick
+    if args.quick:  # a short budget leaves no room for long validations
+        args.set = ["train.val_users=1000"] + args.set
     epochs = 50  # the budget or early stopping ends training first
     os.environ["LEARN_HOME"] = args.home
     cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])

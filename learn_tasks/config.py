@@ -203,10 +203,10 @@ class MonitorConfig(_Section):
     embedding_max_current: int = Field(1000, ge=1, description="new items sampled for embedding drift")
     embedding_min_items: int = Field(20, ge=2, description="fewest new (and catalogue) items to measure embedding drift")
     embedding_pca_components: int = Field(16, ge=0, description="PCA components before the drift classifier (0 = none)")
-    embedding_plot_points: int = Field(500, ge=0, description="points per side in the report's t-SNE picture (0 = 2500)")
+    embedding_report_components: int = Field(5, ge=1, description="principal components shown in the content report")
     seed: int = 0
     # --- where results go
-    eval_model: str = Field("learn", description="evaluation whose metrics are tracked ('' = newest of any model)")
+    eval_model: str | None = Field("learn", description="evaluation whose metrics are tracked (empty = any model)")
     project: str = Field("learn monitoring: {dataset}", description="Evidently workspace project name")
     dashboard_file: str | None = Field(None, description="dashboard definition (default monitoring/dashboard.yaml)")
     ui_host: str = Field("127.0.0.1", description="Evidently UI host (loopback)")

@@ -19,8 +19,9 @@ One Evidently report (and one workspace snapshot) per section:
   user's events up to the window end). Activity is compared with the last stretch of the training window
   that is as long as the current window: a three-month window cannot be compared with years of history.
 * ``content``: content-embedding drift of the items first seen in the current window against the
-  catalogue (Evidently's classifier method: ROC AUC of a model telling new items from catalogue items;
-  0.5 = indistinguishable, 1 = a different kind of item).
+  catalogue (Evidently's classifier embedding-drift method: ROC AUC of a model telling new items from
+  catalogue items; 0.5 = indistinguishable, 1 = a different kind of item); the report shows where the
+  new items sit along the catalogue's leading principal directions.
 * ``summary`` (one row): every monitored value and every threshold. The dashboard's panels read it, and
   each threshold is an Evidently test on it, so the UI shows the same pass/fail as the alerts here.
 
@@ -45,11 +46,10 @@ import math
 import os
 import re
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -166,7 +166,10 @@ def _finite(x: Any) -> bool:
 
 
 def _fmt(x: Any) -> str:
-    return f"{float(x):.4g}" if _finite(x) else str(x)
+    if not _finite(x):
+        return str(x)
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.4g}"
 
 
 # ==================================================================================================
@@ -230,12 +233,12 @@ def event_frame(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     surge of new items moves the cold-start share, not the long-tail share.
     """
     it = items.reindex(events[S.ITEM_ID].to_numpy())
-    cold = it[S.IS_COLD_START].fillna(True).to_numpy(bool)
+    cold = it[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool)
     warm = ~cold
     return pd.DataFrame({
         "is_cold_start": cold.astype(float),
-        "is_long_tail": np.where(warm, it[S.IS_LONG_TAIL].fillna(False).to_numpy(float), np.nan),
-        "is_head": np.where(warm, it["is_head"].fillna(False).to_numpy(float), np.nan),
+        "is_long_tail": np.where(warm, it[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(float), np.nan),
+        "is_head": np.where(warm, it["is_head"].astype("boolean").fillna(False).to_numpy(float), np.nan),
         "log_popularity": np.where(warm, np.log1p(it[S.POPULARITY].fillna(0).to_numpy(float)), np.nan),
     })
 
@@ -379,19 +382,41 @@ def users_report(mc: MonitorConfig):
     ])
 
 
-def content_report(mc: MonitorConfig):
-    from evidently import Report
-    from evidently.metrics import EmbeddingsDrift, RowCount
+def embedding_drift(cur: pd.DataFrame, ref: pd.DataFrame, mc: MonitorConfig) -> float:
+    """Evidently's classifier embedding-drift method: ROC AUC of a model telling ``cur`` rows from ``ref`` rows.
+
+    Called directly rather than through the ``EmbeddingsDrift`` report metric, whose t-SNE picture costs
+    minutes on two cores even for a few hundred items; the score is the same computation.
+    """
     from evidently.metrics.embeddings import ModelDriftMethod
 
-    threshold = mc.embedding_drift_max if mc.embedding_drift_max is not None else 0.55
-    method = ModelDriftMethod(threshold=threshold, pca_components=mc.embedding_pca_components or None)
-    return Report([RowCount(), EmbeddingsDrift(embeddings_name="content", drift_method=method)])
+    method = ModelDriftMethod(threshold=mc.embedding_drift_max if mc.embedding_drift_max is not None else 0.55,
+                              pca_components=mc.embedding_pca_components or None)
+    score, _, _ = method(cur.copy(), ref.copy())  # the method adds a label column to its inputs
+    return float(score)
+
+
+def principal_components(cur: np.ndarray, ref: np.ndarray, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both sets projected on the catalogue's (reference's) leading ``n`` principal directions."""
+    mean = ref.mean(axis=0)
+    _, _, vt = np.linalg.svd(ref - mean, full_matrices=False)
+    basis = vt[: max(1, min(n, vt.shape[0]))].T
+    cols = [f"pc{i + 1}" for i in range(basis.shape[1])]
+    return (pd.DataFrame((cur - mean) @ basis, columns=cols), pd.DataFrame((ref - mean) @ basis, columns=cols))
+
+
+def content_report(columns: Sequence[str]):
+    """Where new items sit along the catalogue's main content directions (one drift widget per component)."""
+    from evidently import Report
+    from evidently.metrics import MeanValue, RowCount, ValueDrift
+
+    return Report([RowCount(), MeanValue(column="embedding_drift")]
+                  + [ValueDrift(column=c, method="wasserstein") for c in columns])
 
 
 def _content_frames(cfg: Settings, dataset: str, w: Windows, items: pd.DataFrame,
                     embeddings: tuple[np.ndarray, np.ndarray] | None, notes: list[str]):
-    """(current, reference) embedding frames: new items of the window vs the catalogue, or None with a note."""
+    """(new items of the window, catalogue sample) embedding frames, or None with a note saying why."""
     mc = cfg.monitor
     if embeddings is None:
         try:
@@ -408,7 +433,7 @@ def _content_frames(cfg: Settings, dataset: str, w: Windows, items: pd.DataFrame
     if emb.ndim != 2 or len(ids) != len(emb):
         raise ValueError(f"content embeddings of {dataset!r}: {len(ids)} ids but an array of shape {emb.shape}")
     cur_items = np.unique(w.current[S.ITEM_ID].to_numpy(np.int64))
-    new = cur_items[items[S.IS_COLD_START].reindex(cur_items).fillna(True).to_numpy(bool)]
+    new = cur_items[items[S.IS_COLD_START].reindex(cur_items).astype("boolean").fillna(True).to_numpy(bool)]
     warm = items.index[~items[S.IS_COLD_START].to_numpy(bool)].to_numpy()
     has = pd.Series(np.arange(len(ids)), index=ids)
     new_rows = has.reindex(new).dropna().to_numpy(np.int64)
@@ -426,29 +451,7 @@ def _content_frames(cfg: Settings, dataset: str, w: Windows, items: pd.DataFrame
     if len(ref_rows) > mc.embedding_max_reference:
         ref_rows = rng.choice(ref_rows, mc.embedding_max_reference, replace=False)
     cols = [f"e{i}" for i in range(emb.shape[1])]
-    return (pd.DataFrame(emb[np.sort(new_rows)], columns=cols), pd.DataFrame(emb[np.sort(ref_rows)], columns=cols),
-            cols, len(new))
-
-
-@contextmanager
-def _embedding_plot_points(n: int) -> Iterator[None]:
-    """Cap the points of Evidently's t-SNE picture of the embeddings (2,500 per side by default).
-
-    The picture is only an illustration, yet t-SNE on 5,000 points takes minutes on two cores; the drift
-    score itself is still computed on every sampled item. Evidently 0.7 reads this module constant at
-    call time; it is restored afterwards.
-    """
-    from evidently.legacy.metrics.data_drift import embeddings_drift
-
-    old = getattr(embeddings_drift, "SAMPLE_CONSTANT", None)
-    if old is None or n <= 0:
-        yield
-        return
-    embeddings_drift.SAMPLE_CONSTANT = n
-    try:
-        yield
-    finally:
-        embeddings_drift.SAMPLE_CONSTANT = old
+    return pd.DataFrame(emb[np.sort(new_rows)], columns=cols), pd.DataFrame(emb[np.sort(ref_rows)], columns=cols)
 
 
 def summary_report(values: dict[str, float], limits: dict[str, float]):
@@ -651,13 +654,14 @@ def run(cfg: Settings, dataset: str, current_start: str | None = None, current_e
         # --- content
         frames = _content_frames(cfg, dataset, w, items, embeddings, notes)
         if frames is not None:
-            cur_e, ref_e, cols, n_new = frames
-            with _embedding_plot_points(mc.embedding_plot_points):
-                snap = content_report(mc).run(_dataset(cur_e, {"content": cols}), _dataset(ref_e, {"content": cols}))
+            cur_e, ref_e = frames
+            score = embedding_drift(cur_e, ref_e, mc)
+            pc_cur, pc_ref = principal_components(cur_e.to_numpy(), ref_e.to_numpy(), mc.embedding_report_components)
+            # the score beside the components; the catalogue against itself is 0.5 by definition
+            pc_cur["embedding_drift"], pc_ref["embedding_drift"] = score, 0.5
+            snap = content_report(list(pc_cur.columns[:-1])).run(_dataset(pc_cur), _dataset(pc_ref))
             snapshots["content"] = snap
-            v = _values_of(snap)
-            name = next(k for k in v if k.startswith("EmbeddingsDrift"))
-            values[f"{S.SLICE_COLD_START}.embedding_drift"] = float(v[name])
+            values[f"{S.SLICE_COLD_START}.embedding_drift"] = score
             values[f"{S.SLICE_COLD_START}.items_encoded"] = float(len(cur_e))
 
     # --- recommendation behaviour from the newest evaluation
@@ -748,9 +752,11 @@ def index_html(result: dict[str, Any]) -> str:
                     f"<td>{_fmt(prev[key]) if key in prev else ''}</td><td>{e(lim)}</td></tr>")
     alerts = "".join(f"<li>{e(a['message'])}</li>" for a in result["alerts"]) or "<li>none</li>"
     notes = "".join(f"<li>{e(n)}</li>" for n in result["notes"]) or "<li>none</li>"
+    # The summary section is the table above (plus Evidently's tests); the others are embedded.
     sections = "".join(
         f"<h2>{e(name)}</h2><p><a href='{e(name)}.html'>open {e(name)}.html</a></p>"
-        f"<iframe src='{e(name)}.html' title='{e(name)}' loading='lazy'></iframe>"
+        + (f"<iframe src='{e(name)}.html' title='{e(name)}' loading='lazy'></iframe>" if name != SUMMARY_TAG else
+           "<p>Evidently's view of the values above, with each threshold as a test.</p>")
         for name in result["sections"])
     win = result["window"]
     return f"""<!doctype html>

@@ -139,7 +139,9 @@ class RunArgs:
         if end is None:
             dr = context.get("dag_run")
             end = getattr(dr, "run_after", None) or getattr(dr, "logical_date", None)
-        return cls.from_params(cfg, context.get("params") or {}, start, end)
+        a = cls.from_params(cfg, context.get("params") or {}, start, end)
+        dag_id = getattr(context.get("ti"), "dag_id", None) or getattr(context.get("dag"), "dag_id", None)
+        return replace(a, mode=INGEST) if dag_id == ITEM_DAG else a
 
 
 def _opt(value: Any, kind: Callable[[Any], Any]) -> Any:
@@ -509,7 +511,8 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
     inputs = _train_inputs(cfg, a)
     done = recorded(cfg, a, "train", inputs)
     if done and Path(done["run_dir"]).exists():
-        return {**done, "reused": True}  # same interval, same inputs: the model is already trained
+        # Same interval, same inputs: the model is already trained (recorded again so the summary says so).
+        return record(cfg, a, "train", {**done, "reused": True, "trained_because": None}, inputs)
     why = _changed(cfg, a, "train", inputs)
     if _embedding_version(cfg, a.dataset) is None and p.model != "sasrec":
         raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
@@ -643,6 +646,7 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     from learn_tasks import index
 
     serving = (gate or {}).get("serving")
+    _quiet_grpc_noise()
     try:
         res = index.run(cfg, a.dataset, run_dir=serving)
     finally:
@@ -650,6 +654,20 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     keep = ("collection", "alias", "rows", "version", "dim", "index_type", "index_recall_at_10", "reused",
             "previous", "dropped", "run_dir", "uri_kind")
     return record(cfg, a, "milvus", {k: res.get(k) for k in keep})
+
+
+class _UnimplementedRpcFilter(logging.Filter):
+    """Drop grpc's "Method not implemented" tracebacks: pymilvus probes an RPC (AllocTimestamp) that
+    Milvus Lite does not offer and carries on; the traceback would read like a failure in a good run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+def _quiet_grpc_noise() -> None:
+    logger = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _UnimplementedRpcFilter) for f in logger.filters):
+        logger.addFilter(_UnimplementedRpcFilter())
 
 
 def run_monitor(cfg: Settings, a: RunArgs) -> dict[str, Any]:
@@ -721,19 +739,28 @@ def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
                                          else "no valid new items"})
     from learn_tasks.serve import ModelBundle
 
-    items = data.load_items(cfg, a.dataset).set_index(S.ITEM_ID).reindex(ids)
     bundle = ModelBundle.load(cfg, a.dataset, serving)
-    vectors = bundle.item_vectors(ids)
-    stats = index.item_statistics(cfg, a.dataset, ids)
-    rows = index.ItemRows(item_ids=ids, vectors=vectors, popularity=stats[S.POPULARITY].to_numpy(),
-                          first_seen=stats[S.FIRST_SEEN].to_numpy(), is_cold_start=stats[S.IS_COLD_START].to_numpy(),
-                          is_long_tail=stats[S.IS_LONG_TAIL].to_numpy(),
+    # An item whose text was quarantined by the encoder has no content embedding: it cannot be indexed.
+    usable = np.array([bundle.knows(i) or not bundle.uses_content for i in ids], bool)
+    skipped = ids[~usable].tolist()
+    ids = ids[usable]
+    items = data.load_items(cfg, a.dataset).set_index(S.ITEM_ID).reindex(ids)
+    # Same columns as a full load (index.run): the model's own popularity and slice flags (new items
+    # are cold-start for it), first_seen from the feature table.
+    stats = bundle.stats.reindex(ids)
+    rows = index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
+                          popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+                          first_seen=index.first_seen(cfg, a.dataset, ids),
+                          is_cold_start=stats[S.IS_COLD_START].fillna(True).astype(bool).to_numpy(),
+                          is_long_tail=stats[S.IS_LONG_TAIL].fillna(False).astype(bool).to_numpy(),
                           titles=items[S.TITLE].tolist() if S.TITLE in items else None)
+    _quiet_grpc_noise()
     try:
         res = index.upsert(cfg, a.dataset, rows)
     finally:
         index.close(cfg)
-    return record(cfg, a, "upsert", {**res, "serving": str(serving), "item_ids": ids[:50].tolist()})
+    return record(cfg, a, "upsert", {**res, "serving": str(serving), "item_ids": ids[:50].tolist(),
+                                     "skipped_no_content": skipped[:50]})
 
 
 # ==================================================================================================

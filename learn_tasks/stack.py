@@ -170,12 +170,25 @@ def members(rec: dict[str, Any]) -> list[psutil.Process]:
     return list(found.values())
 
 
+def private_run_dir(cfg: Settings) -> Path:
+    """``run/``, readable by its owner only: logs hold secrets (Airflow prints the generated password)."""
+    path = run_dir(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def open_log(path: Path):
+    """Append to a log file that only its owner can read."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
 def spawn(cfg: Settings, name: str, argv: Sequence[str], env: dict[str, str], url: str | None = None,
           cwd: str | Path | None = None) -> dict[str, Any]:
     """Start ``argv`` in a new session (its own process group), log to ``run/<name>.log``, write its pid file."""
-    run_dir(cfg).mkdir(parents=True, exist_ok=True)
+    private_run_dir(cfg)
     log_path = log_file(cfg, name)
-    with open(log_path, "ab") as out:
+    with open_log(log_path) as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} learn up: {' '.join(argv)}\n".encode())
         out.flush()
         # A new session: the process outlives `learn up`, ignores its terminal's ^C, and its group
@@ -347,9 +360,9 @@ def migrate_airflow_db(cfg: Settings, env: dict[str, str], timeout_s: float = 60
     version = _airflow_version()
     if (ahome / "airflow.db").exists() and stamp.exists() and stamp.read_text().strip() == version:
         return False
+    private_run_dir(cfg)
     log_path = log_file(cfg, "airflow-db-migrate")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
+    with open_log(log_path) as out:
         done = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env,
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout_s)
     if done.returncode != 0:
@@ -370,7 +383,7 @@ def api_token(cfg: Settings) -> tuple[str, str]:
         return os.environ[env_name], f"${env_name}"
     path = token_file(cfg)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_run_dir(cfg)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(24) + "\n")
@@ -432,8 +445,7 @@ def component_running(cfg: Settings, name: str) -> bool:
 @contextlib.contextmanager
 def _lock(cfg: Settings) -> Iterator[None]:
     """One `learn up` / `learn down` at a time per LEARN_HOME."""
-    run_dir(cfg).mkdir(parents=True, exist_ok=True)
-    with open(run_dir(cfg) / "stack.lock", "w") as fh:
+    with open(private_run_dir(cfg) / "stack.lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -485,6 +497,15 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
         _check_port(st.airflow_host, st.airflow_port, "airflow", "stack.airflow_port")
         aenv = airflow_env(cfg, env)
         migrate_airflow_db(cfg, aenv, timeout_s=max(cfg.stack.wait_s, 120.0))
+        # The api-server writes the generated admin password into this file; create it empty and private
+        # first, so the password is never readable by others, not even for a moment.
+        pw = airflow_password_file(cfg)
+        if not pw.exists():
+            pw.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            with contextlib.suppress(OSError):
+                pw.chmod(0o600)
         started = []
         for proc_name, argv in airflow_commands(cfg).items():
             spawn(cfg, proc_name, argv, aenv, url=u["airflow"] if proc_name == "airflow-api-server" else None)
@@ -570,9 +591,6 @@ def up(cfg: Settings, dataset: str | None = None, only: Sequence[str] | None = N
             for p in reversed(started):  # leave nothing half-started behind
                 _stop_name(cfg, p)
             raise
-    if "airflow" in names:
-        with contextlib.suppress(OSError):
-            airflow_password_file(cfg).chmod(0o600)
     u = urls(cfg)
     if "milvus" in names:
         from learn_tasks import milvus_server

@@ -635,6 +635,9 @@ def run(
             catalogue = data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy()
         except FileNotFoundError:
             catalogue = np.array([], dtype=np.int64)
+    # The key names the checked source too, so checking another batch does not replace this one's files.
+    source = "prepared" if input is None else re.sub(r"[^A-Za-z0-9_.-]", "-", Path(input).stem)
+    key = key or f"{run_key(dataset, start, end)}_{source}"
     return validate_tables(cfg, dataset, inter, items, catalogue_ids=catalogue, start=start, end=end,
                            key=key).summary
 

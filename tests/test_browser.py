@@ -16,6 +16,7 @@ runs because the driver path is given. Each test saves a screenshot under ``$LEA
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
@@ -144,19 +146,32 @@ def _password(local_stack) -> str:
     return json.loads(stack.airflow_password_file(local_stack["cfg"]).read_text())["admin"]
 
 
-def _airflow_api(local_stack, path: str, body: dict | None = None) -> Any:
+def _airflow_api(local_stack, path: str, body: dict | None = None, tries: int = 5) -> Any:
+    """GET (or POST ``body``) on Airflow's REST API. The api-server runs one worker on a busy machine and
+    also serves the tasks' execution API, so a slow answer is retried rather than failed."""
     base = local_stack["urls"]["airflow"]
+
+    def call(req: urllib.request.Request) -> Any:
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    return json.load(resp)
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == tries - 1:
+                    raise
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
+                if attempt == tries - 1:
+                    raise
+            time.sleep(5)
+
     if "token" not in local_stack:
-        req = urllib.request.Request(f"{base}/auth/token", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"username": "admin", "password": _password(local_stack)}).encode())
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            local_stack["token"] = json.load(resp)["access_token"]
-    req = urllib.request.Request(base + path, method="POST" if body is not None else "GET",
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {local_stack['token']}",
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.load(resp)
+        login = json.dumps({"username": "admin", "password": _password(local_stack)}).encode()
+        local_stack["token"] = call(urllib.request.Request(f"{base}/auth/token", data=login, method="POST",
+                                                           headers={"Content-Type": "application/json"}))["access_token"]
+    return call(urllib.request.Request(base + path, method="POST" if body is not None else "GET",
+                                       data=json.dumps(body).encode() if body is not None else None,
+                                       headers={"Authorization": f"Bearer {local_stack['token']}",
+                                                "Content-Type": "application/json"}))
 
 
 def _wait_for_run(local_stack, run_id: str) -> dict[str, Any]:
@@ -219,14 +234,28 @@ def test_trigger_learn_pipeline_in_the_airflow_ui(local_stack, browser, capsys) 
     deadline = time.monotonic() + 240
     while True:
         try:
-            wait(d, 20, EC.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"))).click()
+            wait(d, 20, EC.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]")))
             break
         except TimeoutException:
             assert time.monotonic() < deadline, "the learn_pipeline DAG never appeared in the Airflow UI"
             d.get(f"{base}/dags/learn_pipeline")
+    # The DAG's documentation (its module docstring) is rendered in the UI.
+    doc = ast.get_docstring(ast.parse((REPO / "dags" / "learn_pipeline.py").read_text()))
+    heading = next(line for line in doc.splitlines() if line.strip()).lstrip("# ").strip()
+    d.find_element(By.CSS_SELECTOR, "[data-testid=markdown-button]").click()
+    wait(d, 30, lambda d: heading in d.find_element(By.TAG_NAME, "body").text, "the DAG docs are not rendered")
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait(d, 30, lambda d: heading not in " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog]")),
+         "the DAG docs did not close")
+    wait(d, 30, EC.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"))).click()
 
-    # The trigger form is generated from the DAG's Param schemas: fill in a small run.
+    # The trigger form is generated from the DAG's Param schemas: every field explains itself.
     dataset = wait(d, 60, EC.visibility_of_element_located((By.NAME, "element_dataset")))
+    for name in ("dataset", "window_days", "epochs", "budget_s"):
+        field = d.find_element(By.NAME, f"element_{name}")
+        helper = d.find_element(By.ID, field.get_attribute("aria-describedby"))
+        assert len(helper.text) > 20, f"param {name} has no description in the trigger form"
+    # Fill in a small run.
     dataset.send_keys(RUN_PARAMS["dataset"])
     mode = d.find_element(By.XPATH, "//input[@type='hidden' and @name='element_mode']"
                                     "/ancestor::*[.//input[@role='combobox']][1]//input[@role='combobox']")
@@ -271,8 +300,10 @@ def test_explorer_recommends_and_takes_a_new_item(local_stack, browser, capsys) 
     assert history, "the user's history is empty"
     assert "personalized" in d.find_element(By.ID, "strategy").text
     rows = d.find_elements(By.CSS_SELECTOR, "#recs tbody tr")
+    assert len(rows) == int(d.find_element(By.ID, "k-select").get_attribute("value"))
     scores = [float(r.find_elements(By.TAG_NAME, "td")[3].text) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(r.find_elements(By.TAG_NAME, "td")[1].text for r in rows)
+    screenshot(d, local_stack, "explorer-1-user", capsys)
 
     # Look deep into the ranking, then add an item in the user's taste and find it there.
     status = json.load(urllib.request.urlopen(local_stack["urls"]["service"] + "/explorer/api/status", timeout=30))
@@ -293,8 +324,10 @@ def test_explorer_recommends_and_takes_a_new_item(local_stack, browser, capsys) 
     assert row.find_elements(By.TAG_NAME, "td")[1].text == title
     badges = [b.text for b in row.find_elements(By.CSS_SELECTOR, ".badge")]
     assert "new" in badges and "cold-start" in badges, badges
+    d.execute_script("arguments[0].scrollIntoView({block: 'end'});", d.find_element(By.ID, "new-item-rank"))
+    screenshot(d, local_stack, "explorer-2-item-added", capsys)
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", row)
-    screenshot(d, local_stack, "explorer-new-item", capsys)
+    screenshot(d, local_stack, "explorer-3-new-item-in-ranking", capsys)
 
 
 def test_evidently_dashboard_shows_the_slice_panels(local_stack, browser, capsys) -> None:

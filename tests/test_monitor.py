@@ -270,13 +270,13 @@ def test_quality_drop_between_runs_and_rerun_replaces_snapshots(home: Path) -> N
             "coverage": {"coverage@10": 0.3, "cold_start_share@10": 0.05, "long_tail_share@10": 0.1},
             "meta": {"dataset": name, "stage": "test", "model": "learn", "created": "2024-01-01T00:00:00"}}
     write_json(base, path)
-    first = monitor.run(cfg, name, embeddings=_synth_embeddings(), run_id="day1")
+    first = monitor.run(cfg, name, run_id="day1")
     assert first["alerts"] == [] and first["values"]["cold_start.recall@10"] == 0.08
     worse = json.loads(json.dumps(base))
     worse["cold_start"]["recall@10"] = 0.02
     worse["meta"]["created"] = "2024-01-02T00:00:00"
     write_json(worse, path)
-    second = monitor.run(cfg, name, embeddings=_synth_embeddings(), run_id="day2")
+    second = monitor.run(cfg, name, run_id="day2")
     assert _kinds(second) == {("cold_start", "recall@10")}
     alert = second["alerts"][0]
     assert alert["value"] == 0.02 and alert["threshold"] == pytest.approx(0.04)
@@ -287,7 +287,7 @@ def test_quality_drop_between_runs_and_rerun_replaces_snapshots(home: Path) -> N
     ws = Workspace(str(home / "evidently"))
     pid = second["project_id"]
     n = len(ws.list_runs(pid))
-    again = monitor.run(cfg, name, embeddings=_synth_embeddings(), run_id="day2")
+    again = monitor.run(cfg, name, run_id="day2")
     assert len(ws.list_runs(pid)) == n
     assert set(map(str, ws.list_runs(pid))) >= set(again["snapshots"])
     assert sorted(read_json(monitor.history_path(cfg, name))["runs"]) == ["day1", "day2"]
@@ -383,7 +383,7 @@ def test_dag_run_fails_on_alert_and_succeeds_without(home: Path, monkeypatch: py
     _prepare(cfg, home.parent, "synth")
     _prepare(cfg, home.parent, "collapse", collapse)
     monkeypatch.setenv("LEARN_MONITOR__EVAL_MODEL", "")
-    pipeline.configure_airflow(cfg)
+    pipeline.configure_airflow(cfg.paths.airflow())
     dag = pipeline.load_dag("learn_monitoring")
     ok = dag.test(run_conf={"dataset": "synth", "window": "split", "fail_on_alert": True})
     assert str(ok.state).endswith("success")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -131,6 +132,9 @@ def test_up_is_idempotent_and_down_stops_everything_it_started(tmp_path: Path) -
         assert stack.http_json(urls["evidently"] + "/api/version")[0] == 200
         recs = {n: json.loads(stack.pid_file(cfg, n).read_text()) for n in ("milvus", "service", "evidently")}
         pids = {n: r["pid"] for n, r in recs.items()}
+        # Logs can hold secrets: run/ and its logs are private.
+        assert stat.S_IMODE(stack.run_dir(cfg).stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(stack.log_file(cfg, n).stat().st_mode) == 0o600 for n in ("service", "evidently"))
 
         again = _cli(["up", "--only", "service,evidently", "--dataset", "synth", "--json"], env)
         assert again.returncode == 0 and "already running" in again.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -235,3 +236,32 @@ def test_registry_latest_and_promotion(settings, synth_dataset):
     assert registry.promoted(settings, synth_dataset) == run
     with pytest.raises(ValueError, match="not a complete run"):
         registry.promote(settings, synth_dataset, run.parent / "nope")
+
+
+def test_cold_items_take_the_unknown_embedding_path_at_inference(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    res = train.run(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    split = data.load_split(settings, synth_dataset, "temporal")
+    scorer = evaluate.make_scorer(settings, synth_dataset, "temporal", "learn_hybrid", split,
+                                  run_dir=Path(res["run_dir"]), embeddings=emb)
+    cat = scorer.cat
+    cold = np.flatnonzero(cat.popularity == 0)
+    assert len(cold) and (cat.item_idx[cold] == 0).all() and (cat.item_idx[cat.popularity > 0] > 0).all()
+    model, _ = load_checkpoint(res["run_dir"])
+    cases = evaluate.build_cases(split, cat, "temporal", S.TEST)
+    _, items = evaluate.model_vectors(model, cat, cases)
+    with torch.no_grad():
+        content_only = model.encode_items(torch.as_tensor(cat.content[cold]), None).numpy()
+    np.testing.assert_allclose(items[cold], content_only, atol=1e-5)
+
+
+def test_users_with_one_training_event_are_not_sequences():
+    t0 = pd.Timestamp("2024-01-01", tz="UTC")
+    df = pd.DataFrame({S.USER_ID: [1, 1, 1, 2, 3, 3], S.ITEM_ID: [10, 11, 12, 10, 12, 10],
+                       S.EVENT_TIMESTAMP: [t0 + pd.Timedelta(days=d) for d in (2, 0, 1, 0, 0, 1)]})
+    ids = np.array([10, 11, 12])
+    cat = evaluate.Catalogue(ids, None, np.arange(1, 4), np.ones(3, np.int64))
+    seqs, skipped = train.build_sequences(df, cat)
+    assert skipped == 1 and seqs.user_ids.tolist() == [1, 3]
+    assert ids[seqs.seq(0)].tolist() == [11, 12, 10]  # time order
+    assert ids[seqs.seq(1)].tolist() == [12, 10]
