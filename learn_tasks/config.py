@@ -156,6 +156,8 @@ class ServeConfig(_Section):
                                "step with every upsert; milvus = a Milvus search per request")
     token_env: str = Field("LEARN_API_TOKEN", description="environment variable holding the write token")
     threads: int = Field(1, description="torch threads for the user tower (1 keeps tail latency flat)")
+    replica_refresh_s: float = Field(30.0, description="replica: reload it when the collection's row count "
+                                                       "changed (items upserted by other processes); 0 = never")
 
 
 class ValidateConfig(_Section):
@@ -197,6 +199,8 @@ class MonitorConfig(_Section):
         None, description="alert when long-tail items hold less than this share of the top-K recommendations")
     exposure_k: int = Field(10, ge=1, description="K of the exposure and coverage series")
     min_current_events: int | None = Field(1, description="alert when the current window has fewer events")
+    min_rows: int = Field(30, ge=1, description="fewest events / users / warm-item events behind a share or "
+                                               "drift alert (smaller windows are reported, not alerted on)")
     # --- sizes (samples keep a run within seconds to a minute on two cores)
     max_reference_rows: int = Field(200_000, ge=0, description="training events sampled for drift (0 = all)")
     embedding_max_reference: int = Field(2000, ge=1, description="catalogue items sampled for embedding drift")

@@ -575,7 +575,7 @@ def _quantize_int8(model: "torch.nn.Module") -> "torch.nn.Module":
         raise EncodeError("encode.quantize=int8: no attention Linear layers found in this model")
     with warnings.catch_warnings():  # torch.ao dynamic quantisation is deprecated but still the CPU int8 path
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, spec, dtype=torch.qint8)
+        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
 def load_encoder(cfg: Settings) -> Encoder:

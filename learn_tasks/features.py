@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -51,7 +51,6 @@ log = logging.getLogger("learn.features")
 FEATURE_REPO = REPO_ROOT / "feature_repo"
 DEFINITION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")  # import order
 USER_RECENT_VIEW, USER_ACTIVITY_VIEW, ITEM_STATS_VIEW = "user_recent_items", "user_activity", "item_stats"
-USER_RECENT_PUSH, USER_ACTIVITY_PUSH = "user_recent_push", "user_activity_push"
 ITEM_STATS_SERVICE = "item_stats_v1"
 TABLES = {USER_RECENT_VIEW: "user_recent", USER_ACTIVITY_VIEW: "user_activity", ITEM_STATS_VIEW: "item_stats"}
 _ENV = {"LEARN_FEAST_PROJECT", "LEARN_FEATURES__REDIS_URL", "LEARN_FEATURES__REGISTRY_URL"}
@@ -267,7 +266,7 @@ def repo_config(cfg: Settings, dataset: str, write: bool = True):
     return conf
 
 
-_store_lock = threading.Lock()
+_definitions_lock = threading.Lock()
 
 
 def get_store(cfg: Settings, dataset: str) -> "FeatureStore":
@@ -292,7 +291,7 @@ def load_definitions(repo: Path = FEATURE_REPO) -> dict[str, list]:
     found: dict[str, list] = {"entities": [], "data_sources": [], "feature_views": [], "feature_services": []}
     kinds = (("entities", Entity), ("feature_views", FeatureView), ("feature_services", FeatureService),
              ("data_sources", DataSource))
-    with _store_lock:
+    with _definitions_lock:
         saved_path = list(sys.path)
         saved_modules = {name: sys.modules.pop(name) for name in DEFINITION_MODULES if name in sys.modules}
         sys.path.insert(0, str(repo))
@@ -581,7 +580,3 @@ def training_examples(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LO
     out = historical_features(cfg, dataset, query, store=store)
     out = out.drop(columns=[S.EVENT_TIMESTAMP]).rename(columns={"target_timestamp": S.EVENT_TIMESTAMP})
     return out.sort_values([S.USER_ID, S.EVENT_TIMESTAMP], kind="stable").reset_index(drop=True)
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)

@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -532,8 +532,8 @@ def run(cfg: Settings, dataset: str, run_dir: str | Path | None = None, swap: bo
     rows = ItemRows(item_ids=item_ids, vectors=bundle.item_vectors(item_ids),
                     popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
                     first_seen=first_seen(cfg, dataset, item_ids),
-                    is_cold_start=stats[S.IS_COLD_START].fillna(True).astype(bool).to_numpy(),
-                    is_long_tail=stats[S.IS_LONG_TAIL].fillna(False).astype(bool).to_numpy(), titles=titles)
+                    is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+                    is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool), titles=titles)
     # Recall is checked on the queries the index will really get: user embeddings of sampled users.
     inter = data.load_interactions(cfg, dataset)
     queries = bundle.sample_user_vectors(inter, cfg.index.recall_queries, seed=cfg.train.seed)

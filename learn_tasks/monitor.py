@@ -285,7 +285,10 @@ def latest_eval(cfg: Settings, dataset: str) -> tuple[Path | None, dict[str, Any
         except (OSError, ValueError) as exc:
             log.warning("skipping unreadable evaluation %s: %s", path, exc)
             continue
-        meta = m.get("meta", {}) if isinstance(m, dict) else {}
+        if not isinstance(m, dict):
+            log.warning("skipping evaluation %s: not a JSON object", path)
+            continue
+        meta = m.get("meta") or {}
         if meta.get("stage", S.TEST) != S.TEST or (want and meta.get("model") != want):
             continue
         found.append((str(meta.get("created", "")), path, m))
@@ -293,7 +296,7 @@ def latest_eval(cfg: Settings, dataset: str) -> tuple[Path | None, dict[str, Any
         which = f"model {want!r}" if want else "any model"
         return None, None, (f"no evaluation of {which} for dataset {dataset!r} under {root}; recommendation "
                             f"metrics are left out (run `learn evaluate --dataset {dataset}`)")
-    created, path, m = max(found, key=lambda t: (t[0], t[1].stat().st_mtime))
+    _, path, m = max(found, key=lambda t: (t[0], t[1].stat().st_mtime))
     return path, m, None
 
 
@@ -352,34 +355,33 @@ def _values_of(snapshot) -> dict[str, float]:
     return out
 
 
-def interactions_report(mc: MonitorConfig):
+def interactions_report(mc: MonitorConfig, warm: bool = True, drift: bool = True):
+    """Event shares per slice; with ``warm`` the long-tail / head shares, with ``drift`` popularity drift."""
     from evidently import Report
     from evidently.metrics import MeanValue, QuantileValue, RowCount, ValueDrift
 
-    return Report([
-        RowCount(),
-        MeanValue(column="is_cold_start"),
-        MeanValue(column="is_long_tail"),
-        MeanValue(column="is_head"),
-        ValueDrift(column="log_popularity", method="wasserstein", threshold=mc.popularity_drift_max),
-        QuantileValue(column="log_popularity", quantile=0.5),
-        QuantileValue(column="log_popularity", quantile=0.9),
-    ])
+    metrics = [RowCount(), MeanValue(column="is_cold_start")]
+    if warm:
+        metrics += [MeanValue(column="is_long_tail"), MeanValue(column="is_head"),
+                    QuantileValue(column="log_popularity", quantile=0.5),
+                    QuantileValue(column="log_popularity", quantile=0.9)]
+    if warm and drift:
+        metrics.append(ValueDrift(column="log_popularity", method="wasserstein", threshold=mc.popularity_drift_max))
+    return Report(metrics)
 
 
-def users_report(mc: MonitorConfig):
+def users_report(mc: MonitorConfig, drift: bool = True):
+    """New / cold user shares and activity; with ``drift`` its drift against the training window's end."""
     from evidently import Report
     from evidently.metrics import MeanValue, QuantileValue, RowCount, ValueDrift
 
-    return Report([
-        RowCount(),
-        MeanValue(column="is_new_user"),
-        MeanValue(column="is_cold_user"),
-        ValueDrift(column="events_in_window", method="wasserstein", threshold=mc.activity_drift_max),
-        ValueDrift(column="sequence_length", method="wasserstein", threshold=mc.sequence_length_drift_max),
-        MeanValue(column="events_in_window"),
-        QuantileValue(column="sequence_length", quantile=0.5),
-    ])
+    metrics = [RowCount(), MeanValue(column="is_new_user"), MeanValue(column="is_cold_user"),
+               MeanValue(column="events_in_window"), QuantileValue(column="sequence_length", quantile=0.5)]
+    if drift:
+        metrics += [
+            ValueDrift(column="events_in_window", method="wasserstein", threshold=mc.activity_drift_max),
+            ValueDrift(column="sequence_length", method="wasserstein", threshold=mc.sequence_length_drift_max)]
+    return Report(metrics)
 
 
 def embedding_drift(cur: pd.DataFrame, ref: pd.DataFrame, mc: MonitorConfig) -> float:
@@ -573,6 +575,53 @@ def previous_values(history: dict[str, Any], run_id: str) -> dict[str, float]:
 
 
 # ==================================================================================================
+# Sections of a run
+# ==================================================================================================
+def _interactions_section(w: Windows, items: pd.DataFrame, mc: MonitorConfig, evaluate_section,
+                          values: dict[str, float], thin: set[str]) -> None:
+    cur = event_frame(w.current, items)
+    ref = event_frame(_sample(w.reference, mc.max_reference_rows, mc.seed), items)
+    n_warm = int(cur["log_popularity"].notna().sum())
+    v = evaluate_section("interactions", interactions_report(mc, warm=n_warm > 0, drift=n_warm >= mc.min_rows),
+                         cur, ref)
+    values[f"{S.SLICE_COLD_START}.event_share"] = float(v["MeanValue(column=is_cold_start)"])
+    cold_items = w.current.loc[cur["is_cold_start"].to_numpy(bool), S.ITEM_ID]
+    values[f"{S.SLICE_COLD_START}.items"] = float(cold_items.nunique())
+    for key, name in ((f"{S.SLICE_LONG_TAIL}.event_share", "MeanValue(column=is_long_tail)"),
+                      (f"{S.SLICE_HEAD}.event_share", "MeanValue(column=is_head)"),
+                      (f"{S.SLICE_ALL}.popularity_drift", _drift_name(v, "log_popularity"))):
+        if name is not None and _finite(v.get(name)):
+            values[key] = float(v[name])
+    if len(cur) < mc.min_rows:
+        thin.add(f"{S.SLICE_COLD_START}.event_share")
+    if n_warm < mc.min_rows:
+        thin.update({f"{S.SLICE_LONG_TAIL}.event_share", f"{S.SLICE_ALL}.popularity_drift"})
+
+
+def _users_section(w: Windows, cfg: Settings, evaluate_section, values: dict[str, float], thin: set[str],
+                   notes: list[str]) -> int:
+    mc, cum = cfg.monitor, cfg.evaluate.cold_user_max_events
+    cur = user_frame(w.current, w.history, w.reference[S.USER_ID].unique(), cum, w.reference)
+    before = w.reference[w.reference[S.EVENT_TIMESTAMP] < w.recent_start]
+    ref = user_frame(w.recent, w.reference, before[S.USER_ID].unique(), cum, before)
+    if ref.empty:
+        notes.append("users: no training events in the stretch before the cut-off; activity drift left out")
+    v = evaluate_section("users", users_report(mc, drift=len(cur) >= mc.min_rows and not ref.empty), cur,
+                         cur if ref.empty else ref)
+    values[f"{SLICE_NEW_USERS}.user_share"] = float(v["MeanValue(column=is_new_user)"])
+    values[f"{S.SLICE_COLD_USERS}.user_share"] = float(v["MeanValue(column=is_cold_user)"])
+    values[f"{S.SLICE_ALL}.events_per_user"] = float(v["MeanValue(column=events_in_window)"])
+    values[f"{S.SLICE_ALL}.sequence_length_p50"] = float(v["QuantileValue(column=sequence_length,quantile=0.5)"])
+    for col, key in (("events_in_window", "events_per_user_drift"), ("sequence_length", "sequence_length_drift")):
+        name = _drift_name(v, col)
+        if name is not None:
+            values[f"{S.SLICE_ALL}.{key}"] = float(v[name])
+    if len(cur) < mc.min_rows:
+        thin.add(f"{SLICE_NEW_USERS}.user_share")
+    return len(cur)
+
+
+# ==================================================================================================
 # Entry point
 # ==================================================================================================
 def run(cfg: Settings, dataset: str, current_start: str | None = None, current_end: str | None = None, *,
@@ -603,55 +652,34 @@ def run(cfg: Settings, dataset: str, current_start: str | None = None, current_e
 
     split = data.load_split(cfg, dataset, S.PROTOCOL_TEMPORAL)
     w = windows(split, current_start, current_end)
+    if w.reference.empty:
+        raise ValueError(f"dataset {dataset!r}: no training events before {w.start}; nothing to compare with")
     all_items = np.union1d(data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy(np.int64),
                            split[S.ITEM_ID].to_numpy(np.int64))
     items = item_table(w.reference, all_items, cfg.evaluate.tail_share)
+    # Every snapshot of a run carries the same time, metadata and run name; its tag names the section.
+    stamp = now.replace(tzinfo=None)  # the workspace compares naive UTC timestamps
+    meta = {"dataset": dataset, "run_id": run_id, "run_date": run_date,
+            "window": f"{w.start.isoformat()}/{w.end.isoformat()}"}
+
+    def evaluate_section(section: str, report, cur: pd.DataFrame, ref: pd.DataFrame | None):
+        snapshots[section] = report.run(_dataset(cur), None if ref is None else _dataset(ref), timestamp=stamp,
+                                        tags=[section], metadata=dict(meta), name=f"{dataset} {section} {run_id}")
+        return _values_of(snapshots[section])
+
     values: dict[str, float] = {f"{S.SLICE_ALL}.events": float(len(w.current))}
+    thin: set[str] = set()  # values measured on too few rows to alert on
     snapshots: dict[str, Any] = {}
-    if w.reference.empty:
-        raise ValueError(f"dataset {dataset!r}: no training events before {w.start}; nothing to compare with")
     if w.current.empty:
         notes.append(f"no events in the current window [{w.start}, {w.end})")
     else:
         values[f"{S.SLICE_ALL}.users"] = float(w.current[S.USER_ID].nunique())
         values[f"{S.SLICE_ALL}.items"] = float(w.current[S.ITEM_ID].nunique())
-        # --- interactions
-        cur_ev = event_frame(w.current, items)
-        ref_ev = event_frame(_sample(w.reference, mc.max_reference_rows, mc.seed), items)
-        snap = interactions_report(mc).run(_dataset(cur_ev), _dataset(ref_ev))
-        snapshots["interactions"] = snap
-        v = _values_of(snap)
-        values[f"{S.SLICE_COLD_START}.event_share"] = v["MeanValue(column=is_cold_start)"]
-        values[f"{S.SLICE_COLD_START}.items"] = float(
-            w.current.loc[cur_ev["is_cold_start"].to_numpy(bool), S.ITEM_ID].nunique())
-        for key, name in ((f"{S.SLICE_LONG_TAIL}.event_share", "MeanValue(column=is_long_tail)"),
-                          (f"{S.SLICE_HEAD}.event_share", "MeanValue(column=is_head)"),
-                          (f"{S.SLICE_ALL}.popularity_drift", _drift_name(v, "log_popularity"))):
-            if name is not None and _finite(v.get(name)):
-                values[key] = float(v[name])
-        # --- users
-        known = w.reference[S.USER_ID].unique()
-        cum = cfg.evaluate.cold_user_max_events
-        cur_u = user_frame(w.current, w.history, known, cum, w.reference)
-        rec_hist = w.reference[w.reference[S.EVENT_TIMESTAMP] < w.reference_end]
-        rec_known = w.reference.loc[w.reference[S.EVENT_TIMESTAMP] < w.recent_start, S.USER_ID].unique()
-        ref_u = user_frame(w.recent, rec_hist, rec_known, cum,
-                           w.reference[w.reference[S.EVENT_TIMESTAMP] < w.recent_start])
-        if ref_u.empty:
-            notes.append("users: no training events in the stretch before the cut-off; activity drift left out")
-            ref_u = cur_u
-        snap = users_report(mc).run(_dataset(cur_u), _dataset(ref_u))
-        snapshots["users"] = snap
-        v = _values_of(snap)
-        values[f"{SLICE_NEW_USERS}.user_share"] = float(v["MeanValue(column=is_new_user)"])
-        values[f"{S.SLICE_COLD_USERS}.user_share"] = float(v["MeanValue(column=is_cold_user)"])
-        values[f"{S.SLICE_ALL}.events_per_user"] = float(v["MeanValue(column=events_in_window)"])
-        values[f"{S.SLICE_ALL}.sequence_length_p50"] = float(v["QuantileValue(column=sequence_length,quantile=0.5)"])
-        for col, key in (("events_in_window", "events_per_user_drift"), ("sequence_length", "sequence_length_drift")):
-            name = _drift_name(v, col)
-            if name is not None and ref_u is not cur_u:
-                values[f"{S.SLICE_ALL}.{key}"] = float(v[name])
-        # --- content
+        _interactions_section(w, items, mc, evaluate_section, values, thin)
+        n_users = _users_section(w, cfg, evaluate_section, values, thin, notes)
+        if thin:
+            notes.append(f"only {len(w.current)} event(s) and {n_users} user(s) in the window: no alert on "
+                         f"{', '.join(sorted(thin))} (fewer than monitor.min_rows = {mc.min_rows} behind them)")
         frames = _content_frames(cfg, dataset, w, items, embeddings, notes)
         if frames is not None:
             cur_e, ref_e = frames
@@ -659,8 +687,7 @@ def run(cfg: Settings, dataset: str, current_start: str | None = None, current_e
             pc_cur, pc_ref = principal_components(cur_e.to_numpy(), ref_e.to_numpy(), mc.embedding_report_components)
             # the score beside the components; the catalogue against itself is 0.5 by definition
             pc_cur["embedding_drift"], pc_ref["embedding_drift"] = score, 0.5
-            snap = content_report(list(pc_cur.columns[:-1])).run(_dataset(pc_cur), _dataset(pc_ref))
-            snapshots["content"] = snap
+            evaluate_section("content", content_report(list(pc_cur.columns[:-1])), pc_cur, pc_ref)
             values[f"{S.SLICE_COLD_START}.embedding_drift"] = score
             values[f"{S.SLICE_COLD_START}.items_encoded"] = float(len(cur_e))
 
@@ -676,20 +703,13 @@ def run(cfg: Settings, dataset: str, current_start: str | None = None, current_e
     # --- thresholds, alerts, summary snapshot
     history = load_history(cfg, dataset)
     previous = previous_values(history, run_id)
-    limits = thresholds(mc, previous)
+    limits = {k: t for k, t in thresholds(mc, previous).items() if k.rsplit(".", 1)[0] not in thin}
     alerts = check_thresholds(values, limits, mc, previous)
     values[f"{S.SLICE_ALL}.alerts"] = float(len(alerts))
-    rep, row = summary_report(values, limits)
-    stamp = now.replace(tzinfo=None)  # the workspace compares naive UTC timestamps
-    meta = {"dataset": dataset, "run_id": run_id, "run_date": run_date,
-            "window": f"{w.start.isoformat()}/{w.end.isoformat()}"}
-    summary_snap = rep.run(_dataset(row), None, timestamp=stamp, tags=[SUMMARY_TAG], metadata=meta,
-                           name=f"{dataset} summary {run_id}")
-    for name, snap in snapshots.items():
-        # the section snapshots carry the same time, tags and metadata as the summary
-        snap._timestamp, snap._tags, snap._metadata = stamp, [name], dict(meta)
-        snap.set_name(f"{dataset} {name} {run_id}")
-    snapshots = {SUMMARY_TAG: summary_snap, **snapshots}
+    sections = dict(snapshots)
+    snapshots.clear()
+    evaluate_section(SUMMARY_TAG, *summary_report(values, limits), None)
+    snapshots.update(sections)  # the summary first: it is what the dashboard reads
 
     # --- files
     out = cfg.paths.reports("monitoring") / run_date / dataset
@@ -746,7 +766,8 @@ def index_html(result: dict[str, Any]) -> str:
     limits, values, prev = result["thresholds"], result["values"], result.get("previous") or {}
     rows = []
     for key in sorted(values):
-        lim = " ".join(f"{kind} {_fmt(limits[f'{key}.{kind}'])}" for kind in ("min", "max") if f"{key}.{kind}" in limits)
+        lim = " ".join(f"{kind} {_fmt(limits[f'{key}.{kind}'])}" for kind in ("min", "max")
+                       if f"{key}.{kind}" in limits)
         bad = any(f"{a['slice']}.{a['metric']}" == key for a in result["alerts"])
         rows.append(f"<tr class='{'bad' if bad else ''}'><td>{e(key)}</td><td>{_fmt(values[key])}</td>"
                     f"<td>{_fmt(prev[key]) if key in prev else ''}</td><td>{e(lim)}</td></tr>")
@@ -760,7 +781,8 @@ def index_html(result: dict[str, Any]) -> str:
         for name in result["sections"])
     win = result["window"]
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>learn monitoring: {e(result['dataset'])} {e(result['run_date'])}</title>
+<html lang="en"><head><meta charset="utf-8">
+<title>learn monitoring: {e(result['dataset'])} {e(result['run_date'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}tr.bad td{{background:#fdd}}
 iframe{{width:100%;height:900px;border:1px solid #ccc}}</style></head><body>

@@ -751,8 +751,8 @@ def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     rows = index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
                           popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
                           first_seen=index.first_seen(cfg, a.dataset, ids),
-                          is_cold_start=stats[S.IS_COLD_START].fillna(True).astype(bool).to_numpy(),
-                          is_long_tail=stats[S.IS_LONG_TAIL].fillna(False).astype(bool).to_numpy(),
+                          is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+                          is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool),
                           titles=items[S.TITLE].tolist() if S.TITLE in items else None)
     _quiet_grpc_noise()
     try:
@@ -928,7 +928,23 @@ def task_call(stage: str, *args: Any) -> Any:
 
 def _progress(msg: str) -> None:
     if os.environ.get("LEARN_PROGRESS"):  # set by `learn run`: one line per stage on the terminal
+        _stage_logs_to_terminal()
         print(f"[learn run] {datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def _stage_logs_to_terminal() -> None:
+    """`learn run` keeps Airflow's own logs at WARNING; the stages' INFO lines (encode parts, training
+    epochs, gate decision) still reach the terminal through one handler on the ``learn`` logger."""
+    for name in ("learn", "learn_tasks"):  # stage loggers are learn.<stage> or the module name
+        logger = logging.getLogger(name)
+        if any(getattr(h, "_learn_run", False) for h in logger.handlers):
+            continue
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[learn run]   %(name)s: %(message)s"))
+        handler._learn_run = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # not twice through Airflow's handlers
 
 
 def on_task_failure(context: Mapping[str, Any]) -> None:

@@ -235,6 +235,8 @@ def stop_records(recs: Sequence[dict[str, Any]], grace_s: float = 30.0) -> bool:
                 proc.send_signal(sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and live():
+            if sig == signal.SIGTERM and targets is leaders and not any(_running(p) for p in leaders):
+                break  # the recorded processes are gone but left something behind: on to the next step
             time.sleep(0.2)
         if not live():
             break

@@ -304,6 +304,16 @@ def test_missing_evaluation_and_embeddings_are_notes(home: Path) -> None:
     assert "cold_start.embedding_drift" not in res["values"] and "all.recall@10" not in res["values"]
 
 
+def test_thin_and_empty_windows_are_reported_not_alerted(home: Path) -> None:
+    cfg = _settings(home)
+    name = _prepare(cfg, home.parent, "synth")
+    small = monitor.run(cfg, name, "2020-12-20T05:00:00", "2020-12-20T06:00:00")  # one event
+    assert small["values"]["all.events"] >= 1 and small["alerts"] == []
+    assert any("monitor.min_rows" in n for n in small["notes"])
+    empty = monitor.run(cfg, name, "2022-01-01", "2022-01-02")
+    assert _kinds(empty) == {("all", "events")} and Path(empty["report"]).exists()
+
+
 def test_cli_monitor_json(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -193,3 +193,15 @@ def test_new_item_is_recommendable_at_once_and_events_count(served) -> None:
     again = serve.Recommender(served["cfg"], "synth", load_encoder=False)
     assert again.replica is not None and new[S.ITEM_ID] in again.replica and again.new_items >= 1
     assert again.recommend(user, k=3)["strategy"] == "personalized"
+
+
+@pytest.mark.integration
+def test_replica_picks_up_items_other_processes_upsert(served) -> None:
+    rec: serve.Recommender = served["rec"]
+    assert rec.refresh_replica() is False  # in step: nothing to reload
+    probe = np.zeros((1, rec.replica.vectors.shape[1]), np.float32)
+    probe[0, 0] = 1.0
+    index.upsert(served["cfg"], "synth", index.ItemRows(item_ids=[9_000_001], vectors=probe, titles=["ingested"]),
+                 target=rec.collection, client=rec.client)  # as the item-ingest task does
+    assert rec.refresh_replica() is True and 9_000_001 in rec.replica
+    assert rec.health()["replica_reloads"] >= 1

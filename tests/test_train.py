@@ -265,3 +265,12 @@ def test_users_with_one_training_event_are_not_sequences():
     assert skipped == 1 and seqs.user_ids.tolist() == [1, 3]
     assert ids[seqs.seq(0)].tolist() == [11, 12, 10]  # time order
     assert ids[seqs.seq(1)].tolist() == [12, 10]
+
+
+def test_learning_rate_warms_up_then_decays_by_steps_or_budget():
+    assert train.lr_at(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)
+    assert train.lr_at(9, 0.0, 1.0, warmup=10) == pytest.approx(1.0)
+    assert train.lr_at(0, 0.05, 1.0, warmup=1000) == pytest.approx(1.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.05))))
+    assert train.lr_at(500, 0.5, 1.0, warmup=10) == pytest.approx(0.55)
+    assert train.lr_at(500, 1.0, 1.0, warmup=10) == pytest.approx(0.1)
+    assert train.lr_at(500, 3.0, 1.0, warmup=10) == pytest.approx(0.1)  # never below the floor
