@@ -34,7 +34,7 @@ import pandas as pd
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.storage import atomic_dir, read_json, write_json, write_text
+from learn_tasks.storage import atomic_dir, read_json, write_json
 
 log = logging.getLogger("learn.evaluate")
 

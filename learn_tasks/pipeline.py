@@ -35,6 +35,11 @@ Stages (``learn_pipeline``):
 8. ``monitor``: Evidently drift and slice reports (:mod:`learn_tasks.monitor`).
 9. ``summarize``: the run summary (what ``learn run`` prints).
 
+Stages (``item_ingest``, mode ``ingest``): ``land_items`` (an empty result when no item file arrived,
+which short-circuits the run), ``validate_items`` (item suite; accepted rows upserted into the
+catalogue), ``encode_items`` (new or changed items only), ``upsert_items`` (the promoted model's item
+tower over the batch's items, upserted into the live Milvus collection: no retrain, no reload).
+
 Idempotence: a stage whose inputs (data fingerprint, embedding version, settings) are unchanged for
 the same key returns its recorded result instead of doing the work again, so re-running an interval
 trains no second model, promotes nothing twice and leaves the stores as they were; the stages that
@@ -53,7 +58,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 

@@ -747,8 +747,10 @@ class LiveService:
             rec = getattr(app.state, "recommender", None)
             served = getattr(getattr(rec, "bundle", None), "version", version)
             app.state.live = self
-            self.current = (served, app)
+            previous, self.current = self.current, (served, app)
             self.swaps += 1
+            if previous is not None:  # requests in flight finish on it; its background work stops now
+                _close_app(previous[1])
             self.status, self.reason = "ok", None
             log.info("serving model %s of %s (built in %.1f s)", served, self.dataset, time.perf_counter() - t0)
             return self.status
@@ -768,6 +770,8 @@ class LiveService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.current is not None:
+            _close_app(self.current[1])
 
     def describe(self) -> dict[str, Any]:
         return {"status": self.status, "reason": self.reason, "dataset": self.dataset,
@@ -789,6 +793,13 @@ class LiveService:
         current = self.current
         app = current[1] if current is not None else self.placeholder
         await app(scope, receive, send)
+
+
+def _close_app(app: "FastAPI") -> None:
+    close = getattr(getattr(app.state, "recommender", None), "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _build_service_app(cfg: Settings, dataset: str) -> "FastAPI":

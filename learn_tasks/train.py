@@ -46,7 +46,7 @@ from learn_tasks import registry
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.model import PCH, PCHConfig, build_model, load_checkpoint, save_checkpoint
-from learn_tasks.storage import atomic_dir, read_json, write_json, write_parquet
+from learn_tasks.storage import atomic_dir, write_json, write_parquet
 
 log = logging.getLogger("learn.train")
 
@@ -81,7 +81,9 @@ def dense_all_action_loss(
     logits = torch.einsum("bhd,cd->bhc", user, cand) / temperature  # [B, H, C (+R)]
     if logq_items is not None:
         lq = logq_items.reshape(-1)[valid_pos]
-        logits = logits - (torch.cat([lq, logq_neg]) if neg is not None and neg.shape[0] else lq)
+        if neg is not None and neg.shape[0]:
+            lq = torch.cat([lq, logq_neg if logq_neg is not None else lq.new_zeros(neg.shape[0])])
+        logits = logits - lq
     # Accidental hits: a candidate whose id is one of user b's targets (its own targets included) is no
     # negative for b. owns[b, u] = user b has unique id u among its targets.
     uniq, inv = torch.unique(cand_ids, return_inverse=True)

@@ -40,6 +40,9 @@ class _Unreachable:
     def __getattr__(self, name: str):
         raise AssertionError(f"the recommender was reached ({name}) without a valid token")
 
+    def close(self) -> None:
+        """Shutting the app down releases the recommender; that is not a request reaching it."""
+
 
 @pytest.fixture
 def app_client(settings, monkeypatch: pytest.MonkeyPatch):

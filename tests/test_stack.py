@@ -241,3 +241,15 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     fallback = client.get(f"/recommendations/{users['unknown_user']}").json()
     assert fallback["fallback"] is True and fallback["strategy"] == "popular"
     assert client.get("/explorer/api/history/-1").status_code == 422
+
+    # 4. The next run promotes and indexes a newer model: served from the next look on, no restart.
+    from learn_tasks import train
+
+    run2 = Path(train.run(cfg, "synth", epochs=1)["run_dir"])
+    assert run2.name != run_dir.name
+    registry.promote(cfg, "synth", run2)
+    assert live.check() == "ok" and live.current[0] == run_dir.name  # not indexed yet: the old one serves
+    index.run(cfg, "synth")
+    assert live.check() == "ok" and live.current[0] == run2.name and live.swaps == 2
+    assert client.get("/explorer/api/status").json()["model_version"] == run2.name
+    assert client.get(f"/recommendations/{user}").json()["model_version"] == run2.name

@@ -274,3 +274,18 @@ def test_learning_rate_warms_up_then_decays_by_steps_or_budget():
     assert train.lr_at(500, 0.5, 1.0, warmup=10) == pytest.approx(0.55)
     assert train.lr_at(500, 1.0, 1.0, warmup=10) == pytest.approx(0.1)
     assert train.lr_at(500, 3.0, 1.0, warmup=10) == pytest.approx(0.1)  # never below the floor
+
+
+def test_dense_all_action_logq_shifts_only_relative_scores():
+    g = torch.Generator().manual_seed(2)
+    user = torch.nn.functional.normalize(torch.randn(3, 2, 4, generator=g), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(3, 2, 4, generator=g), dim=-1)
+    neg = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    ids, nid = torch.arange(6).view(3, 2), torch.arange(10, 15)
+    ok = torch.ones(3, 2, dtype=torch.bool)
+    base = dense_all_action_loss(user, ok, items, ids, ok, 0.3, neg, nid)
+    const = dense_all_action_loss(user, ok, items, ids, ok, 0.3, neg, nid, torch.full((3, 2), 1.5), torch.full((5,), 1.5))
+    assert const.item() == pytest.approx(base.item(), rel=1e-5)
+    # penalising the random negatives' sampling probability less makes them stronger negatives
+    harder = dense_all_action_loss(user, ok, items, ids, ok, 0.3, neg, nid, torch.zeros(3, 2), torch.full((5,), -2.0))
+    assert harder.item() > base.item()
