@@ -226,7 +226,7 @@ class PipelineConfig(_Section):
     protocol: Literal["loo", "temporal"] = "loo"
     model: Literal["learn", "learn_hybrid", "sasrec"] = "learn"
     epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
-    budget_s: float = Field(180.0, description="full retrain: wall-clock training budget in seconds")
+    budget_s: float = Field(150.0, description="full retrain: wall-clock training budget in seconds")
     incremental_epochs: int = Field(2, description="incremental retrain (warm start): epoch limit")
     incremental_budget_s: float = Field(30.0, description="incremental retrain: training budget in seconds")
     encode_shards: int = Field(2, description="most mapped encode tasks (one per encode.shard_items items)")
