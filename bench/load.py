@@ -171,8 +171,8 @@ def drive_mix(base: str, token: str, users: list[int], items: list[int], titles:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20 s instead of a minute")
-    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", "/tmp/lh"))
-    ap.add_argument("--dataset", default="amazon-books")
+    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"))
+    ap.add_argument("--dataset", default="amazon-books-2014-sample")
     ap.add_argument("--search", default="replica", choices=["replica", "milvus"])
     ap.add_argument("--duration", type=float, default=None, help="seconds of load (default 60, --quick 20)")
     ap.add_argument("--concurrency", type=int, default=8)

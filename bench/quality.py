@@ -126,8 +126,8 @@ def table(result: dict, protocols: list[str], models: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="subset of test users, short training budget")
-    ap.add_argument("--dataset", default="amazon-books")
-    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", "/tmp/lh"), help="LEARN_HOME with the dataset")
+    ap.add_argument("--dataset", default="amazon-books-2014-sample")
+    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs per model (quick 1, full 4)")
     ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model")
     ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all)")
@@ -151,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         args.set = ["train.val_users=1000"] + args.set
     os.environ["LEARN_HOME"] = args.home
     cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
-    from learn_tasks import evaluate, train
+    from learn_tasks import data, encode, evaluate, train
+
+    if args.dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
+        data.ensure_prepared(cfg, args.dataset)
+    if encode.current_fingerprint(cfg, args.dataset) is None:
+        print(f"== encoding {args.dataset} (once)", flush=True)
+        encode.run(cfg, args.dataset)
 
     models = args.models.split(",")
     protocols = args.protocols.split(",")

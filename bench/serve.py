@@ -65,6 +65,10 @@ def prepare(cfg, dataset: str, train_budget_s: float) -> dict:
     from learn_tasks import encode, features, index, registry, train
 
     out: dict = {}
+    from learn_tasks import data
+
+    if dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
+        data.ensure_prepared(cfg, dataset)
     if encode.current_fingerprint(cfg, dataset) is None:
         log(f"encoding {dataset} (once)")
         out["encode"] = encode.run(cfg, dataset)
@@ -243,8 +247,8 @@ def event_times(base: str, token: str, pairs: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small bounded run (minutes)")
-    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", "/tmp/lh"))
-    ap.add_argument("--dataset", default="amazon-books")
+    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"))
+    ap.add_argument("--dataset", default="amazon-books-2014-sample")
     ap.add_argument("--search", default="replica", choices=["replica", "milvus"])
     ap.add_argument("--requests", type=int, default=None, help="requests per concurrency level")
     ap.add_argument("--duration", type=float, default=None, help="seconds per concurrency level (upper bound)")
