@@ -5,7 +5,7 @@ early stopping on validation Recall@200 may end it sooner) and evaluated by full
 (``learn_tasks.evaluate``). Each training run is a separate process, so its peak memory is its own.
 
     python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol
-    python bench/quality.py              # 4 epochs per model, every test user, and the LEARN ablation
+    python bench/quality.py              # 5 epochs per model, every test user, and the LEARN ablation
 
 Writes ``bench/results/quality_amazon_books.json``:
 ``{"loo"|"temporal": {model: {slice: {"recall@10", ..., "ndcg@200"}}}, "train": {model: {...}}, "configs": ...}``.
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="subset of test users, short training budget")
     ap.add_argument("--dataset", default="amazon-books-2014-sample")
     ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs per model (quick 1, full 4)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs per model (quick 1, full 5)")
     ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model")
     ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all)")
     ap.add_argument("--models", default=",".join(NEURAL + BASELINES))
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Equal epochs for every model (the wall-clock budget is only a cap): on a shared machine whose load
     # changes from minute to minute, equal seconds would not be an equal budget.
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 4)
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
     budget = args.budget_s if args.budget_s is not None else (150.0 if args.quick else 900.0)
     max_users = args.max_users if args.max_users is not None else (4000 if args.quick else 0)
     ablation = args.ablation if args.ablation is not None else not args.quick
