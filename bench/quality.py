@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,57 +55,116 @@ def train_subprocess(home: str, dataset: str, protocol: str, model: str, budget:
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"training {model} ({protocol}) failed")
-    epochs_log = [line for line in proc.stderr.splitlines() if " epoch " in line]
-    for line in epochs_log:
-        print("   ", line.split("learn.train ")[-1], flush=True)
+    epochs_log = [line.split("learn.train ")[-1] for line in proc.stderr.splitlines() if " epoch " in line]
+    label = " ".join([protocol, model, *[s.split(".", 3)[-1] for s in sets if s.startswith(f"train.per_model.{model}.")]])
+    print(f"   [{label}]\n" + "".join(f"     {line}\n" for line in epochs_log), end="", flush=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
-# One-at-a-time sweep on validation (never test): each entry changes one setting of the kind's defaults.
+def train_many(jobs: int, specs: list[tuple]) -> list[dict]:
+    """Run ``train_subprocess(*spec)`` for every spec, ``jobs`` processes at a time (one thread each)."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda spec: train_subprocess(*spec), specs))
+
+
+# One-at-a-time sweep on loo validation (never test): each run changes one setting of the kind's defaults
+# (train.KIND_DEFAULTS); a value equal to the default is skipped. Per setting the value with the best
+# validation Recall@200 is kept when it beats the defaults.
 SWEEP: dict[str, list] = {
     "train.temperature": [0.02, 0.1],
     "train.n_random_negatives": [128, 2048],
     "train.logq": [True],
     "model.dropout": [0.2],
-    "train.lr": [3e-3],
+    "train.lr": [1e-3, 3e-3],
 }
+# learn_hybrid's ID dropout trades warm-item accuracy for cold-start recall, which loo validation barely
+# sees (few cold items): it is chosen on temporal validation against the content-only model instead.
+ID_DROPOUTS = [0.3, 0.5, 0.7]
+COLD_SHARE = 0.9  # keep this share of the content-only model's cold-start Recall@50
 
 
-def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int, sets: list[str]) -> dict:
-    """Train each variant under loo and keep, per setting, the value with the best validation Recall@200."""
+def _set(kind: str, key: str, value) -> str:
+    section, field = key.split(".")
+    return f"train.per_model.{kind}.{section}.{field}={json.dumps(value)}"
+
+
+def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
+    """Train each variant under loo (``jobs`` at a time) and keep the values that beat the defaults."""
+    from learn_tasks import train
+
+    cfg = load_settings(overrides=sets)
     out: dict = {}
     for kind in kinds:
-        runs = []
-        tr = train_subprocess(home, dataset, "loo", kind, budget, epochs, sets)
-        base = (tr["val"] or {}).get("recall@200", -1.0)
-        runs.append({"change": None, "val_recall@200": base, "epochs_run": tr["epochs_run"]})
-        chosen: dict = {}
+        c = train.resolve(cfg, kind)
+        variants: list[tuple[str, object] | None] = [None]
         for key, values in SWEEP.items():
-            best_v, best = None, base
-            for v in values:
-                section, field = key.split(".")
-                extra = [f"train.per_model.{kind}.{section}.{field}={json.dumps(v)}"]
-                tr = train_subprocess(home, dataset, "loo", kind, budget, epochs, sets + extra)
-                val = (tr["val"] or {}).get("recall@200", -1.0)
-                runs.append({"change": {key: v}, "val_recall@200": val, "epochs_run": tr["epochs_run"]})
-                print(f"   sweep {kind} {key}={v}: val recall@200 {val:.4f} (base {base:.4f})", flush=True)
-                if val > best:
-                    best_v, best = v, val
-            if best_v is not None:
-                chosen[key] = best_v
-        out[kind] = {"runs": runs, "chosen": chosen, "budget_s": budget}
+            section, field = key.split(".")
+            variants += [(key, v) for v in values if getattr(getattr(c, section), field) != v]
+        results = train_many(jobs, [(home, dataset, "loo", kind, budget, epochs,
+                                     sets + ([_set(kind, *v)] if v else [])) for v in variants])
+        runs = [{"change": ({v[0]: v[1]} if v else None), "val_recall@200": (tr["val"] or {}).get("recall@200", -1.0),
+                 "epochs_run": tr["epochs_run"], "best_epoch": tr["best_epoch"], "stopped": tr["stopped"],
+                 "sequences_per_s": tr["sequences_per_s"]} for v, tr in zip(variants, results)]
+        base = runs[0]["val_recall@200"]
+        chosen: dict = {}
+        for key in SWEEP:
+            tried = [r for r in runs if r["change"] and key in r["change"]]
+            best = max(tried, key=lambda r: r["val_recall@200"], default=None)
+            if best is not None and best["val_recall@200"] > base:
+                chosen[key] = best["change"][key]
+        for r in runs:
+            print(f"   sweep {kind} {r['change']}: val recall@200 {r['val_recall@200']:.4f}", flush=True)
+        out[kind] = {"runs": runs, "chosen": chosen, "base_val_recall@200": base, "budget_s": budget,
+                     "max_epochs": epochs, "protocol": "loo", "stage": "valid"}
     return out
 
 
-def chosen_sets(sweep_result: dict) -> list[str]:
-    sets = []
-    for kind, res in sweep_result.items():
-        for key, v in res["chosen"].items():
-            section, field = key.split(".")
-            sets.append(f"train.per_model.{kind}.{section}.{field}={json.dumps(v)}")
-    return sets
+def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
+    """Temporal validation: the smallest ID dropout whose cold-start Recall@50 is at least COLD_SHARE of
+    the content-only model's (else the one with the best cold-start Recall@50)."""
+    from learn_tasks import evaluate
+
+    specs = [(home, dataset, "temporal", "learn", budget, epochs, sets)]
+    specs += [(home, dataset, "temporal", "learn_hybrid", budget, epochs,
+               sets + [_set("learn_hybrid", "model.id_dropout", p)]) for p in ID_DROPOUTS]
+    results = train_many(jobs, specs)
+    cfg = load_settings(overrides=sets + ["evaluate.max_users=0"])
+
+    def valid(kind: str, tr: dict) -> dict:
+        m = evaluate.run(cfg, dataset, "temporal", kind, run_dir=tr["run_dir"], stage=S.VALID, write_report=False)
+        return {f"{s}_recall@{k}": m[s][f"recall@{k}"] for s in ("all", "cold_start", "long_tail", "head")
+                if s in m for k in (50, 200)} | {"users": m["meta"]["users"], "epochs_run": tr["epochs_run"]}
+
+    reference = valid("learn", results[0])
+    floor = COLD_SHARE * reference["cold_start_recall@50"]
+    rows = [{"id_dropout": p, **valid("learn_hybrid", tr)} for p, tr in zip(ID_DROPOUTS, results[1:])]
+    ok = [r for r in rows if r["cold_start_recall@50"] >= floor]
+    pick = min(ok, key=lambda r: r["id_dropout"]) if ok else max(rows, key=lambda r: r["cold_start_recall@50"])
+    for r in rows:
+        r["chosen"] = r is pick
+        print(f"   id_dropout {r['id_dropout']}: valid cold R@50 {r['cold_start_recall@50']:.4f} "
+              f"(floor {floor:.4f}), all R@200 {r['all_recall@200']:.4f}", flush=True)
+    return {"rule": f"smallest id_dropout with temporal-validation cold_start recall@50 >= {COLD_SHARE} x learn's",
+            "learn": reference, "runs": rows, "chosen": {"model.id_dropout": pick["id_dropout"]},
+            "budget_s": budget, "max_epochs": epochs}
+
+
+def throughput(home: str, dataset: str, sets: list[str]) -> dict:
+    """Training sequences/s of each neural kind alone on the machine (one epoch, loo, one thread)."""
+    out = {}
+    for kind in NEURAL:
+        tr = train_subprocess(home, dataset, "loo", kind, 0, 1, sets + ["train.val_users=200"])
+        out[kind] = {"sequences_per_s": tr["sequences_per_s"], "train_seconds": tr["train_seconds"],
+                     "train_sequences": tr["train_sequences"], "peak_rss_mb": tr["peak_rss_mb"]}
+        print(f"   throughput {kind}: {tr['sequences_per_s']:.0f} sequences/s", flush=True)
+    return out
+
+
+def chosen_sets(choices: dict[str, dict]) -> list[str]:
+    """``{kind: {"section.field": value}}`` -> per-model ``--set`` overrides."""
+    return [_set(kind, key, v) for kind, chosen in choices.items() for key, v in chosen.items()]
 
 
 def slim(metrics: dict) -> dict:
@@ -125,28 +185,40 @@ def table(result: dict, protocols: list[str], models: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="subset of test users, short training budget")
+    ap.add_argument("--quick", action="store_true", help="subset of test users, one epoch, no sweep")
     ap.add_argument("--dataset", default="amazon-books-2014-sample")
     ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs per model (quick 1, full 5)")
-    ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="most training epochs per model; early stopping on validation ends runs sooner (quick 1, full 40)")
+    ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model (quick 150, full 900)")
     ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all)")
     ap.add_argument("--models", default=",".join(NEURAL + BASELINES))
     ap.add_argument("--protocols", default="loo,temporal")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the LEARN ablation under loo (default: on in full mode)")
     ap.add_argument("--set", action="append", default=[], help="extra section.key=value for every run")
-    ap.add_argument("--sweep", default="", help="comma-separated kinds to sweep on validation first (e.g. learn_hybrid,sasrec)")
-    ap.add_argument("--sweep-budget-s", type=float, default=None, help="training seconds per sweep run")
+    ap.add_argument("--sweep", default=None,
+                    help="comma-separated kinds to sweep on loo validation first (full default learn_hybrid,sasrec; '' = none)")
+    ap.add_argument("--id-dropout", action=argparse.BooleanOptionalAction, default=None,
+                    help="choose learn_hybrid's ID dropout on temporal validation first (default: on in full mode)")
+    ap.add_argument("--sweep-budget-s", type=float, default=180.0, help="training seconds per sweep run")
+    ap.add_argument("--sweep-epochs", type=int, default=10, help="most epochs per sweep run")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="training processes at a time, one thread each (quick 1, full: the CPU count)")
+    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
+                    help="first time one epoch of each neural kind alone on the machine (default: on in full mode)")
+    ap.add_argument("--merge", action="store_true", help="keep the entries of an existing output this run does not produce")
     ap.add_argument("--output", type=Path, default=RESULT)
     args = ap.parse_args(argv)
 
-    # Equal epochs for every model (the wall-clock budget is only a cap): on a shared machine whose load
-    # changes from minute to minute, equal seconds would not be an equal budget.
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
-    budget = args.budget_s if args.budget_s is not None else (150.0 if args.quick else 900.0)
-    max_users = args.max_users if args.max_users is not None else (4000 if args.quick else 0)
-    ablation = args.ablation if args.ablation is not None else not args.quick
+    full = not args.quick
+    epochs = args.epochs if args.epochs is not None else (40 if full else 1)
+    budget = args.budget_s if args.budget_s is not None else (900.0 if full else 150.0)
+    max_users = args.max_users if args.max_users is not None else (0 if full else 4000)
+    ablation = args.ablation if args.ablation is not None else full
+    sweep_kinds = [k for k in (args.sweep if args.sweep is not None else ("learn_hybrid,sasrec" if full else "")).split(",") if k]
+    id_dropout = args.id_dropout if args.id_dropout is not None else full
+    jobs = args.jobs if args.jobs is not None else ((os.cpu_count() or 1) if full else 1)
     if args.quick:  # a short budget leaves no room for long validations
         args.set = ["train.val_users=1000"] + args.set
     os.environ["LEARN_HOME"] = args.home
@@ -165,26 +237,40 @@ def main(argv: list[str] | None = None) -> int:
     details: dict = {p: {} for p in protocols}
     result["train"], result["configs"] = {}, {}
     t_start = time.perf_counter()
-    if args.sweep:
-        sb = args.sweep_budget_s if args.sweep_budget_s is not None else budget / 2
-        result["sweep"] = sweep(args.home, args.dataset, args.sweep.split(","), sb, epochs, args.set)
-        args.set = args.set + chosen_sets(result["sweep"])
+    if args.throughput if args.throughput is not None else full:
+        print("== throughput (one epoch per kind, alone on the machine)", flush=True)
+        result["throughput"] = throughput(args.home, args.dataset, args.set)
+    choices: dict[str, dict] = {}
+    if sweep_kinds:
+        print(f"== sweep on loo validation: {sweep_kinds}, {jobs} at a time", flush=True)
+        result["sweep"] = sweep(args.home, args.dataset, sweep_kinds, args.sweep_budget_s, args.sweep_epochs, args.set, jobs)
+        choices = {k: dict(v["chosen"]) for k, v in result["sweep"].items()}
+    if id_dropout:
+        print("== learn_hybrid ID dropout on temporal validation", flush=True)
+        result["id_dropout"] = choose_id_dropout(args.home, args.dataset, args.sweep_budget_s, args.sweep_epochs,
+                                                 args.set + chosen_sets(choices), jobs)
+        choices.setdefault("learn_hybrid", {}).update(result["id_dropout"]["chosen"])
+    if choices:
+        result["chosen"] = choices
+        args.set = args.set + chosen_sets(choices)
         cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
+
+    neural = [(p, m) for p in protocols for m in models if m in NEURAL]
+    print(f"== training {len(neural)} model(s), {jobs} at a time, up to {epochs} epochs / {budget:.0f} s each", flush=True)
+    trained = dict(zip(neural, train_many(jobs, [(args.home, args.dataset, p, m, budget, epochs, args.set)
+                                                  for p, m in neural])))
+    for (protocol, model), tr in trained.items():
+        result["train"].setdefault(model, {})[protocol] = {
+            k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "train_seconds", "epochs_run", "best_epoch",
+                               "stopped", "val", "run_id")}
+        c = train.resolve(cfg, model)
+        result["configs"][model] = {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"per_model"}),
+                                    "budget_s": budget, "max_epochs": epochs}
     for protocol in protocols:
         for model in models:
             t0 = time.perf_counter()
-            print(f"== {protocol} / {model}", flush=True)
-            run_dir = None
-            if model in NEURAL:
-                tr = train_subprocess(args.home, args.dataset, protocol, model, budget, epochs, args.set)
-                run_dir = tr["run_dir"]
-                result["train"].setdefault(model, {})[protocol] = {
-                    k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "train_seconds", "epochs_run", "best_epoch",
-                                       "stopped", "val", "run_id")}
-                c = train.resolve(cfg, model)
-                result["configs"][model] = {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"per_model"}),
-                                            "budget_s": budget, "max_epochs": epochs}
-            m = evaluate.run(cfg, args.dataset, protocol, model, run_dir=run_dir)
+            tr = trained.get((protocol, model))
+            m = evaluate.run(cfg, args.dataset, protocol, model, run_dir=tr["run_dir"] if tr else None)
             result[protocol][model] = slim(m)
             details[protocol][model] = {"coverage": m["coverage"], "mrr": {s: m[s]["mrr"] for s in S.SLICES if s in m},
                                         "cases": {s: m[s]["cases"] for s in S.SLICES if s in m},
@@ -192,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {protocol}/{model}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in result[protocol][model]["all"].items())
                   + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
     if ablation and "loo" in protocols:
+        print("== ablation (loo)", flush=True)
         result["ablation_loo"] = {"learn": result["loo"].get("learn")}
-        for name, sets in ABLATION.items():
-            print(f"== ablation loo / {name}", flush=True)
-            tr = train_subprocess(args.home, args.dataset, "loo", "learn", budget, epochs, args.set + sets)
+        runs = train_many(jobs, [(args.home, args.dataset, "loo", "learn", budget, epochs, args.set + sets)
+                                 for sets in ABLATION.values()])
+        for name, tr in zip(ABLATION, runs):
             m = evaluate.run(cfg, args.dataset, "loo", "learn", run_dir=tr["run_dir"])
             result["ablation_loo"][name] = slim(m)
-            result["train"][name] = {"loo": {k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "epochs_run", "stopped")}}
+            result["train"][name] = {"loo": {k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "epochs_run",
+                                                                 "best_epoch", "stopped")}}
         result["ablation_loo"]["content_vs_id"] = {
             "content (learn)": result["loo"].get("learn"), "id (sasrec)": result["loo"].get("sasrec"),
             "content + id (learn_hybrid)": result["loo"].get("learn_hybrid")}
@@ -206,15 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     for model, by in list(result["train"].items()):
         first = by.get("loo") or next(iter(by.values()))
         by.update({"sequences_per_s": first["sequences_per_s"], "peak_rss_mb": first["peak_rss_mb"]})
+        if model in result.get("throughput", {}):
+            by["sequences_per_s_alone"] = result["throughput"][model]["sequences_per_s"]
     result["details"] = details
     result["meta"] = {
-        "mode": "quick" if args.quick else "full", "dataset": args.dataset, "epochs_per_model": epochs,
-        "budget_s_cap_per_model": budget,
+        "mode": "quick" if args.quick else "full", "dataset": args.dataset, "max_epochs_per_model": epochs,
+        "budget_s_cap_per_model": budget, "patience": cfg.train.patience, "jobs": jobs,
         "max_users": max_users, "models": models, "protocols": protocols, "ablation": bool(ablation),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "load_avg_at_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
         "created": datetime.now(timezone.utc).isoformat(), "extra_settings": args.set,
     }
+    if args.merge and args.output.exists():
+        old = json.loads(args.output.read_text(encoding="utf-8"))
+        for key, value in result.items():
+            if isinstance(value, dict) and isinstance(old.get(key), dict) and key != "meta":
+                old[key].update(value)
+            else:
+                old[key] = value
+        result = old
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")

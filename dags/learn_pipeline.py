@@ -85,6 +85,10 @@ def _on_retry(context: Any) -> None:
         "budget_s": Param(None, type=["null", "number"], minimum=0,
                           description="Training wall-clock budget in seconds; empty = pipeline.budget_s / "
                                       "incremental_budget_s."),
+        "model": Param(None, type=["null", "string"], enum=[None, "learn_hybrid", "learn", "sasrec"],
+                       description="Candidate model kind to train; empty = pipeline.model (learn_hybrid). The "
+                                   "promotion gate serves it only if it is not worse than the promoted model "
+                                   "on validation."),
     },
 )
 def learn_pipeline() -> None:

@@ -409,6 +409,8 @@ def run_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="training epoch limit"),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="training budget in seconds"),
     window_days: int = typer.Option(1, "--window-days", help="incremental: accept events this many days back"),
+    model: Optional[str] = typer.Option(None, "--model", help="candidate kind: learn_hybrid | learn | sasrec "
+                                        "(default pipeline.model); the promotion gate decides what serves"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Airflow's task logs"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -425,9 +427,11 @@ def run_cmd(
     cfg = settings(ctx)
     if mode is not None and mode not in pipeline.MODES:
         fail(f"--mode must be one of {pipeline.MODES}")
+    if model is not None and model not in pipeline.KINDS:
+        fail(f"--model must be one of {pipeline.KINDS}")
     try:
         result = pipeline.run_pipeline(cfg, dataset=dataset, mode=mode, day=date, epochs=epochs, budget_s=budget_s,
-                                       window_days=window_days, verbose=verbose)
+                                       window_days=window_days, verbose=verbose, model=model)
     except pipeline.PipelineError as exc:
         fail(str(exc))
         return

@@ -224,13 +224,16 @@ class PipelineConfig(_Section):
     format: str = "seqrec"
     mode: Literal["full", "incremental"] = Field("full", description="full retrain or warm-started increment")
     protocol: Literal["loo", "temporal"] = "loo"
-    model: Literal["learn", "learn_hybrid", "sasrec"] = "learn"
+    model: Literal["learn", "learn_hybrid", "sasrec"] = Field(
+        "learn_hybrid", description="kind of the candidate each run trains; the promotion gate compares it with "
+                                    "the promoted model (of any kind) on validation")
     epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
     budget_s: float = Field(150.0, description="full retrain: wall-clock training budget in seconds")
     incremental_epochs: int = Field(2, description="incremental retrain (warm start): epoch limit")
     incremental_budget_s: float = Field(30.0, description="incremental retrain: training budget in seconds")
     encode_shards: int = Field(2, description="most mapped encode tasks (one per encode.shard_items items)")
-    eval_users: int = Field(0, description="test users in the evaluation report; 0 = all")
+    eval_users: int = Field(0, description="full runs: test users in the evaluation report; 0 = all")
+    incremental_eval_users: int = Field(5000, description="incremental runs: test users sampled for the report")
     gate_users: int = Field(5000, description="validation users the promotion gate compares on; 0 = all")
     gate_metric: str = Field("recall@200", description="validation metric (slice 'all') of the promotion gate")
     promotion_margin: float = Field(0.02, description="promote unless worse than the current model by more "

@@ -75,6 +75,7 @@ PIPELINE_DAG = "learn_pipeline"
 ITEM_DAG = "item_ingest"
 FULL, INCREMENTAL = "full", "incremental"
 MODES = (FULL, INCREMENTAL)  # what a person picks for learn_pipeline
+KINDS = ("learn_hybrid", "learn", "sasrec")  # candidate model kinds of learn_pipeline
 INGEST = "ingest"  # item_ingest runs: items only, merged like an incremental run
 DAGS_FOLDER = REPO_ROOT / "dags"
 
@@ -102,10 +103,17 @@ class RunArgs:
     window_days: int = 1
     epochs: int | None = None
     budget_s: float | None = None
+    model: str | None = None  # candidate kind; None = pipeline.model
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, INGEST):
             raise PipelineError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.model is not None and self.model not in KINDS:
+            raise PipelineError(f"model must be one of {KINDS}, not {self.model!r}")
+
+    def kind(self, cfg: Settings) -> str:
+        """The candidate model kind this run trains."""
+        return self.model or cfg.pipeline.model
         if self.window_days < 1:
             raise PipelineError(f"window_days must be >= 1, not {self.window_days}")
 
@@ -123,7 +131,7 @@ class RunArgs:
     def as_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "mode": self.mode, "start": self.start.isoformat(),
                 "end": self.end.isoformat(), "window_days": self.window_days, "epochs": self.epochs,
-                "budget_s": self.budget_s, "key": self.key}
+                "budget_s": self.budget_s, "model": self.model, "key": self.key}
 
     @classmethod
     def from_params(cls, cfg: Settings, params: Mapping[str, Any], start: Any, end: Any) -> "RunArgs":
@@ -135,7 +143,8 @@ class RunArgs:
             start_ts = end_ts - pd.Timedelta(days=1)
         return cls(dataset=p.get("dataset") or cfg.pipeline.dataset, mode=p.get("mode") or cfg.pipeline.mode,
                    start=start_ts, end=end_ts, window_days=int(p.get("window_days") or 1),
-                   epochs=_opt(p.get("epochs"), int), budget_s=_opt(p.get("budget_s"), float))
+                   epochs=_opt(p.get("epochs"), int), budget_s=_opt(p.get("budget_s"), float),
+                   model=p.get("model") or None)
 
     @classmethod
     def from_context(cls, cfg: Settings, context: Mapping[str, Any]) -> "RunArgs":
@@ -503,9 +512,17 @@ def _embedding_version(cfg: Settings, dataset: str) -> str | None:
 # ==================================================================================================
 def _train_inputs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     return {"data": data_fingerprint(cfg, a.dataset), "embeddings": _embedding_version(cfg, a.dataset),
-            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s,
+            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": a.kind(cfg),
             "settings": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
                          "pipeline": cfg.pipeline.model_dump()}}
+
+
+def _run_kind(run_dir: Path) -> str | None:
+    """Model kind of a training run folder (from its checkpoint config)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError):
+        return None
 
 
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
@@ -519,16 +536,23 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         # Same interval, same inputs: the model is already trained (recorded again so the summary says so).
         return record(cfg, a, "train", {**done, "reused": True, "trained_because": None}, inputs)
     why = _changed(cfg, a, "train", inputs)
-    if _embedding_version(cfg, a.dataset) is None and p.model != "sasrec":
+    kind = a.kind(cfg)
+    if _embedding_version(cfg, a.dataset) is None and kind != "sasrec":
         raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
     warm = registry.promoted(cfg, a.dataset) if a.mode == INCREMENTAL else None
+    if warm is not None and _run_kind(warm) != kind:
+        # Another kind serves (pipeline.model was changed): its weights cannot seed this architecture,
+        # so this increment trains the new kind from scratch, with the full run's limits.
+        log.warning("promoted model %s is a %r, the candidate a %r: training from scratch", warm.name,
+                    _run_kind(warm), kind)
+        warm = None
     if a.mode == INCREMENTAL and warm is not None:
         epochs = a.epochs if a.epochs is not None else p.incremental_epochs
         budget = a.budget_s if a.budget_s is not None else p.incremental_budget_s
     else:
         epochs = a.epochs if a.epochs is not None else p.epochs
         budget = a.budget_s if a.budget_s is not None else p.budget_s
-    res = train.run(cfg, a.dataset, protocol=p.protocol, model=p.model, epochs=epochs, budget_s=budget,
+    res = train.run(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
                     warm_start=warm)
     keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
             "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
@@ -573,14 +597,17 @@ def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) ->
     from learn_tasks import evaluate
 
     p = cfg.pipeline
+    # A daily incremental run reports on a user sample: scoring every user every day costs more than
+    # the rest of the increment, and the gate has its own fixed sample.
+    users = p.eval_users if a.mode == FULL else p.incremental_eval_users
     inputs = {"run_dir": trained["run_dir"], "data": data_fingerprint(cfg, a.dataset),
-              "eval_users": p.eval_users, "gate_users": p.gate_users, "evaluate": cfg.evaluate.model_dump()}
+              "eval_users": users, "gate_users": p.gate_users, "evaluate": cfg.evaluate.model_dump()}
     done = recorded(cfg, a, "evaluate", inputs)
     if done:
         return done
-    test = evaluate.run(_eval_cfg(cfg, p.eval_users), a.dataset, p.protocol, model=p.model,
+    test = evaluate.run(_eval_cfg(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
                         run_dir=trained["run_dir"], stage=S.TEST)
-    valid = evaluate.run(_eval_cfg(cfg, p.gate_users), a.dataset, p.protocol, model=p.model,
+    valid = evaluate.run(_eval_cfg(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
                          run_dir=trained["run_dir"], stage=S.VALID)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
@@ -624,7 +651,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
     cur_score = None
     if current is not None and current.resolve() != cand_dir.resolve():
         try:
-            cur = evaluate.run(_eval_cfg(cfg, p.gate_users), a.dataset, p.protocol, model=p.model,
+            cur = evaluate.run(_eval_cfg(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
                                run_dir=current, stage=S.VALID, write_report=False)
             cur_score = _metric(cur, p.gate_metric)
         except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
@@ -647,18 +674,76 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
 # 7-8. Milvus and monitoring
 # ==================================================================================================
 def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The serving model's item tower over the whole catalogue -> a new collection, then the alias swap."""
+    """Index the catalogue with the serving model's item tower.
+
+    A newly promoted model gets a new collection, loaded, checked and then swapped in behind the alias
+    (``index.run``). When the gate kept the current model, its collection is already live: rebuilding
+    it would mean serving from a half-filled collection, so the items it lacks (new since it was built)
+    or holds with an out-of-date vector (changed text) are upserted into it instead.
+    """
     from learn_tasks import index
 
     serving = (gate or {}).get("serving")
     _quiet_grpc_noise()
     try:
-        res = index.run(cfg, a.dataset, run_dir=serving)
+        live = index.current(cfg, a.dataset)
+        version = Path(serving).name if serving else None
+        if serving and live is not None and live == index.collection_name(a.dataset, version):
+            res = refresh_live_collection(cfg, a.dataset, Path(serving), live)
+        else:
+            res = index.run(cfg, a.dataset, run_dir=serving)
     finally:
         index.close(cfg)  # Milvus Lite allows one process: let the next task (or the API) open it
     keep = ("collection", "alias", "rows", "version", "dim", "index_type", "index_recall_at_10", "reused",
-            "previous", "dropped", "run_dir", "uri_kind")
-    return record(cfg, a, "milvus", {k: res.get(k) for k in keep})
+            "previous", "dropped", "run_dir", "uri_kind", "upserted", "refreshed")
+    return record(cfg, a, "milvus", {k: res.get(k) for k in keep if k in res})
+
+
+def _item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
+    """``index.ItemRows`` of catalogue items, with the columns a full load writes (``index.run``): the
+    model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
+    feature table."""
+    from learn_tasks import data, index
+
+    items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
+    stats = bundle.stats.reindex(ids)
+    return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
+                          popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+                          first_seen=index.first_seen(cfg, dataset, ids),
+                          is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+                          is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool),
+                          titles=items[S.TITLE].tolist() if S.TITLE in items else None)
+
+
+def _indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Ids the model can embed; an item whose text the encoder quarantined has no content embedding."""
+    usable = np.array([bundle.knows(i) or not bundle.uses_content for i in ids], bool)
+    return ids[usable], ids[~usable].tolist()
+
+
+def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
+    """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
+    from learn_tasks import data, index
+    from learn_tasks.serve import ModelBundle
+
+    client = index.connect(cfg)
+    stored = index.fetch_all(client, collection)
+    bundle = ModelBundle.load(cfg, dataset, run_dir)
+    ids, skipped = _indexable(bundle, data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy(np.int64))
+    vectors = bundle.item_vectors(ids)
+    pos = pd.Series(np.arange(len(stored.item_ids)), index=stored.item_ids).reindex(ids)
+    have = pos.notna().to_numpy()
+    stale = np.zeros(len(ids), bool)
+    if have.any():
+        old = stored.vectors[pos[have].astype(np.int64).to_numpy()]
+        stale[have] = np.abs(old - vectors[have]).max(axis=1) > 1e-4
+    todo = ids[~have | stale]
+    if len(todo):
+        index.upsert(cfg, dataset, _item_rows(cfg, dataset, bundle, todo), target=collection, client=client)
+    return {"collection": collection, "alias": index.alias_name(cfg, dataset), "version": run_dir.name,
+            "rows": int(len(stored.item_ids) + (~have).sum()), "upserted": int(len(todo)),
+            "refreshed": {"new": int((~have).sum()), "changed": int(stale.sum()), "skipped_no_content": skipped[:50]},
+            "reused": True, "run_dir": str(run_dir)}
 
 
 class _UnimplementedRpcFilter(logging.Filter):
@@ -721,16 +806,17 @@ def encode_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 
 def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Item tower of the serving model over the items of this batch -> upsert into the live collection."""
-    from learn_tasks import data, index, registry
+    from learn_tasks import index, registry
+
+    from learn_tasks import validate as V
+    from learn_tasks.serve import ModelBundle
 
     a = _ingest(a)
-
-    landed = [p for p in _landed_files(landing_dir(cfg, a), "items")]
+    landed = _landed_files(landing_dir(cfg, a), "items")
     quarantine = cfg.paths.quarantine() / a.dataset / a.key / "items.parquet"
     if not landed:
         return record(cfg, a, "upsert", {"upserted": 0, "reason": "no new item files"})
-    from learn_tasks import validate as V
-
+    # The batch's items minus the rows validation quarantined (matched by source file and line).
     raw = V.read_raw_files(landed, "items")
     bad_lines = set()
     if quarantine.exists():
@@ -742,23 +828,9 @@ def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     if serving is None or not len(ids):
         return record(cfg, a, "upsert", {"upserted": 0, "reason": "no promoted model yet" if serving is None
                                          else "no valid new items"})
-    from learn_tasks.serve import ModelBundle
-
     bundle = ModelBundle.load(cfg, a.dataset, serving)
-    # An item whose text was quarantined by the encoder has no content embedding: it cannot be indexed.
-    usable = np.array([bundle.knows(i) or not bundle.uses_content for i in ids], bool)
-    skipped = ids[~usable].tolist()
-    ids = ids[usable]
-    items = data.load_items(cfg, a.dataset).set_index(S.ITEM_ID).reindex(ids)
-    # Same columns as a full load (index.run): the model's own popularity and slice flags (new items
-    # are cold-start for it), first_seen from the feature table.
-    stats = bundle.stats.reindex(ids)
-    rows = index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
-                          popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
-                          first_seen=index.first_seen(cfg, a.dataset, ids),
-                          is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
-                          is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool),
-                          titles=items[S.TITLE].tolist() if S.TITLE in items else None)
+    ids, skipped = _indexable(bundle, ids)
+    rows = _item_rows(cfg, a.dataset, bundle, ids)
     _quiet_grpc_noise()
     try:
         res = index.upsert(cfg, a.dataset, rows)
@@ -1099,11 +1171,12 @@ def run_pipeline(
     window_days: int = 1,
     verbose: bool = False,
     airflow_home: Path | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Run ``learn_pipeline`` once (``day`` = the data interval's day, default yesterday); return the summary
     with ``ok`` (every task succeeded), ``state``, ``run_id``, ``wall_s`` and any failure messages."""
     conf = {"dataset": dataset or cfg.pipeline.dataset, "mode": mode or cfg.pipeline.mode,
-            "window_days": window_days, "epochs": epochs, "budget_s": budget_s}
+            "window_days": window_days, "epochs": epochs, "budget_s": budget_s, "model": model}
     dr, tasks, wall = run_dag(cfg, PIPELINE_DAG, conf, logical_date_for(day), verbose, airflow_home)
     a = RunArgs.from_params(cfg, conf, dr.data_interval_start, dr.data_interval_end)
     ok = bool(tasks) and all(t["state"] == "success" for t in tasks) and str(dr.state).endswith("success")

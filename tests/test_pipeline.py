@@ -45,8 +45,45 @@ def test_run_args_from_params(settings: Settings) -> None:
     assert full.start == pd.Timestamp("2021-01-01", tz="UTC") and full.accept_from is None
     with pytest.raises(P.PipelineError, match="mode must be one of"):
         P.RunArgs.from_params(settings, {"mode": "sometimes"}, None, "2021-01-02")
+    # the candidate kind: the config's default unless the run names one
+    assert full.model is None and full.kind(settings) == settings.pipeline.model == "learn_hybrid"
+    assert P.RunArgs.from_params(settings, {"model": "sasrec"}, None, "2021-01-02").kind(settings) == "sasrec"
+    with pytest.raises(P.PipelineError, match="model must be one of"):
+        P.RunArgs.from_params(settings, {"model": "gpt"}, None, "2021-01-02")
     # --date D runs the interval [D, D+1): Airflow's manual run at D+1 00:00 UTC
     assert P.logical_date_for("2021-01-01").isoformat() == "2021-01-02T00:00:00+00:00"
+
+
+# ------------------------------------------------------------------------------ retrain across kinds
+def test_incremental_retrain_warm_starts_only_from_a_promoted_model_of_the_same_kind(
+        settings: Settings, synth_dataset: str) -> None:
+    import numpy as np
+
+    from learn_tasks import data, registry, train
+
+    small = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 10},
+             "train": {"batch_size": 64, "n_random_negatives": 16, "val_users": 50, "threads": 1}}
+    items = data.load_items(settings, synth_dataset)[S.ITEM_ID].to_numpy(np.int64)
+    emb = np.random.default_rng(0).normal(size=(len(items), 8)).astype(np.float32)
+    cfg = settings.with_overrides(**small)
+    content_run = train.run(cfg, synth_dataset, model="learn", epochs=1, embeddings=(items, emb))["run_dir"]
+    registry.promote(cfg, synth_dataset, content_run, reason="test")
+    assert P._run_kind(Path(content_run)) == "learn"
+
+    # the serving model is a content-only `learn`; the candidate kind is now sasrec: no warm start
+    cfg = settings.with_overrides(**small, pipeline={"model": "sasrec", "protocol": "loo"})
+    day = pd.Timestamp("2021-01-01", tz="UTC")
+    a = P.RunArgs(synth_dataset, "incremental", day, day + pd.Timedelta(days=1), epochs=1, budget_s=30)
+    first = P.train_pch(cfg, a)
+    assert first["kind"] == "sasrec" and first["warm_start"] is None
+
+    # once a sasrec serves, the next increment warm-starts from it
+    registry.promote(cfg, synth_dataset, first["run_dir"], reason="test")
+    b = P.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2), epochs=1,
+                  budget_s=30)
+    second = P.train_pch(cfg, b)
+    assert second["kind"] == "sasrec" and second["warm_start"] == first["run_dir"]
+    assert second["run_dir"] != first["run_dir"]
 
 
 # ------------------------------------------------------------------- land, validate, publish (no Airflow)
@@ -190,7 +227,8 @@ def _store_state(cfg: Settings, dataset: str) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_dataset: str, airflow_home: Path) -> None:
+def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_dataset: str, airflow_home: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from learn_tasks import data, registry
 
     cfg = settings
@@ -251,3 +289,26 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert _milvus_has(cfg, synth_dataset, new_ids) == set(new_ids)
     assert _milvus_state(cfg, synth_dataset) == (collection, count + 2)  # same collection: no retrain, no reload
     assert (cfg.paths.models() / synth_dataset).joinpath("PROMOTED").read_text().strip() == run_dir.name
+
+    # an incremental day: new events and a new item; the gate (made strict here) keeps the current model,
+    # whose live collection then gains the new item by upsert instead of being rebuilt
+    monkeypatch.setenv("LEARN_PIPELINE__PROMOTION_MARGIN", "-1.0")  # floor = 2 x current: never promote
+    day = pd.Timestamp("2021-01-02 10:00", tz="UTC")
+    fresh = int(items[S.ITEM_ID].max()) + 3
+    users = inter[S.USER_ID].unique()[:5]
+    events = pd.DataFrame({S.USER_ID: users, S.ITEM_ID: [*items[S.ITEM_ID].iloc[:4], fresh],
+                           S.EVENT_TIMESTAMP: [day + pd.Timedelta(minutes=i) for i in range(5)]})
+    events.to_parquet(incoming / "interactions-day.parquet")
+    pd.DataFrame({S.ITEM_ID: [fresh], S.TITLE: ["Telescopes for Stargazers"]}).to_csv(
+        incoming / "items-day.csv", index=False)
+    inc = P.run_pipeline(cfg, dataset=synth_dataset, mode="incremental", day="2021-01-02", epochs=1, budget_s=30,
+                         airflow_home=airflow_home)
+    assert inc["ok"], (inc.get("failures"), inc["tasks"])
+    assert inc["validation"]["interactions"] == {**inc["validation"]["interactions"], "read": 5, "accepted": 5}
+    assert inc["validation"]["published"]["interactions_added"] == 5
+    assert inc["training"]["warm_start"] == str(run_dir) and inc["training"]["reused"] is False
+    assert inc["promotion"]["promoted"] is False and "keeping the current model" in inc["promotion"]["reason"]
+    assert registry.promoted(cfg, synth_dataset) == run_dir
+    assert inc["milvus"]["refreshed"]["new"] == 1 and inc["milvus"]["refreshed"]["changed"] == 0
+    assert _milvus_state(cfg, synth_dataset) == (collection, count + 3)
+    assert _milvus_has(cfg, synth_dataset, [fresh]) == {fresh}
