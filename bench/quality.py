@@ -1,15 +1,24 @@
 """Recommendation quality on the Amazon Books sample: LEARN, the hybrid, SASRec and baselines, both protocols.
 
-Every model is trained for the same number of epochs (``--epochs``; ``--budget-s`` caps the seconds, and
-early stopping on validation Recall@200 may end it sooner) and evaluated by full ranking over the whole catalogue with the same harness
-(``learn_tasks.evaluate``). Each training run is a separate process, so its peak memory is its own.
+The full run, in order (every choice is made on validation, never on test):
 
-    python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol
-    python bench/quality.py              # 5 epochs per model, every test user, and the LEARN ablation
+1. throughput: one epoch of each neural kind alone on the machine (training sequences/s);
+2. a one-setting-at-a-time sweep of learn_hybrid and SASRec on loo validation (temperature, random
+   negatives, logQ, dropout, learning rate; ``--sweep-budget-s`` per run);
+3. learn_hybrid's ID dropout on temporal validation, against the content-only model's cold-start recall;
+4. every neural model trained to convergence with the chosen settings: early stopping on validation
+   Recall@200 (``train.patience`` epochs), ``--epochs`` and ``--budget-s`` as caps; ``--jobs`` training
+   processes at a time, one thread each, each in its own process so its peak memory is its own;
+5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluate``);
+6. the LEARN ablation (loo).
+
+    python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol, no sweep
+    python bench/quality.py              # the full run above, every test user
 
 Writes ``bench/results/quality_amazon_books.json``:
-``{"loo"|"temporal": {model: {slice: {"recall@10", ..., "ndcg@200"}}}, "train": {model: {...}}, "configs": ...}``.
-The dataset must be prepared and encoded under LEARN_HOME (``learn data prepare ...``, ``learn encode ...``).
+``{"loo"|"temporal": {model: {slice: {"recall@10", ..., "ndcg@200"}}}, "train": {model: {...}},
+"configs": {model: settings}, "sweep": ..., "id_dropout": ..., "chosen": ..., "throughput": ...}``.
+A registered dataset is prepared and encoded under LEARN_HOME (``--home``) when missing.
 """
 from __future__ import annotations
 
@@ -79,10 +88,13 @@ SWEEP: dict[str, list] = {
     "model.dropout": [0.2],
     "train.lr": [1e-3, 3e-3],
 }
-# learn_hybrid's ID dropout trades warm-item accuracy for cold-start recall, which loo validation barely
-# sees (few cold items): it is chosen on temporal validation against the content-only model instead.
+# learn_hybrid must keep LEARN's cold-start and long-tail strength, which loo validation barely sees (few
+# cold items). Its ID dropout, and whether the loo sweep's logQ choice stays (logQ raises recall of popular
+# items at the tail's expense), are chosen on temporal validation against the content-only model: the best
+# all-items Recall@200 among the candidates whose cold-start Recall@50 is at least COLD_SHARE of the
+# content-only model's and whose long-tail Recall@50 is at least its.
 ID_DROPOUTS = [0.3, 0.5, 0.7]
-COLD_SHARE = 0.9  # keep this share of the content-only model's cold-start Recall@50
+COLD_SHARE = 0.9
 
 
 def _set(kind: str, key: str, value) -> str:
@@ -121,14 +133,15 @@ def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int,
     return out
 
 
-def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
-    """Temporal validation: the smallest ID dropout whose cold-start Recall@50 is at least COLD_SHARE of
-    the content-only model's (else the one with the best cold-start Recall@50)."""
+def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int,
+                      logq: bool) -> dict:
+    """learn_hybrid's ID dropout (and logQ, when the loo sweep chose it) on temporal validation (see above)."""
     from learn_tasks import evaluate
 
+    grid = [{"model.id_dropout": p, "train.logq": q} for q in ([True, False] if logq else [False]) for p in ID_DROPOUTS]
     specs = [(home, dataset, "temporal", "learn", budget, epochs, sets)]
-    specs += [(home, dataset, "temporal", "learn_hybrid", budget, epochs,
-               sets + [_set("learn_hybrid", "model.id_dropout", p)]) for p in ID_DROPOUTS]
+    specs += [(home, dataset, "temporal", "learn_hybrid", budget, epochs, sets + [_set("learn_hybrid", k, v)
+                                                                                  for k, v in g.items()]) for g in grid]
     results = train_many(jobs, specs)
     cfg = load_settings(overrides=sets + ["evaluate.max_users=0"])
 
@@ -138,17 +151,20 @@ def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets:
                 if s in m for k in (50, 200)} | {"users": m["meta"]["users"], "epochs_run": tr["epochs_run"]}
 
     reference = valid("learn", results[0])
-    floor = COLD_SHARE * reference["cold_start_recall@50"]
-    rows = [{"id_dropout": p, **valid("learn_hybrid", tr)} for p, tr in zip(ID_DROPOUTS, results[1:])]
-    ok = [r for r in rows if r["cold_start_recall@50"] >= floor]
-    pick = min(ok, key=lambda r: r["id_dropout"]) if ok else max(rows, key=lambda r: r["cold_start_recall@50"])
+    cold_floor = COLD_SHARE * reference["cold_start_recall@50"]
+    tail_floor = reference["long_tail_recall@50"]
+    rows = [{**g, **valid("learn_hybrid", tr)} for g, tr in zip(grid, results[1:])]
+    ok = [r for r in rows if r["cold_start_recall@50"] >= cold_floor and r["long_tail_recall@50"] >= tail_floor]
+    pick = max(ok, key=lambda r: r["all_recall@200"]) if ok else max(rows, key=lambda r: r["cold_start_recall@50"])
     for r in rows:
         r["chosen"] = r is pick
-        print(f"   id_dropout {r['id_dropout']}: valid cold R@50 {r['cold_start_recall@50']:.4f} "
-              f"(floor {floor:.4f}), all R@200 {r['all_recall@200']:.4f}", flush=True)
-    return {"rule": f"smallest id_dropout with temporal-validation cold_start recall@50 >= {COLD_SHARE} x learn's",
-            "learn": reference, "runs": rows, "chosen": {"model.id_dropout": pick["id_dropout"]},
-            "budget_s": budget, "max_epochs": epochs}
+        print(f"   {r['model.id_dropout']=} {r['train.logq']=}: valid cold R@50 {r['cold_start_recall@50']:.4f} "
+              f"(floor {cold_floor:.4f}), tail R@50 {r['long_tail_recall@50']:.4f} (floor {tail_floor:.4f}), "
+              f"all R@200 {r['all_recall@200']:.4f}", flush=True)
+    return {"rule": f"best all recall@200 with temporal-validation cold_start recall@50 >= {COLD_SHARE} x learn's "
+                    "and long_tail recall@50 >= learn's (else the best cold_start recall@50)",
+            "learn": reference, "runs": rows, "constraints_met": bool(ok),
+            "chosen": {k: pick[k] for k in grid[0]}, "budget_s": budget, "max_epochs": epochs}
 
 
 def throughput(home: str, dataset: str, sets: list[str]) -> dict:
@@ -165,6 +181,17 @@ def throughput(home: str, dataset: str, sets: list[str]) -> dict:
 def chosen_sets(choices: dict[str, dict]) -> list[str]:
     """``{kind: {"section.field": value}}`` -> per-model ``--set`` overrides."""
     return [_set(kind, key, v) for kind, chosen in choices.items() for key, v in chosen.items()]
+
+
+def deep_merge(old: dict, new: dict) -> dict:
+    """``old`` updated with ``new``, nested dicts merged key by key (``meta`` is replaced whole)."""
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "meta":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def slim(metrics: dict) -> dict:
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
     ap.add_argument("--epochs", type=int, default=None,
                     help="most training epochs per model; early stopping on validation ends runs sooner (quick 1, full 40)")
-    ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model (quick 150, full 900)")
+    ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model (quick 150, full 600)")
     ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all)")
     ap.add_argument("--models", default=",".join(NEURAL + BASELINES))
     ap.add_argument("--protocols", default="loo,temporal")
@@ -201,19 +228,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated kinds to sweep on loo validation first (full default learn_hybrid,sasrec; '' = none)")
     ap.add_argument("--id-dropout", action=argparse.BooleanOptionalAction, default=None,
                     help="choose learn_hybrid's ID dropout on temporal validation first (default: on in full mode)")
-    ap.add_argument("--sweep-budget-s", type=float, default=180.0, help="training seconds per sweep run")
+    ap.add_argument("--sweep-budget-s", type=float, default=120.0, help="training seconds per sweep run")
     ap.add_argument("--sweep-epochs", type=int, default=10, help="most epochs per sweep run")
     ap.add_argument("--jobs", type=int, default=None,
                     help="training processes at a time, one thread each (quick 1, full: the CPU count)")
     ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
                     help="first time one epoch of each neural kind alone on the machine (default: on in full mode)")
     ap.add_argument("--merge", action="store_true", help="keep the entries of an existing output this run does not produce")
+    ap.add_argument("--ablation-only", action="store_true",
+                    help="only the LEARN ablation, next to the `learn` results of the existing output (implies --merge)")
     ap.add_argument("--output", type=Path, default=RESULT)
     args = ap.parse_args(argv)
 
     full = not args.quick
+    if args.ablation_only:  # the other phases and models come from the existing output
+        args.merge, args.ablation, args.sweep, args.id_dropout, args.throughput = True, True, "", False, False
+        args.models, args.protocols = "", "loo"
     epochs = args.epochs if args.epochs is not None else (40 if full else 1)
-    budget = args.budget_s if args.budget_s is not None else (900.0 if full else 150.0)
+    budget = args.budget_s if args.budget_s is not None else (600.0 if full else 150.0)
     max_users = args.max_users if args.max_users is not None else (0 if full else 4000)
     ablation = args.ablation if args.ablation is not None else full
     sweep_kinds = [k for k in (args.sweep if args.sweep is not None else ("learn_hybrid,sasrec" if full else "")).split(",") if k]
@@ -231,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== encoding {args.dataset} (once)", flush=True)
         encode.run(cfg, args.dataset)
 
-    models = args.models.split(",")
+    models = [m for m in args.models.split(",") if m]
     protocols = args.protocols.split(",")
     result: dict = {p: {} for p in protocols}
     details: dict = {p: {} for p in protocols}
@@ -248,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if id_dropout:
         print("== learn_hybrid ID dropout on temporal validation", flush=True)
         result["id_dropout"] = choose_id_dropout(args.home, args.dataset, args.sweep_budget_s, args.sweep_epochs,
-                                                 args.set + chosen_sets(choices), jobs)
+                                                 args.set + chosen_sets(choices), jobs,
+                                                 logq=train.resolve(load_settings(overrides=args.set + chosen_sets(choices)),
+                                                                    "learn_hybrid").train.logq)
         choices.setdefault("learn_hybrid", {}).update(result["id_dropout"]["chosen"])
     if choices:
         result["chosen"] = choices
@@ -279,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
     if ablation and "loo" in protocols:
         print("== ablation (loo)", flush=True)
+        previous = json.loads(args.output.read_text(encoding="utf-8")) if args.ablation_only else {}
+        for key in ("learn", "sasrec", "learn_hybrid"):  # the reference rows of the ablation table
+            if key not in result["loo"] and key in previous.get("loo", {}):
+                result["loo"][key] = previous["loo"][key]
         result["ablation_loo"] = {"learn": result["loo"].get("learn")}
         runs = train_many(jobs, [(args.home, args.dataset, "loo", "learn", budget, epochs, args.set + sets)
                                  for sets in ABLATION.values()])
@@ -305,14 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_at_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
         "created": datetime.now(timezone.utc).isoformat(), "extra_settings": args.set,
     }
-    if args.merge and args.output.exists():
-        old = json.loads(args.output.read_text(encoding="utf-8"))
-        for key, value in result.items():
-            if isinstance(value, dict) and isinstance(old.get(key), dict) and key != "meta":
-                old[key].update(value)
-            else:
-                old[key] = value
-        result = old
+    if args.merge and args.output.exists():  # the earlier run's meta stays; this run's goes beside it
+        result[f"meta_{'ablation' if args.ablation_only else 'update'}"] = result.pop("meta")
+        result = deep_merge(json.loads(args.output.read_text(encoding="utf-8")), result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")

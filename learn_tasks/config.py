@@ -76,6 +76,9 @@ class ModelConfig(_Section):
     max_len: int = Field(50, description="most recent events a user tower sees")
     out_dim: int = Field(64, description="width of the L2-normalised user and item embeddings")
     id_dropout: float = Field(0.1, description="learn_hybrid: probability an ID embedding is replaced by the unknown one")
+    mix_k: float = Field(0.0, ge=0, description="learn_hybrid: evidence weighting at inference; an item's score mixes "
+                                                "its ID-aware and content-only scores with weight n/(n+k), n = its "
+                                                "training events (0 = off; vectors are then 2 x out_dim wide)")
 
 
 class TrainConfig(_Section):

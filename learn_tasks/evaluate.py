@@ -346,7 +346,7 @@ def model_vectors(model, cat: Catalogue, cases: Cases, batch: int = 1024, device
             users.append(model.encode_users(content[r].to(device) if content is not None else None,
                                             torch.as_tensor(mask).to(device), idx[r].to(device)).float().cpu())
     model.train(was_training)
-    out = np.zeros((len(cases), c.out_dim), np.float32)
+    out = np.zeros((len(cases), c.vector_dim), np.float32)
     if users:
         out[order] = torch.cat(users).numpy()
     return out, torch.cat(items).numpy()

@@ -18,6 +18,15 @@ after t+1 events. The item tower is one of the paper's variants:
 * ``b`` a separate transformer of the same shape over the item alone,
 * ``c`` a linear projection of the (centred) raw content embedding.
 
+**Evidence weighting** (``learn_hybrid`` with ``mix_k`` > 0, inference only). A warm item's ID embedding makes
+its score sharper than a cold item's content-only score, so a plain hybrid rarely ranks never-seen items.
+With ``mix_k`` = k the score of item i is ``w_i <u, v_i> + (1 - w_i) <u', v'_i>`` where the unprimed
+vectors use the item IDs, the primed ones use the unknown-item row for every item (the content pathway
+the ID dropout trains), and ``w_i = n_i / (n_i + k)`` with ``n_i`` the item's training events (the
+``id_count`` buffer): a cold item is scored from content alone, a popular one almost only with its ID.
+The towers then return the concatenation ``[u, u']`` and ``[w v, (1 - w) v']`` (``2 * out_dim`` wide), so
+the mixed score is still one inner product for Milvus.
+
 Every item is encoded alone, in training and at serving, so an item embedding depends only on that item
 (its text, plus its ID for the hybrid): an item with zero interactions has one, and there is no train/serve
 skew. Both towers end in the same online projection to ``out_dim`` and an L2 normalisation, so a score is
@@ -62,6 +71,7 @@ class PCHConfig:
     out_dim: int = 64
     n_items: int = 0  # ID vocab size without the unknown row: ids 1..n_items, 0 = unknown
     id_dropout: float = 0.1  # learn_hybrid: probability of replacing an ID embedding by the unknown one
+    mix_k: float = 0.0  # learn_hybrid: evidence weighting at inference (0 = off), see the module docstring
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -72,6 +82,8 @@ class PCHConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kind != "learn" and self.n_items < 1:
             raise ValueError(f"kind {self.kind!r} needs an ID vocab (n_items >= 1)")
+        if self.mix_k < 0 or (self.mix_k > 0 and self.kind != "learn_hybrid"):
+            raise ValueError(f"mix_k must be >= 0 and is for learn_hybrid only, got {self.mix_k} for {self.kind!r}")
 
     @property
     def uses_content(self) -> bool:
@@ -80,6 +92,11 @@ class PCHConfig:
     @property
     def uses_ids(self) -> bool:
         return self.kind != "learn"
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of the served user and item vectors (twice ``out_dim`` with evidence weighting)."""
+        return 2 * self.out_dim if self.mix_k > 0 else self.out_dim
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PCHConfig":
@@ -153,6 +170,8 @@ class PCH(nn.Module):
         if c.uses_ids:
             self.item_id = nn.Embedding(c.n_items + 1, c.d_model)  # row 0 = unknown item
             nn.init.normal_(self.item_id.weight, std=0.02 if c.kind == "learn_hybrid" else 0.1)
+        if c.kind == "learn_hybrid":
+            self.register_buffer("id_count", torch.zeros(c.n_items + 1))  # training events per ID row (set by training)
         self.transformer = Transformer(c)
         if c.kind != "sasrec" and c.item_tower == "b":
             self.item_transformer = Transformer(c)
@@ -206,8 +225,20 @@ class PCH(nn.Module):
             return self.project(self.transformer(x[:, None, :])[:, 0])
         return self.project(self.item_transformer(x[:, None, :])[:, 0])
 
+    @property
+    def mixing(self) -> bool:
+        return self.config.mix_k > 0 and not self.training
+
     def encode_items(self, content: Tensor | None, item_idx: Tensor | None = None) -> Tensor:
-        """[N, d_in] content (+ [N] ID rows, 0 = unknown) -> [N, out_dim] L2-normalised item embeddings."""
+        """[N, d_in] content (+ [N] ID rows, 0 = unknown) -> [N, vector_dim] item embeddings (L2-normalised
+        halves; with evidence weighting ``[w v, (1 - w) v']``)."""
+        if not self.mixing:
+            return self._encode_items(content, item_idx)
+        n = self.id_count[item_idx] if item_idx is not None else torch.zeros(content.shape[:-1], device=content.device)
+        w = (n / (n + self.config.mix_k))[..., None]
+        return torch.cat([w * self._encode_items(content, item_idx), (1 - w) * self._encode_items(content, None)], -1)
+
+    def _encode_items(self, content: Tensor | None, item_idx: Tensor | None = None) -> Tensor:
         if self.item_tower_reuses_inputs:
             return self.items_from_inputs(self.embed_items(content, item_idx))
         if content is None:
@@ -218,11 +249,17 @@ class PCH(nn.Module):
         return self.project(h)
 
     def encode_users(self, content: Tensor | None, mask: Tensor, item_idx: Tensor | None = None) -> Tensor:
-        """[B, L, d_in] history (+ [B, L] ID rows), [B, L] event mask -> [B, out_dim] after the last event.
+        """[B, L, d_in] history (+ [B, L] ID rows), [B, L] event mask -> [B, vector_dim] after the last event
+        (with evidence weighting ``[u, u']``: the user read with and without the IDs of the history).
 
         Sequences longer than ``max_len`` keep their most recent events. Rows with no event get the
         embedding of an empty history's first position (callers should not ask for them).
         """
+        if self.mixing:
+            return torch.cat([self._encode_users(content, mask, item_idx), self._encode_users(content, mask, None)], -1)
+        return self._encode_users(content, mask, item_idx)
+
+    def _encode_users(self, content: Tensor | None, mask: Tensor, item_idx: Tensor | None = None) -> Tensor:
         content, mask, item_idx = left_align(content, mask, item_idx)
         L = self.config.max_len
         if mask.shape[1] > L:  # keep the most recent max_len events of each row
@@ -284,5 +321,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise FileNotFoundError(f"{directory / name}: checkpoint file missing")
     cfg = PCHConfig.from_dict(json.loads((directory / CONFIG).read_text(encoding="utf-8")))
     model = PCH(cfg)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    state = load_file(str(directory / WEIGHTS))
+    if cfg.kind == "learn_hybrid" and "id_count" not in state and cfg.mix_k == 0:
+        state["id_count"] = model.id_count  # a checkpoint from before evidence weighting (unused without it)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), cfg

@@ -188,7 +188,7 @@ class ModelBundle:
                 chunk = item_ids[lo:lo + batch]
                 content = torch.from_numpy(self._content_rows(chunk)) if self.uses_content else None
                 out.append(self.net.encode_items(content, torch.from_numpy(self._idx(chunk))).float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.net.config.out_dim), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.net.config.vector_dim), np.float32)
 
     def new_item_vectors(self, content: np.ndarray) -> np.ndarray:
         """Item-tower embeddings of items the model never saw (ID row 0 = unknown)."""
@@ -228,7 +228,7 @@ class ModelBundle:
                                                                            kind="stable")
         hist = [usable_history(g.tolist(), self.knows, self.max_len) for _, g in sub.groupby(S.USER_ID)[S.ITEM_ID]]
         hist = [h for h in hist if h]
-        return self.user_vectors(hist) if hist else np.zeros((0, self.net.config.out_dim), np.float32)
+        return self.user_vectors(hist) if hist else np.zeros((0, self.net.config.vector_dim), np.float32)
 
 
 # ==================================================================================================

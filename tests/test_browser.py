@@ -274,7 +274,7 @@ def test_trigger_learn_pipeline_in_the_airflow_ui(local_stack, browser, capsys) 
     wait(d, 60, lambda d: "/runs/" in d.current_url, "the UI did not open the triggered run")
     run_id = urllib.parse.unquote(d.current_url.split("/runs/", 1)[1].split("/")[0].split("?")[0])
     run = _airflow_api(local_stack, f"/api/v2/dags/learn_pipeline/dagRuns/{urllib.parse.quote(run_id, safe='')}")
-    assert run["conf"] == RUN_PARAMS | {"window_days": 1}, run["conf"]  # what the form sent, with the default
+    assert run["conf"] == RUN_PARAMS | {"window_days": 1, "model": None}, run["conf"]  # what the form sent, with the defaults
     result = _wait_for_run(local_stack, run_id)
     assert all(s == "success" for s in result["states"].values()) and "load_milvus" in result["states"]
     _runs["run"] = result

@@ -66,7 +66,10 @@ def test_learn_pipeline_shape_and_params(dagbag) -> None:
     assert up["summarize"] == {"monitor"}
     assert dag.get_task("encode_new_items").is_mapped  # dynamic task mapping over shards
     params = dag.params
-    assert set(params) == {"dataset", "mode", "window_days", "epochs", "budget_s"}
+    assert set(params) == {"dataset", "mode", "window_days", "epochs", "budget_s", "model"}
+    from learn_tasks.pipeline import KINDS
+
+    assert set(params.get_param("model").schema["enum"]) == {None, *KINDS}  # empty = pipeline.model
     assert params.get_param("mode").schema["enum"] == ["full", "incremental"]
     assert "integer" in params.get_param("epochs").schema["type"]
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # daily, with a real data interval

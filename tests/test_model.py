@@ -142,6 +142,49 @@ def test_id_dropout_uses_the_unknown_embedding_in_training_only():
     assert not torch.allclose(m.encode_items(content[0], ids), unknown, atol=1e-3)
 
 
+def test_evidence_weighting_scores_cold_items_from_content_and_popular_items_by_id():
+    k = 4.0
+    m = make("learn_hybrid", mix_k=k)
+    with torch.no_grad():
+        m.id_count.copy_(torch.arange(21, dtype=torch.float32) * 3)  # row r: 3r training events, row 0 none
+    content, mask, idx = batch()
+    ids = torch.tensor([0, 1, 20])
+    items = m.encode_items(content[0][:3], ids)
+    plain = make("learn_hybrid")  # same seed, same weights, no weighting
+    plain.load_state_dict(m.state_dict())
+    assert items.shape == (3, 2 * m.config.out_dim) == (3, m.config.vector_dim)
+    w = torch.tensor([0.0, 3 / (3 + k), 60 / (60 + k)])[:, None]
+    with_id = plain.encode_items(content[0][:3], ids)
+    content_only = plain.encode_items(content[0][:3])
+    assert torch.allclose(items, torch.cat([w * with_id, (1 - w) * content_only], 1), atol=1e-6)
+    users = m.encode_users(content, mask, idx)
+    assert torch.allclose(users, torch.cat([plain.encode_users(content, mask, idx), plain.encode_users(content, mask)], 1),
+                          atol=1e-6)
+    # the mixed score is one inner product: w <u, v> + (1 - w) <u', v'>
+    score = users @ items.T
+    expect = (plain.encode_users(content, mask, idx) @ with_id.T) * w.T + \
+        (plain.encode_users(content, mask) @ content_only.T) * (1 - w).T
+    assert torch.allclose(score, expect, atol=1e-5)
+    # a never-seen item (row 0) does not depend on any ID embedding
+    before = m.encode_items(content[0][:1], torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        m.item_id.weight[1:] = torch.randn_like(m.item_id.weight[1:]) * 10
+    assert torch.allclose(m.encode_items(content[0][:1], torch.zeros(1, dtype=torch.long)), before, atol=1e-6)
+    m.train()  # training never mixes: one out_dim vector per item
+    assert m.encode_items(content[0][:3], ids).shape == (3, m.config.out_dim)
+    with pytest.raises(ValueError, match="mix_k"):
+        make("sasrec", mix_k=1.0)
+
+
+def test_checkpoints_keep_the_evidence_counts(tmp_path):
+    m = make("learn_hybrid", mix_k=2.0)
+    with torch.no_grad():
+        m.id_count.copy_(torch.arange(21, dtype=torch.float32))
+    save_checkpoint(m, m.config, tmp_path)
+    back, cfg = load_checkpoint(tmp_path)
+    assert cfg.mix_k == 2.0 and torch.equal(back.id_count, m.id_count)
+
+
 def test_sasrec_ignores_content_and_shares_its_id_table():
     m = make("sasrec")
     content, mask, idx = batch()

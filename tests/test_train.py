@@ -253,6 +253,13 @@ def test_cold_items_take_the_unknown_embedding_path_at_inference(settings, synth
     with torch.no_grad():
         content_only = model.encode_items(torch.as_tensor(cat.content[cold]), None).numpy()
     np.testing.assert_allclose(items[cold], content_only, atol=1e-5)
+    # evidence weighting (on by default): counts per ID row are the training events, and a cold item's
+    # vector is its content pathway alone, [0, v']
+    assert model.config.mix_k > 0 and items.shape[1] == 2 * model.config.out_dim
+    warm = cat.popularity > 0
+    np.testing.assert_array_equal(model.id_count.numpy()[cat.item_idx[warm]], cat.popularity[warm])
+    assert model.id_count[0] == 0 and np.abs(items[cold][:, :model.config.out_dim]).max() == 0
+    assert np.abs(items[warm][:, :model.config.out_dim]).max() > 0
 
 
 def test_users_with_one_training_event_are_not_sequences():
@@ -289,3 +296,17 @@ def test_dense_all_action_logq_shifts_only_relative_scores():
     # penalising the random negatives' sampling probability less makes them stronger negatives
     harder = dense_all_action_loss(user, ok, items, ids, ok, 0.3, neg, nid, torch.zeros(3, 2), torch.full((5,), -2.0))
     assert harder.item() > base.item()
+
+
+def test_kind_defaults_then_per_model_settings(settings):
+    hybrid = train.resolve(settings, "learn_hybrid")
+    assert hybrid.model.kind == "learn_hybrid" and hybrid.train.loss == "next_item"
+    assert hybrid.model.id_dropout == train.KIND_DEFAULTS["learn_hybrid"]["model"]["id_dropout"]
+    assert train.resolve(settings, "learn").train.loss == "dense_all_action"  # the paper's loss
+    mine = settings.with_overrides(train={"per_model": {"learn_hybrid": {"model": {"id_dropout": 0.9}},
+                                                        "sasrec": {"train": {"lr": 0.02}}}})
+    assert train.resolve(mine, "learn_hybrid").model.id_dropout == 0.9
+    assert train.resolve(mine, "learn_hybrid").train.logq is hybrid.train.logq  # the rest stays
+    assert train.resolve(mine, "sasrec").train.lr == 0.02
+    with pytest.raises(ValueError, match="only 'model' and 'train'"):
+        train.resolve(settings.with_overrides(train={"per_model": {"learn": {"serve": {}}}}), "learn")
