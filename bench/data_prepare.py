@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from learn_tasks import data
+from learn_tasks.data import datasets as data
 from learn_tasks.config import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_prepare.json"

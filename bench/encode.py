@@ -1,4 +1,4 @@
-"""Benchmark: CEG throughput of ``learn_tasks.encode`` against ``SentenceTransformer.encode``.
+"""Benchmark: CEG throughput of ``learn_tasks.ceg.encode`` against ``SentenceTransformer.encode``.
 
 Both encode the same item texts (the Amazon Books sample's titles rendered with ``encode.template``,
 exactly what ``learn encode`` encodes) with the same model (the packaged all-MiniLM-L6-v2), the same
@@ -48,7 +48,7 @@ MIN_FAST_COSINE = 0.99  # fast mode vs exact fp32, per item
 # -------------------------------------------------------------------------------------------- sides
 def make_side(side: str, threads: int, fast: str, st_batch_size: int):
     """A function texts -> float32 [N, D] for one side: ours (exact fp32), st, or fast."""
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
     from learn_tasks.config import load_settings
 
     overrides = [f"encode.threads={threads}"]
@@ -102,7 +102,8 @@ def measure_memory(side: str, texts_path: Path, args: argparse.Namespace) -> dic
 
 # -------------------------------------------------------------------------------------------- texts
 def load_texts(dataset: str | None, n: int | None, seed: int = 0) -> tuple[list[str], str]:
-    from learn_tasks import data, encode
+    from learn_tasks.data import datasets as data
+    from learn_tasks.ceg import encode
     from learn_tasks.config import load_settings
 
     cfg = load_settings()

@@ -185,14 +185,15 @@ def main() -> None:
     home = Path(args.home)
     work = work_home(home, "-load-bench")
     os.environ["LEARN_HOME"] = str(work)
-    from learn_tasks import data, schema as S
+    from learn_tasks import schema as S
+    from learn_tasks.data import datasets as data
     from learn_tasks.config import load_settings
     from learn_tasks.storage import write_json
 
     cfg = load_settings()
     t_start = time.perf_counter()
     prep = sb.prepare(cfg, args.dataset, args.train_budget_s)
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     index.close(cfg)  # release in-process Milvus Lite: the service process opens it next
     inter = data.load_interactions(cfg, args.dataset)

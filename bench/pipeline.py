@@ -46,7 +46,7 @@ def carve(home: Path, quick: bool, seed: int = 0) -> dict:
     import numpy as np
     import pandas as pd
 
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
     from learn_tasks import schema as S
 
     cfg = _settings(home)
@@ -96,7 +96,7 @@ def phase(home: Path, mode: str, day: str, quick: bool, out: Path) -> None:
         for key, value in {"BUDGET_S": "45", "INCREMENTAL_BUDGET_S": "10", "EVAL_USERS": "3000",
                            "GATE_USERS": "2000"}.items():
             os.environ[f"LEARN_PIPELINE__{key}"] = value  # the in-process tasks load settings themselves
-    from learn_tasks import pipeline as P
+    from learn_tasks.orchestration import pipeline as P
 
     if mode == "incremental":  # the new batch arrives
         incoming = P.incoming_dir(cfg, DATASET)

@@ -9,7 +9,7 @@ The full run, in order (every choice is made on validation, never on test):
 4. every neural model trained to convergence with the chosen settings: early stopping on validation
    Recall@200 (``train.patience`` epochs), ``--epochs`` and ``--budget-s`` as caps; ``--jobs`` training
    processes at a time, one thread each, each in its own process so its peak memory is its own;
-5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluate``);
+5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluation.evaluate``);
 6. the LEARN ablation (loo).
 
     python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol, no sweep
@@ -104,7 +104,7 @@ def _set(kind: str, key: str, value) -> str:
 
 def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
     """Train each variant under loo (``jobs`` at a time) and keep the values that beat the defaults."""
-    from learn_tasks import train
+    from learn_tasks.training import train
 
     cfg = load_settings(overrides=sets)
     out: dict = {}
@@ -136,7 +136,7 @@ def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int,
 def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int,
                       logq: bool) -> dict:
     """learn_hybrid's ID dropout (and logQ, when the loo sweep chose it) on temporal validation (see above)."""
-    from learn_tasks import evaluate
+    from learn_tasks.evaluation import evaluate
 
     grid = [{"model.id_dropout": p, "train.logq": q} for q in ([True, False] if logq else [False]) for p in ID_DROPOUTS]
     specs = [(home, dataset, "temporal", "learn", budget, epochs, sets)]
@@ -255,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         args.set = ["train.val_users=1000"] + args.set
     os.environ["LEARN_HOME"] = args.home
     cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
-    from learn_tasks import data, encode, evaluate, train
+    from learn_tasks.data import datasets as data
+    from learn_tasks.ceg import encode
+    from learn_tasks.evaluation import evaluate
+    from learn_tasks.training import train
 
     if args.dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
         data.ensure_prepared(cfg, args.dataset)

@@ -62,10 +62,14 @@ def free_port() -> int:
 # -------------------------------------------------------------------------------------------- prepare
 def prepare(cfg, dataset: str, train_budget_s: float) -> dict:
     """Embeddings, promoted model, features and index: made only when missing or out of date."""
-    from learn_tasks import encode, features, index, registry, train
+    from learn_tasks.ceg import encode
+    from learn_tasks.online import features
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     out: dict = {}
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     if dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
         data.ensure_prepared(cfg, dataset)
@@ -94,8 +98,10 @@ def prepare(cfg, dataset: str, train_budget_s: float) -> dict:
 
 def index_check(cfg, dataset: str, n_queries: int, n_latency: int) -> dict:
     """Milvus search latency and recall@10 against exact numpy search, on real user embeddings."""
-    from learn_tasks import data, index, registry
-    from learn_tasks.serve import ModelBundle
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
+    from learn_tasks.online.service import ModelBundle
 
     client = index.connect(cfg)
     target = index.current(cfg, dataset)
@@ -269,7 +275,8 @@ def main() -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(Path(args.home).resolve() / sub, target_is_directory=True)
     os.environ["LEARN_HOME"] = str(work)
-    from learn_tasks import data, schema as S
+    from learn_tasks import schema as S
+    from learn_tasks.data import datasets as data
     from learn_tasks.config import load_settings
 
     cfg = load_settings()

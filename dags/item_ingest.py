@@ -31,13 +31,13 @@ NEW_ITEMS = Asset(name="learn_new_items", uri="file:///learn/incoming/items", gr
 
 
 def _on_failure(context: Any) -> None:
-    from learn_tasks.pipeline import on_task_failure
+    from learn_tasks.orchestration.pipeline import on_task_failure
 
     on_task_failure(context)
 
 
 def _on_retry(context: Any) -> None:
-    from learn_tasks.pipeline import on_task_retry
+    from learn_tasks.orchestration.pipeline import on_task_retry
 
     on_task_retry(context)
 
@@ -69,28 +69,28 @@ def item_ingest() -> None:
     @task.short_circuit
     def land_items() -> dict:
         """Move new item files into this run's landing folder; no new file = skip the rest of the run."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("land_items")
 
     @task
     def validate_items() -> dict:
         """Great Expectations item suite; quarantine bad rows; upsert good rows into the catalogue."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("validate_items")
 
     @task
     def encode_items() -> dict:
         """Content embeddings for items that have no up-to-date one."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("encode_items")
 
     @task
     def upsert_items() -> dict:
         """Item tower of the promoted model over the new items -> upsert into the live Milvus collection."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("upsert_items")
 

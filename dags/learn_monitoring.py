@@ -1,7 +1,7 @@
 """
 ### learn_monitoring: daily cold-start and long-tail drift check for on-call
 
-One task, **monitor**, calls `learn_tasks.monitor.run`: Evidently reports comparing the newest window of
+One task, **monitor**, calls `learn_tasks.monitoring.monitor.run`: Evidently reports comparing the newest window of
 interactions with the training window (share of events on cold-start items, long-tail share among
 warm-item events, popularity drift, new-user share, events per user, content-embedding drift of new
 items against the catalogue) plus Recall/NDCG@K, coverage and exposure per slice from the newest
@@ -69,7 +69,7 @@ def learn_monitoring() -> None:
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException
 
-        from learn_tasks import monitor as mon
+        from learn_tasks.monitoring import monitor as mon
         from learn_tasks.config import load_settings
 
         ctx = get_current_context()

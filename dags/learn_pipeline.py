@@ -27,7 +27,7 @@ train_pch -> evaluate -> promotion_gate -> load_milvus -> monitor -> summarize
 
 Every task is idempotent for its data interval: re-running a day trains no second model and leaves the
 feature store, the embedding store and Milvus as they are. Each task is one call into
-`learn_tasks.pipeline`; heavy libraries are imported inside the tasks, so parsing this file is fast.
+`learn_tasks.orchestration.pipeline`; heavy libraries are imported inside the tasks, so parsing this file is fast.
 A failed task writes a one-line reason to its log and to `$LEARN_HOME/pipeline/<run key>/failures/`.
 """
 from __future__ import annotations
@@ -40,13 +40,13 @@ from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
 
 def _on_failure(context: Any) -> None:
-    from learn_tasks.pipeline import on_task_failure
+    from learn_tasks.orchestration.pipeline import on_task_failure
 
     on_task_failure(context)
 
 
 def _on_retry(context: Any) -> None:
-    from learn_tasks.pipeline import on_task_retry
+    from learn_tasks.orchestration.pipeline import on_task_retry
 
     on_task_retry(context)
 
@@ -95,28 +95,28 @@ def learn_pipeline() -> None:
     @task
     def land_logs() -> dict:
         """Move new log and item files into this interval's landing folder (full: snapshot the history)."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("land_logs")
 
     @task
     def validate_logs() -> dict:
         """Great Expectations on logs and items; quarantine bad rows; publish accepted rows."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("validate_logs")
 
     @task
     def refresh_user_features() -> dict:
         """Feast: rebuild user and item feature tables, apply, materialise to the online store."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("refresh_user_features")
 
     @task
     def plan_encode_shards() -> list:
         """Split the catalogue into encode shards ([i, n] pairs) for the mapped encode task."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("plan_encode_shards")
 
@@ -124,49 +124,49 @@ def learn_pipeline() -> None:
           doc_md="Content embeddings (frozen LLM) for one shard's items that have none up to date.")
     def encode_new_items(shard: list) -> dict:
         """Content embeddings (frozen LLM) for the shard's items that have none up to date."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("encode_new_items", shard)
 
     @task
     def train_pch(encoded: Any) -> dict:
         """Train the PCH towers: from scratch (full) or warm-started from the promoted model (incremental)."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("train_pch", encoded)
 
     @task
     def evaluate(trained: dict) -> dict:
         """Full-ranking metrics of the candidate: test slices for the report, validation for the gate."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("evaluate", trained)
 
     @task
     def promotion_gate(trained: dict, evaluated: dict) -> dict:
         """Promote the candidate unless it is worse than the serving model by more than the margin."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("promotion_gate", trained, evaluated)
 
     @task
     def load_milvus(gate: dict) -> dict:
         """Item tower of the serving model over the catalogue -> new Milvus collection, alias swap."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("load_milvus", gate)
 
     @task
     def monitor() -> dict:
         """Evidently drift and cold-start / long-tail slice monitoring."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return task_call("monitor")
 
     @task
     def summarize() -> dict:
         """Write the run summary (validation, encoding, training, evaluation, promotion, Milvus, reports)."""
-        from learn_tasks.pipeline import task_call
+        from learn_tasks.orchestration.pipeline import task_call
 
         return {"summary": task_call("summarize")["reports"]["summary"]}
 

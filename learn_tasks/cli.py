@@ -59,7 +59,7 @@ def fail(message: str, code: int = 2) -> None:
 def data_fetch(ctx: typer.Context, name: str = typer.Argument(..., help="registered dataset name"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Get a public dataset into LEARN_HOME/raw/NAME (local mirror if configured, else download; sha256 checked)."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     try:
         emit(data.fetch(settings(ctx), name), as_json)
@@ -77,7 +77,7 @@ def data_prepare(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Read a public format into canonical Parquet; bad rows go to quarantine with file, line and reason."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     try:
         emit(data.prepare(settings(ctx, data__kcore=kcore), format, input, name), as_json)
@@ -90,7 +90,7 @@ def data_split(ctx: typer.Context, name: str = typer.Argument(...),
                protocol: str = typer.Option("loo", "--protocol", help="loo | temporal"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Write the split (leave-one-out or global temporal) of a prepared dataset."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     try:
         emit(data.run_split(settings(ctx), name, protocol), as_json)
@@ -101,7 +101,7 @@ def data_split(ctx: typer.Context, name: str = typer.Argument(...),
 @data_app.command("stats")
 def data_stats(ctx: typer.Context, name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
     """Users, items, interactions, sequence lengths, time range, cold-start shares under the temporal split."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     try:
         emit(data.stats(settings(ctx), name), as_json)
@@ -122,7 +122,7 @@ def encode_cmd(
     """Content embeddings (CEG) with a frozen LLM: only items without an up-to-date embedding are encoded."""
     import logging
 
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
@@ -147,7 +147,8 @@ def train_cmd(
     """Train PCH towers (or SASRec) on a split; per-epoch loss, throughput and validation Recall@K go to stderr."""
     import logging
 
-    from learn_tasks import registry, train
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     cfg = settings(ctx)
@@ -174,7 +175,7 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Full-ranking Recall/HR/NDCG@K and MRR by slice, coverage; writes metrics.json and a report."""
-    from learn_tasks import evaluate
+    from learn_tasks.evaluation import evaluate
 
     try:
         result = evaluate.run(settings(ctx, evaluate__max_users=max_users), dataset, protocol, model=model,
@@ -195,7 +196,7 @@ def features_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Feast: build the feature Parquet, apply feature_repo/, materialise the window (re-running changes nothing)."""
-    from learn_tasks import features
+    from learn_tasks.online import features
 
     try:
         emit(features.run(settings(ctx), dataset, start=start, end=end, force=force), as_json)
@@ -224,7 +225,7 @@ def index_cmd(
         return
     if dataset is None:
         fail("--dataset is required (or a sub-command: list, rollback, server)")
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     try:
         emit(index.run(settings(ctx), dataset, run_dir=run_dir, swap=not no_swap), as_json)
@@ -236,7 +237,7 @@ def index_cmd(
 def index_list(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """The dataset's index versions (oldest first) and which one the alias points at."""
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     try:
         cfg = settings(ctx)
@@ -250,7 +251,7 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
                    to: Optional[str] = typer.Option(None, "--to", help="version or collection (default: the previous)"),
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Point the alias back at an older version, in one step."""
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     try:
         emit(index.rollback(settings(ctx), dataset, to=to), as_json)
@@ -262,7 +263,7 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
 def index_server_start(ctx: typer.Context, port: Optional[int] = typer.Option(None, "--port", help="default index.server_port"),
                        as_json: bool = typer.Option(False, "--json")) -> None:
     """Start the Milvus Lite server on 127.0.0.1 (no-op when it runs); other commands then use its URI."""
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     try:
         emit(milvus_server.start(settings(ctx), port=port), as_json)
@@ -273,7 +274,7 @@ def index_server_start(ctx: typer.Context, port: Optional[int] = typer.Option(No
 @index_server_app.command("stop")
 def index_server_stop(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stop the Milvus Lite server started from this LEARN_HOME."""
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     emit(milvus_server.stop(settings(ctx)), as_json)
 
@@ -281,7 +282,7 @@ def index_server_stop(ctx: typer.Context, as_json: bool = typer.Option(False, "-
 @index_server_app.command("status")
 def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Whether the Milvus Lite server runs, with its URI."""
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     emit(milvus_server.status(settings(ctx)), as_json)
 
@@ -297,7 +298,9 @@ def serve_cmd(
     """Serve the promoted model: GET /recommendations/{user_id}, POST /items, POST /events, /health, /metrics, /docs."""
     import logging
 
-    from learn_tasks import features, index, serve
+    from learn_tasks.online import features
+    from learn_tasks.online import index
+    from learn_tasks.online import service as serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
@@ -318,7 +321,8 @@ def validate_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Great Expectations checks; bad rows quarantined; exit 1 when a table's failed share is over the threshold."""
-    from learn_tasks import data, validate
+    from learn_tasks.data import datasets as data
+    from learn_tasks.data import validation as validate
 
     try:
         emit(validate.run(settings(ctx), dataset, input=input, start=start, end=end), as_json)
@@ -352,7 +356,8 @@ def monitor_cmd(
         return
     if dataset is None:
         fail("--dataset is required (or the sub-command: ui)")
-    from learn_tasks import data, monitor
+    from learn_tasks.data import datasets as data
+    from learn_tasks.monitoring import monitor
 
     try:
         result = monitor.run(settings(ctx), dataset, start, end, run_id=run_id, run_date=date)
@@ -374,7 +379,7 @@ def monitor_ui(
     host: Optional[str] = typer.Option(None, "--host", help="default monitor.ui_host (loopback)"),
 ) -> None:
     """Serve the Evidently UI over LEARN_HOME/evidently (the on-call dashboard); Ctrl-C stops it."""
-    from learn_tasks import monitor
+    from learn_tasks.monitoring import monitor
 
     cfg = settings(ctx)
     typer.echo(f"Evidently UI on http://{host or cfg.monitor.ui_host}:{port or cfg.monitor.ui_port} "
@@ -418,7 +423,7 @@ def run_cmd(
 
     Exit 0 only when every task succeeded. Airflow's home and SQLite DB live under LEARN_HOME/airflow.
     """
-    from learn_tasks import pipeline
+    from learn_tasks.orchestration import pipeline
 
     import os
 
@@ -458,7 +463,8 @@ def rollback_cmd(
 ) -> None:
     """Serve an older model again: the Milvus alias moves back to its (complete) collection in one step and
     its training run is promoted, so the service's model and index agree. Restart the service afterwards."""
-    from learn_tasks import index, registry
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
 
     cfg = settings(ctx)
     try:
@@ -497,7 +503,7 @@ def up_cmd(
     """
     import os
 
-    from learn_tasks import stack
+    from learn_tasks.ops import stack
 
     _export_settings(ctx)
     if dataset:  # the service serves it and the DAGs' tasks default to it
@@ -532,7 +538,7 @@ def up_cmd(
 @app.command("status")
 def status_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """What of the local stack runs, with URLs and health. Exit 0 when all of it runs, 3 otherwise."""
-    from learn_tasks import stack
+    from learn_tasks.ops import stack
 
     res = stack.status(settings(ctx))
     if as_json:
@@ -549,7 +555,7 @@ def status_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")
 @app.command("down")
 def down_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stop exactly the processes `learn up` started (pid files under LEARN_HOME/run/)."""
-    from learn_tasks import stack
+    from learn_tasks.ops import stack
 
     try:
         res = stack.down(settings(ctx))

@@ -22,7 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_ROOT / "configs" / "default.yaml"
+MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "models"  # one <kind>.yaml per trainable model kind
 ENV_PREFIX = "LEARN_"
+
+# The model kinds, named once. Trainable kinds have a PCH/SASRec network and a configs/models/<kind>.yaml;
+# baselines are computed from the training data at evaluation time.
+MODEL_KINDS = ("learn", "learn_hybrid", "sasrec")
+BASELINE_KINDS = ("popular", "content_knn")
+EVAL_KINDS = MODEL_KINDS + BASELINE_KINDS
+DEFAULT_MODEL_KIND = "learn_hybrid"  # what the pipeline trains and the CLI uses unless told otherwise
+ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -65,9 +74,9 @@ class EncodeConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """PCH towers (see learn_tasks/model.py); ``d_in`` and the ID vocab size come from the data."""
+    """PCH towers (see learn_tasks/pch/model.py); ``d_in`` and the ID vocab size come from the data."""
 
-    kind: Literal["learn", "learn_hybrid", "sasrec"] = "learn"
+    kind: ModelKind = DEFAULT_MODEL_KIND
     item_tower: Literal["a", "b", "c"] = Field("a", description="a: shared transformer, b: own transformer, c: projection")
     d_model: int = 64
     n_layers: int = 2
@@ -104,7 +113,7 @@ class TrainConfig(_Section):
     encode_missing: bool = Field(False, description="encode items missing from the embedding store first")
     per_model: dict[str, dict[str, dict[str, Any]]] = Field(
         default_factory=dict,
-        description="per model kind: {'model': {...}, 'train': {...}} overrides, merged over learn_tasks.train.KIND_DEFAULTS")
+        description="per model kind: {'model': {...}, 'train': {...}} overrides, merged over learn_tasks.training.train.KIND_DEFAULTS")
 
 
 class EvalConfig(_Section):
@@ -116,7 +125,7 @@ class EvalConfig(_Section):
 
 
 class FeaturesConfig(_Section):
-    """Feast user and item features (``feature_repo/`` definitions, ``learn_tasks/features.py``)."""
+    """Feast user and item features (``feature_repo/`` definitions, ``learn_tasks/online/features.py``)."""
 
     recent_items: int = Field(0, description="L: recent item ids kept per user; 0 = model.max_len")
     window_days: float = Field(0.0, description="materialise the last N days before the window end; 0 = all history")
@@ -130,7 +139,7 @@ class FeaturesConfig(_Section):
 
 
 class IndexConfig(_Section):
-    """Milvus item index (``learn_tasks/index.py``)."""
+    """Milvus item index (``learn_tasks/online/index.py``)."""
 
     uri: str | None = Field(None, description="None = Milvus Lite under LEARN_HOME (or its running local server); "
                                               "http://host:19530 = a Milvus server")
@@ -147,7 +156,7 @@ class IndexConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """The recommendation API (``learn_tasks/serve.py``)."""
+    """The recommendation API (``learn_tasks/online/service.py``)."""
 
     dataset: str | None = Field(None, description="dataset whose promoted model is served; None = pipeline.dataset")
     host: str = "127.0.0.1"
@@ -164,7 +173,7 @@ class ServeConfig(_Section):
 
 
 class ValidateConfig(_Section):
-    """Great Expectations checks of logs and catalogue (``learn_tasks/validate.py``)."""
+    """Great Expectations checks of logs and catalogue (``learn_tasks/data/validation.py``)."""
 
     max_failed_share: float = Field(0.05, description="fail the batch when a table has more bad rows than this share")
     max_title_chars: int = Field(1000, description="longest accepted item title")
@@ -176,7 +185,7 @@ class ValidateConfig(_Section):
 
 
 class MonitorConfig(_Section):
-    """Monitoring (learn_tasks/monitor.py): alert thresholds (None = off; see monitoring/thresholds.md)."""
+    """Monitoring (learn_tasks/monitoring/monitor.py): alert thresholds (None = off; see monitoring/thresholds.md)."""
 
     # --- alert thresholds, calibrated on the Amazon Books sample's temporal split (no alert there)
     cold_start_share_max: float | None = Field(
@@ -213,7 +222,8 @@ class MonitorConfig(_Section):
     embedding_report_components: int = Field(5, ge=1, description="principal components shown in the content report")
     seed: int = 0
     # --- where results go
-    eval_model: str | None = Field("learn", description="evaluation whose metrics are tracked (empty = any model)")
+    eval_model: str | None = Field(None, description="model kind whose evaluation is tracked; None = the promoted "
+                                                     "model's kind, else pipeline.model")
     project: str = Field("learn monitoring: {dataset}", description="Evidently workspace project name")
     dashboard_file: str | None = Field(None, description="dashboard definition (default monitoring/dashboard.yaml)")
     ui_host: str = Field("127.0.0.1", description="Evidently UI host (loopback)")
@@ -221,14 +231,14 @@ class MonitorConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """The orchestrated pipeline (``learn_tasks/pipeline.py``, ``dags/``, ``learn run``)."""
+    """The orchestrated pipeline (``learn_tasks/orchestration/pipeline.py``, ``dags/``, ``learn run``)."""
 
     dataset: str = Field("amazon-books-2014-sample", description="dataset of `learn run` and the DAGs")
     format: str = "seqrec"
     mode: Literal["full", "incremental"] = Field("full", description="full retrain or warm-started increment")
     protocol: Literal["loo", "temporal"] = "loo"
-    model: Literal["learn", "learn_hybrid", "sasrec"] = Field(
-        "learn_hybrid", description="kind of the candidate each run trains; the promotion gate compares it with "
+    model: ModelKind = Field(
+        DEFAULT_MODEL_KIND, description="kind of the candidate each run trains; the promotion gate compares it with "
                                     "the promoted model (of any kind) on validation")
     epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
     budget_s: float = Field(150.0, description="full retrain: wall-clock training budget in seconds")
@@ -245,7 +255,7 @@ class PipelineConfig(_Section):
 
 
 class StackConfig(_Section):
-    """The local stack of ``learn up`` (``learn_tasks/stack.py``); the service, Evidently UI and Milvus
+    """The local stack of ``learn up`` (``learn_tasks/ops/stack.py``); the service, Evidently UI and Milvus
     ports are ``serve.port``, ``monitor.ui_port`` and ``index.server_port``."""
 
     airflow_host: str = Field("127.0.0.1", description="Airflow API server / UI bind address (loopback)")
@@ -321,6 +331,37 @@ class Paths:
 
     def airflow(self) -> Path:
         return self.home / "airflow"
+
+    def embedding_store(self, dataset: str) -> Path:
+        """Every embedding version of a dataset (``<fingerprint>/`` folders and the ``CURRENT`` pointer)."""
+        return self.embeddings() / dataset
+
+    def dataset_models(self, dataset: str) -> Path:
+        return self.models() / dataset
+
+    def pipeline_run(self, key: str) -> Path:
+        """What each stage of one pipeline run recorded (``<stage>.json``)."""
+        return self.home / "pipeline" / key
+
+    def incoming(self, dataset: str) -> Path:
+        return self.home / "incoming" / dataset
+
+    def landing(self, dataset: str, key: str) -> Path:
+        return self.home / "landing" / dataset / key
+
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    def new_items(self, dataset: str) -> Path:
+        """Items added online (``POST /items``), kept until the next index version includes them."""
+        return self.home / "serve" / dataset / "new_items"
+
+    def evidently(self) -> Path:
+        return self.home / "evidently"
+
+    def stack_run(self) -> Path:
+        """Pid records, logs and the API token of the local stack (``learn up``)."""
+        return self.home / "run"
 
 
 # --------------------------------------------------------------------------------------------------

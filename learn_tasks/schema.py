@@ -12,6 +12,10 @@ kept in ``source_id``.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import pandas as pd
+
 # --- interactions -------------------------------------------------------------------------------
 USER_ID = "user_id"
 ITEM_ID = "item_id"
@@ -99,3 +103,9 @@ RECENT_TIMESTAMPS = "recent_timestamps"
 EVENT_COUNT = "event_count"
 DISTINCT_ITEMS = "distinct_items"
 LAST_SEEN = "last_seen"
+
+
+def to_utc(value: Any) -> pd.Timestamp:
+    """A timestamp as timezone-aware UTC: naive values are taken as UTC, aware ones converted."""
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")

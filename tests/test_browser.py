@@ -62,7 +62,10 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from learn_tasks import data, monitor, stack, synth  # noqa: E402
+from learn_tasks.data import datasets as data
+from learn_tasks.monitoring import monitor
+from learn_tasks.ops import stack
+from learn_tasks.data import synth  # noqa: E402
 from learn_tasks.config import load_settings  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]

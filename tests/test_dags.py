@@ -67,7 +67,7 @@ def test_learn_pipeline_shape_and_params(dagbag) -> None:
     assert dag.get_task("encode_new_items").is_mapped  # dynamic task mapping over shards
     params = dag.params
     assert set(params) == {"dataset", "mode", "window_days", "epochs", "budget_s", "model"}
-    from learn_tasks.pipeline import KINDS
+    from learn_tasks.orchestration.pipeline import KINDS
 
     assert set(params.get_param("model").schema["enum"]) == {None, *KINDS}  # empty = pipeline.model
     assert params.get_param("mode").schema["enum"] == ["full", "incremental"]

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from learn_tasks import data, schema as S, synth
+from learn_tasks import schema as S
+from learn_tasks.data import datasets as data
+from learn_tasks.data import synth
 from learn_tasks.cli import app
 from learn_tasks.config import Settings, load_settings
 

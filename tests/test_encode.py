@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learn_tasks import encode as E
+from learn_tasks.ceg import encode as E
 from learn_tasks import schema as S
-from learn_tasks import synth
+from learn_tasks.data import synth
 from learn_tasks.config import EncodeConfig, Settings
 from learn_tasks.storage import write_json, write_parquet
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from learn_tasks import evaluate as E
+from learn_tasks.evaluation import evaluate as E
 from learn_tasks import schema as S
 from learn_tasks.cli import app
 
@@ -116,7 +116,7 @@ def test_slices_without_cases_are_absent_not_zero():
 
 # ---------------------------------------------------------------------------- harness on real data
 def topic_embeddings(cfg, dataset, dim=16, seed=0):
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     items = data.load_items(cfg, dataset)
     rng = np.random.default_rng(seed)

@@ -72,7 +72,8 @@ def kill_at(home: Path, code: str, marker: str, timeout: float = 300.0) -> str:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from learn_tasks import data, synth
+    from learn_tasks.data import datasets as data
+    from learn_tasks.data import synth
 
     home = tmp_path_factory.mktemp("faults") / "learn_home"
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=100, n_items=N_ITEMS, seed=7))
@@ -86,11 +87,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def encoded(home: Path) -> dict:
     """Kill the encoder after two committed parts, then run it again to completion."""
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
 
     line = kill_at(home, """
         import time
-        from learn_tasks import encode
+        from learn_tasks.ceg import encode
         def on_commit(part, n):
             print(f"COMMITTED {n}", flush=True)
             if n >= 2 * 16:
@@ -112,7 +113,8 @@ def encoded(home: Path) -> dict:
 
 
 def test_encode_killed_mid_run_resumes_and_keeps_every_item_once(encoded: dict) -> None:
-    from learn_tasks import data, encode
+    from learn_tasks.data import datasets as data
+    from learn_tasks.ceg import encode
 
     cfg, before, resumed = encoded["cfg"], encoded["before"], encoded["resumed"]
     # While killed: two complete parts, and no CURRENT (an incomplete version is never served).
@@ -132,7 +134,8 @@ def test_encode_killed_mid_run_resumes_and_keeps_every_item_once(encoded: dict) 
 # 2. Training: killed mid-epoch and while writing the checkpoint; no partial run is ever visible
 # ==================================================================================================
 def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded: dict) -> None:
-    from learn_tasks import registry, train
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     cfg = encoded["cfg"]
     models = registry.dataset_models(cfg, "synth")
@@ -140,14 +143,14 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
     kill_at(home, """
         import logging
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-        from learn_tasks import train
+        from learn_tasks.training import train
         train.run(cfg, "synth", epochs=50)
     """, "epoch 1/50")
     assert registry.runs(cfg, "synth") == [] and registry.latest(cfg, "synth") is None
     # b) while the run folder is being written: the checkpoint is on disk under a temporary name
     kill_at(home, """
         import time
-        from learn_tasks import train
+        from learn_tasks.training import train
         real = train.save_checkpoint
         def save_then_stop(*args, **kwargs):
             out = real(*args, **kwargs)
@@ -165,7 +168,7 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
     runs = registry.runs(cfg, "synth")
     assert [str(p) for p in runs] == [result["run_dir"]]
     registry.promote(cfg, "synth", runs[0])
-    from learn_tasks.model import load_checkpoint
+    from learn_tasks.pch.model import load_checkpoint
 
     load_checkpoint(registry.promoted(cfg, "synth"))
 
@@ -180,7 +183,7 @@ def _free_port() -> int:
 
 
 def _rows(seed: int, n: int = 2000):
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     v = np.random.default_rng(seed).standard_normal((n, 32)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -188,7 +191,8 @@ def _rows(seed: int, n: int = 2000):
 
 
 def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) -> None:
-    from learn_tasks import index, milvus_server
+    from learn_tasks.online import index
+    from learn_tasks.online import milvus_lite as milvus_server
 
     cfg = _cfg(home)
     milvus_server.start(cfg, port=_free_port())  # a server shared by processes, as Milvus is in production
@@ -202,7 +206,7 @@ def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) ->
         kill_at(home, """
             import time
             import numpy as np
-            from learn_tasks import index
+            from learn_tasks.online import index
             client = index.connect(cfg)
             real, calls = client.insert, []
             def insert_then_stop(*args, **kwargs):
@@ -249,7 +253,9 @@ def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) ->
 def test_rollback_command_moves_alias_and_model_together(home: Path, encoded: dict) -> None:
     from typer.testing import CliRunner
 
-    from learn_tasks import index, registry, train
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
     from learn_tasks.cli import app
 
     cfg = encoded["cfg"].with_overrides(index={"index_type": "FLAT"})

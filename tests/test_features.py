@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learn_tasks import data, features, schema as S
+from learn_tasks import schema as S
+from learn_tasks.data import datasets as data
+from learn_tasks.online import features
 from learn_tasks.config import Settings
 
 

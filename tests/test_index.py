@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from learn_tasks import index, schema as S
+from learn_tasks import schema as S
+from learn_tasks.online import index
 from learn_tasks.config import Settings
 
 
@@ -109,7 +110,7 @@ def test_locked_lite_data_gives_a_clear_error(settings: Settings) -> None:
     code = textwrap.dedent(f"""
         import os, sys
         os.environ["LEARN_HOME"] = {home!r}
-        from learn_tasks import index
+        from learn_tasks.online import index
         from learn_tasks.config import load_settings
         index.connect(load_settings())
         print("ready", flush=True)
@@ -134,7 +135,7 @@ def _free_port() -> int:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_local_server_is_shared_by_processes(settings: Settings) -> None:
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     cfg = settings.with_overrides(index={"server_port": _free_port(), "index_type": "FLAT"})
     started = milvus_server.start(cfg)
@@ -149,7 +150,7 @@ def test_local_server_is_shared_by_processes(settings: Settings) -> None:
             import os
             os.environ["LEARN_HOME"] = {settings.home!r}
             os.environ["LEARN_INDEX__SERVER_PORT"] = "{cfg.index.server_port}"
-            from learn_tasks import index
+            from learn_tasks.online import index
             from learn_tasks.config import load_settings
             print(index.current(load_settings(), "books"))
         """)

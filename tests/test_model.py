@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from learn_tasks.model import PCHConfig, build_model, load_checkpoint, save_checkpoint
+from learn_tasks.pch.model import PCHConfig, build_model, load_checkpoint, save_checkpoint
 
 D_IN = 12
 

@@ -1,6 +1,6 @@
 """Monitoring: thresholds -> alerts, slices, Evidently reports, workspace snapshots, dashboard, CLI and DAG.
 
-Generated data (learn_tasks.synth) with no shift must raise no alert; each injected shift (a surge of new
+Generated data (learn_tasks.data.synth) with no shift must raise no alert; each injected shift (a surge of new
 items, consumption collapsing onto head items, new items about another topic, a drop in a slice's
 quality) must raise its own alert. Content embeddings in the fast tests are built from the synthetic
 topics (one direction per topic plus noise), as a text encoder would place them; the integration test
@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learn_tasks import data, monitor, synth
+from learn_tasks.data import datasets as data
+from learn_tasks.monitoring import monitor
+from learn_tasks.data import synth
 from learn_tasks import schema as S
 from learn_tasks.config import Settings, load_settings
 from learn_tasks.storage import read_json, write_json
@@ -178,7 +180,7 @@ def test_no_shift_no_alert_and_outputs_load(home: Path) -> None:
     from evidently.core.report import Snapshot
     from evidently.ui.workspace import Workspace
 
-    from learn_tasks import evaluate
+    from learn_tasks.evaluation import evaluate
 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
@@ -344,7 +346,7 @@ def test_dag_is_thin_daily_and_documented() -> None:
     assert set(dag.params.keys()) == {"dataset", "window", "fail_on_alert"}
     source = (dags / "learn_monitoring.py").read_text(encoding="utf-8")
     head = source.split("def learn_monitoring")[0]
-    assert "learn_tasks" not in head.replace("learn_tasks.monitor.run", "")  # heavy imports in the task body
+    assert "learn_tasks" not in head.replace("learn_tasks.monitoring.monitor.run", "")  # heavy imports in the task body
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def test_dag_is_thin_daily_and_documented() -> None:
 @pytest.mark.integration
 def test_change_in_item_text_topics_with_the_real_encoder(home: Path) -> None:
     """New items titled about one unseen theme, encoded by the packaged text encoder -> embedding alert."""
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
 
     cfg = _settings(home)
     base = _prepare(cfg, home.parent, "synth")
@@ -380,7 +382,7 @@ def test_change_in_item_text_topics_with_the_real_encoder(home: Path) -> None:
 
 @pytest.mark.integration
 def test_dag_run_fails_on_alert_and_succeeds_without(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from learn_tasks import pipeline
+    from learn_tasks.orchestration import pipeline
 
     monkeypatch.setenv("LEARN_HOME", str(home))
     cfg = _settings(home)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from learn_tasks import pipeline as P
+from learn_tasks.orchestration import pipeline as P
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 
@@ -59,7 +59,9 @@ def test_incremental_retrain_warm_starts_only_from_a_promoted_model_of_the_same_
         settings: Settings, synth_dataset: str) -> None:
     import numpy as np
 
-    from learn_tasks import data, registry, train
+    from learn_tasks.data import datasets as data
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     small = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 10},
              "train": {"batch_size": 64, "n_random_negatives": 16, "val_users": 50, "threads": 1}}
@@ -95,7 +97,7 @@ def _digest(*paths: Path) -> str:
 
 
 def test_incremental_batch_lands_validates_publishes_once(settings: Settings, synth_dataset: str) -> None:
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     cfg = settings.with_overrides(validate={"max_failed_share": 0.5, "data_docs": False})
     inter = data.load_interactions(cfg, synth_dataset)
@@ -177,7 +179,7 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _milvus_state(cfg: Settings, dataset: str) -> tuple[str | None, int]:
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     client = index.connect(cfg)
     try:
@@ -192,7 +194,7 @@ def _milvus_state(cfg: Settings, dataset: str) -> tuple[str | None, int]:
 
 
 def _milvus_has(cfg: Settings, dataset: str, ids: list[int]) -> set[int]:
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     client = index.connect(cfg)
     try:
@@ -205,7 +207,7 @@ def _milvus_has(cfg: Settings, dataset: str, ids: list[int]) -> set[int]:
 
 
 def _feast_user(cfg: Settings, dataset: str, user_id: int) -> dict:
-    from learn_tasks import features
+    from learn_tasks.online import features
 
     store = features.get_store(cfg, dataset)
     return features.online_user_features(store, [user_id], service=cfg.features.feature_service)[user_id]
@@ -213,7 +215,7 @@ def _feast_user(cfg: Settings, dataset: str, user_id: int) -> dict:
 
 def _store_state(cfg: Settings, dataset: str) -> dict[str, str]:
     """Embedding store parts + CURRENT, Feast state, model folders and promotions: what must not move."""
-    from learn_tasks import features
+    from learn_tasks.online import features
 
     emb = cfg.paths.embeddings() / dataset
     out = {str(p.relative_to(emb)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -229,7 +231,8 @@ def _store_state(cfg: Settings, dataset: str) -> dict[str, str]:
 @pytest.mark.integration
 def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_dataset: str, airflow_home: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from learn_tasks import data, registry
+    from learn_tasks.data import datasets as data
+    from learn_tasks.pch import registry
 
     cfg = settings
     items = data.load_items(cfg, synth_dataset)

@@ -159,7 +159,7 @@ def test_images_carry_the_files_the_package_reads_beside_itself() -> None:
     """learn_tasks finds configs/, feature_repo/, monitoring/ and dags/ at REPO_ROOT: the images install the
     package editable from /opt/learn/src and copy each of those folders there."""
     used = set()
-    for path in (REPO_ROOT / "learn_tasks").glob("*.py"):
+    for path in (REPO_ROOT / "learn_tasks").rglob("*.py"):
         used |= set(re.findall(r'REPO_ROOT\s*/\s*"([^"]+)"', path.read_text(encoding="utf-8")))
     assert {"configs", "feature_repo", "dags"} <= used
     for name in ("airflow.Dockerfile", "service.Dockerfile"):
@@ -210,7 +210,7 @@ def test_production_profile_loads_against_the_compose_environment(tmp_path: Path
 @pytest.mark.integration
 def test_compose_environment_makes_a_valid_feast_config(tmp_path: Path) -> None:
     """Feast accepts the compose connection strings; its rendered file keeps them out (``${...}``)."""
-    from learn_tasks import features
+    from learn_tasks.online import features
 
     compose = load_compose()
     env = generated_env()
@@ -320,7 +320,9 @@ def test_feast_sql_registry_and_redis_online_store_with_the_profile(stack_databa
         redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2).ping()
     except redis.exceptions.ConnectionError as exc:
         pytest.skip(f"Redis not reachable on 127.0.0.1:6379: {exc}")
-    from learn_tasks import data, features, synth
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import features
+    from learn_tasks.data import synth
     from learn_tasks import schema as S
 
     registry_url = (f"postgresql+psycopg2://{stack_databases['FEAST_DB_USER']}:{stack_databases['FEAST_DB_PASSWORD']}"
@@ -367,7 +369,8 @@ def _free_port() -> int:
 @pytest.mark.integration
 def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Path) -> None:
     """The index code against a server URI (here a Milvus Lite server) with the profile's HNSW parameters."""
-    from learn_tasks import index, milvus_server
+    from learn_tasks.online import index
+    from learn_tasks.online import milvus_lite as milvus_server
 
     home = tmp_path / "home"
     lite = load_settings(env={"LEARN_HOME": str(home)})

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from learn_tasks import distributed as D
+from learn_tasks.training import distributed as D
 from learn_tasks import schema as S
 from learn_tasks.config import load_settings
 
@@ -95,7 +95,9 @@ def test_data_parallel_hooks_across_two_gloo_processes(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A generated dataset, its encode shards planned by the pipeline and encoded by N concurrent processes."""
-    from learn_tasks import data, pipeline, synth
+    from learn_tasks.data import datasets as data
+    from learn_tasks.orchestration import pipeline
+    from learn_tasks.data import synth
 
     home = tmp_path_factory.mktemp("scaleout") / "learn_home"
     cfg = load_settings(env={"LEARN_HOME": str(home)},
@@ -118,7 +120,8 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.integration
 def test_encode_shards_cover_every_item_exactly_once(sharded: dict) -> None:
-    from learn_tasks import data, encode
+    from learn_tasks.data import datasets as data
+    from learn_tasks.ceg import encode
 
     cfg, results = sharded["cfg"], sharded["results"]
     assert sharded["shards"] == [[i, N_SHARDS] for i in range(N_SHARDS)]
@@ -149,14 +152,15 @@ def _losses(run_dir: str) -> list[float]:
 @pytest.mark.integration
 def test_torchrun_two_gloo_processes_match_a_single_process_run(sharded: dict) -> None:
     """Same effective batch (2 ranks x 32 = 64), same steps: the loss curves agree within tolerance."""
-    from learn_tasks import registry, train
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     home = sharded["home"]
     torch.set_num_threads(1)
     base = load_settings(env={"LEARN_HOME": str(home)}, overrides=[*TRAIN_SET, "train.batch_size=64"])
     single = train.run(base, "synth")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "learn_tasks.distributed", "--dataset", "synth", "--backend", "gloo"]
+           "-m", "learn_tasks.training.distributed", "--dataset", "synth", "--backend", "gloo"]
     for item in [*TRAIN_SET, "train.batch_size=32"]:
         cmd += ["--set", item]
     done = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=900)

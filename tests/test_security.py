@@ -48,7 +48,7 @@ class _Unreachable:
 def app_client(settings, monkeypatch: pytest.MonkeyPatch):
     from fastapi.testclient import TestClient
 
-    from learn_tasks import serve
+    from learn_tasks.online import service as serve
 
     monkeypatch.setenv(settings.serve.token_env, TOKEN)
     # The token check runs before the request reaches the recommender; _Unreachable proves it never does.
@@ -82,7 +82,7 @@ def test_every_write_endpoint_refuses_a_missing_or_wrong_token(app_client) -> No
 def test_without_a_configured_token_writes_are_disabled(settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
-    from learn_tasks import serve
+    from learn_tasks.online import service as serve
 
     monkeypatch.delenv(settings.serve.token_env, raising=False)
     app = serve.create_app(settings, "synth", recommender=_Unreachable())
@@ -173,7 +173,7 @@ def test_no_pickle_eval_or_unsafe_loading_in_the_code() -> None:
 def test_checkpoints_are_safetensors_and_json(tmp_path: Path) -> None:
     import torch
 
-    from learn_tasks import model
+    from learn_tasks.pch import model
 
     cfg = model.PCHConfig(kind="learn", item_tower="a", d_in=8, d_model=16, n_layers=1, n_heads=2, dropout=0.0,
                           max_len=5, out_dim=8, n_items=3)

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learn_tasks import data, index, schema as S, serve
+from learn_tasks import schema as S
+from learn_tasks.data import datasets as data
+from learn_tasks.online import index
+from learn_tasks.online import service as serve
 from learn_tasks.config import Settings, load_settings
 
 TOKEN = "test-token-123"
@@ -52,7 +55,11 @@ def test_no_promoted_model_is_a_clear_error(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """Generated data -> encode -> train 1 epoch -> promote -> Feast -> Milvus Lite -> app (once per module)."""
-    from learn_tasks import encode, features, registry, synth, train
+    from learn_tasks.ceg import encode
+    from learn_tasks.online import features
+    from learn_tasks.pch import registry
+    from learn_tasks.data import synth
+    from learn_tasks.training import train
 
     home = tmp_path_factory.mktemp("serve") / "learn_home"
     mp = pytest.MonkeyPatch()

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from learn_tasks import explorer, stack
+from learn_tasks.online import explorer
+from learn_tasks.ops import stack
 from learn_tasks.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +168,11 @@ def _get_text(url: str) -> str:
 @pytest.fixture(scope="module")
 def model_home(tmp_path_factory: pytest.TempPathFactory):
     """Generated data, encoded and trained for one epoch (not promoted yet); Feast features built."""
-    from learn_tasks import data, encode, features, synth, train
+    from learn_tasks.data import datasets as data
+    from learn_tasks.ceg import encode
+    from learn_tasks.online import features
+    from learn_tasks.data import synth
+    from learn_tasks.training import train
 
     home = tmp_path_factory.mktemp("stack") / "learn_home"
     mp = pytest.MonkeyPatch()
@@ -181,7 +186,7 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
     run = train.run(cfg, "synth", epochs=1)
     features.run(cfg, "synth")
     yield cfg, Path(run["run_dir"])
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     index.close(cfg)
     mp.undo()
@@ -191,7 +196,10 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
 def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_home) -> None:
     from fastapi.testclient import TestClient
 
-    from learn_tasks import data, index, registry, schema as S
+    from learn_tasks import schema as S
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
 
     cfg, run_dir = model_home
     live = stack.LiveService(cfg, "synth")
@@ -243,7 +251,7 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     assert client.get("/explorer/api/history/-1").status_code == 422
 
     # 4. The next run promotes and indexes a newer model: served from the next look on, no restart.
-    from learn_tasks import train
+    from learn_tasks.training import train
 
     run2 = Path(train.run(cfg, "synth", epochs=1)["run_dir"])
     assert run2.name != run_dir.name

@@ -9,10 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from learn_tasks import data, evaluate, registry, train
+from learn_tasks.data import datasets as data
+from learn_tasks.evaluation import evaluate
+from learn_tasks.pch import registry
+from learn_tasks.training import train
 from learn_tasks import schema as S
-from learn_tasks.model import load_checkpoint
-from learn_tasks.train import dense_all_action_loss, length_buckets, next_item_loss
+from learn_tasks.pch.model import load_checkpoint
+from learn_tasks.training.train import dense_all_action_loss, length_buckets, next_item_loss
 
 
 def topic_embeddings(cfg, dataset: str, dim: int = 24, noise: float = 0.5, seed: int = 0):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from learn_tasks import schema as S
-from learn_tasks import validate as V
+from learn_tasks.data import validation as V
 from learn_tasks.config import Settings
 
 START, END = pd.Timestamp("2024-03-01", tz="UTC"), pd.Timestamp("2024-03-02", tz="UTC")
@@ -140,7 +140,7 @@ def test_typed_frames_from_parquet_round_trip(settings: Settings, tmp_path: Path
 
 
 def test_missing_required_column_names_the_file(tmp_path: Path) -> None:
-    from learn_tasks.data import DataError
+    from learn_tasks.data.datasets import DataError
 
     path = tmp_path / "interactions.csv"
     pd.DataFrame({S.USER_ID: [1], S.ITEM_ID: [2]}).to_csv(path, index=False)
@@ -149,7 +149,7 @@ def test_missing_required_column_names_the_file(tmp_path: Path) -> None:
 
 
 def test_run_checks_prepared_dataset_in_place(settings: Settings, synth_dataset: str) -> None:
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     before = data.load_interactions(settings, synth_dataset)
     summary = V.run(settings, synth_dataset)

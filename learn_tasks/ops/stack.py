@@ -3,7 +3,7 @@
 ``learn up`` starts in the background, on loopback, everything a person needs to work with the project
 through web pages, waits until each part answers its health check, and prints the URLs:
 
-* **milvus**: the Milvus Lite server (:mod:`learn_tasks.milvus_server`). Milvus Lite lets one process
+* **milvus**: the Milvus Lite server (:mod:`learn_tasks.online.milvus_lite`). Milvus Lite lets one process
   own its data, and both the Airflow tasks and the service need the index, so they all use its URI.
 * **airflow**: Airflow 3 in standalone style (SQLite metadata DB, LocalExecutor, simple auth manager)
   with ``AIRFLOW_HOME=$LEARN_HOME/airflow`` (the same home and DB as ``learn run``) and the repository's
@@ -17,7 +17,7 @@ through web pages, waits until each part answers its health check, and prints th
   ``$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated`` (:func:`airflow_password_file`).
   Scheduled runs are off unless ``stack.airflow_schedules``: on a workstation a run starts when a
   person triggers it.
-* **service**: the recommendation service (:func:`learn_tasks.serve.create_app`, with the explorer at
+* **service**: the recommendation service (:func:`learn_tasks.online.service.create_app`, with the explorer at
   ``/explorer``) inside :class:`LiveService`, which answers before any model exists (``/health`` says
   what is missing) and swaps in each newly promoted *and* indexed model, so a pipeline run triggered in
   the Airflow UI shows up in the explorer without a restart. Writes (``POST /items``) need the token in
@@ -310,7 +310,7 @@ def airflow_env(cfg: Settings, env: dict[str, str] | None = None) -> dict[str, s
     ahome, st = airflow_home(cfg), cfg.stack
     api = f"http://{st.airflow_host}:{st.airflow_port}"
     env.update({
-        # The same home, metadata DB and logs as `learn run` (learn_tasks.pipeline), so runs from either
+        # The same home, metadata DB and logs as `learn run` (learn_tasks.orchestration.pipeline), so runs from either
         # show up in the UI.
         "AIRFLOW_HOME": str(ahome),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{ahome / 'airflow.db'}",
@@ -358,7 +358,7 @@ def migrate_airflow_db(cfg: Settings, env: dict[str, str], timeout_s: float = 60
     """Create or upgrade the SQLite metadata DB (skipped when this Airflow version already did it)."""
     ahome = airflow_home(cfg)
     ahome.mkdir(parents=True, exist_ok=True)
-    stamp = ahome / ".migrated"  # the same stamp `learn run` keeps (learn_tasks.pipeline.configure_airflow)
+    stamp = ahome / ".migrated"  # the same stamp `learn run` keeps (learn_tasks.orchestration.pipeline.configure_airflow)
     version = _airflow_version()
     if (ahome / "airflow.db").exists() and stamp.exists() and stamp.read_text().strip() == version:
         return False
@@ -374,7 +374,7 @@ def migrate_airflow_db(cfg: Settings, env: dict[str, str], timeout_s: float = 60
 
 
 def service_command(cfg: Settings, dataset: str) -> list[str]:
-    return [sys.executable, "-m", "learn_tasks.stack", "service", "--dataset", dataset,
+    return [sys.executable, "-m", "learn_tasks.ops.stack", "service", "--dataset", dataset,
             "--host", cfg.serve.host, "--port", str(cfg.serve.port)]
 
 
@@ -399,7 +399,7 @@ def check_component(cfg: Settings, name: str) -> tuple[bool, str]:
     """(healthy, detail) of one component from the outside (its HTTP health endpoint or port)."""
     u = urls(cfg)
     if name == "milvus":
-        from learn_tasks import milvus_server
+        from learn_tasks.online import milvus_lite as milvus_server
 
         st = milvus_server.status(cfg)
         return bool(st.get("running")), "listening" if st.get("running") else "not running"
@@ -434,7 +434,7 @@ def component_processes(cfg: Settings, name: str) -> list[str]:
 def component_running(cfg: Settings, name: str) -> bool:
     """Every process of the component that `learn up` recorded is alive (Milvus: also one started elsewhere)."""
     if name == "milvus":
-        from learn_tasks import milvus_server
+        from learn_tasks.online import milvus_lite as milvus_server
 
         return bool(milvus_server.status(cfg).get("running"))
     recs = [_read_record(cfg, p) for p in component_processes(cfg, name)]
@@ -481,7 +481,7 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
     """Start one component's processes; returns the pid-file names written."""
     u = urls(cfg)
     if name == "milvus":
-        from learn_tasks import milvus_server
+        from learn_tasks.online import milvus_lite as milvus_server
 
         try:
             st = milvus_server.start(cfg, wait_s=cfg.stack.wait_s)
@@ -491,7 +491,7 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
             return []  # it was already running: not ours to stop
         write_json({"name": "milvus", "pid": st["pid"], "pgid": st["pid"], "create_time": st["create_time"],
                     "argv": ["milvus-lite server"], "url": st["uri"], "log": st.get("log"),
-                    "started_at": st.get("started_at"), "managed_by": "learn_tasks.milvus_server"},
+                    "started_at": st.get("started_at"), "managed_by": "learn_tasks.online.milvus_lite"},
                    pid_file(cfg, "milvus"))
         return ["milvus"]
     if name == "airflow":
@@ -520,7 +520,7 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
         write_json({**rec, "dataset": dataset, "token_source": token_source}, pid_file(cfg, "service"))
         return ["service"]
     if name == "evidently":
-        from learn_tasks import monitor
+        from learn_tasks.monitoring import monitor
 
         _check_port(cfg.monitor.ui_host, cfg.monitor.ui_port, "evidently", "monitor.ui_port")
         (home(cfg) / "evidently").mkdir(parents=True, exist_ok=True)
@@ -595,7 +595,7 @@ def up(cfg: Settings, dataset: str | None = None, only: Sequence[str] | None = N
             raise
     u = urls(cfg)
     if "milvus" in names:
-        from learn_tasks import milvus_server
+        from learn_tasks.online import milvus_lite as milvus_server
 
         u["milvus"] = milvus_server.status(cfg).get("uri") or u["milvus"]
     if "service" in names and token_source is None:  # already running: what it was started with
@@ -613,7 +613,7 @@ def up(cfg: Settings, dataset: str | None = None, only: Sequence[str] | None = N
 
 
 def _stop_milvus(cfg: Settings, rec: dict[str, Any]) -> bool:
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     stopped = False
     if milvus_server.status(cfg).get("pid") == rec.get("pid"):  # still the server this stack started
@@ -664,7 +664,7 @@ def status(cfg: Settings) -> dict[str, Any]:
         running = component_running(cfg, name)
         healthy, detail = check_component(cfg, name) if running else (False, "not running")
         if name == "milvus":
-            from learn_tasks import milvus_server
+            from learn_tasks.online import milvus_lite as milvus_server
 
             ms = milvus_server.status(cfg)
             u["milvus"] = ms.get("uri") or u["milvus"]
@@ -681,7 +681,7 @@ def status(cfg: Settings) -> dict[str, Any]:
 class LiveService:
     """An ASGI app that serves the promoted model of ``dataset`` and follows the pipeline.
 
-    The service proper (:func:`learn_tasks.serve.create_app`) pins one model version and its index
+    The service proper (:func:`learn_tasks.online.service.create_app`) pins one model version and its index
     collection at start-up and refuses to start without them. Here a watcher thread looks every
     ``stack.reload_poll_s`` for a promoted model whose collection the alias points at (so the pipeline
     finished ``load_milvus``), builds a new app for it next to the running one and swaps it in; requests
@@ -706,7 +706,8 @@ class LiveService:
     # ------------------------------------------------------------------------------------ watching
     def target(self) -> tuple[str | None, str | None]:
         """(version to serve, None) or (None, why nothing new can be served yet)."""
-        from learn_tasks import index, registry
+        from learn_tasks.online import index
+        from learn_tasks.pch import registry
 
         run = registry.promoted(self.cfg, self.dataset)
         if run is None:
@@ -803,7 +804,7 @@ def _close_app(app: "FastAPI") -> None:
 
 
 def _build_service_app(cfg: Settings, dataset: str) -> "FastAPI":
-    from learn_tasks import serve
+    from learn_tasks.online import service as serve
 
     return serve.create_app(cfg, dataset)
 
@@ -813,7 +814,7 @@ def _placeholder_app(live: LiveService) -> "FastAPI":
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from learn_tasks import explorer
+    from learn_tasks.online import explorer
 
     app = FastAPI(title="learn recommendations (waiting for a model)", docs_url=None, redoc_url=None)
     app.state.recommender = None
@@ -842,12 +843,12 @@ def serve_live(cfg: Settings, dataset: str, host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m learn_tasks.stack service --dataset D --host H --port P`` (what `learn up` starts)."""
+    """``python -m learn_tasks.ops.stack service --dataset D --host H --port P`` (what `learn up` starts)."""
     import argparse
 
     from learn_tasks.config import load_settings
 
-    parser = argparse.ArgumentParser(prog="python -m learn_tasks.stack")
+    parser = argparse.ArgumentParser(prog="python -m learn_tasks.ops.stack")
     sub = parser.add_subparsers(dest="cmd", required=True)
     svc = sub.add_parser("service", help="the recommendation service that follows promoted models")
     svc.add_argument("--dataset", default=None)

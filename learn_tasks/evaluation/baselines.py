@@ -4,7 +4,7 @@
 * content-kNN: the user is the mean of the content embeddings of their recent history (the same
   ``max_len`` window the neural models see), items are their content embeddings: nearest items by cosine.
 
-The ID-based SASRec baseline is a trained model and lives in :mod:`learn_tasks.model` (kind ``sasrec``).
+The ID-based SASRec baseline is a trained model and lives in :mod:`learn_tasks.pch.model` (kind ``sasrec``).
 """
 from __future__ import annotations
 

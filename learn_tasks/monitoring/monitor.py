@@ -4,7 +4,7 @@ LEARN exists for the items and users that ID models serve badly (cold-start and 
 this stage watches. Each run compares two windows of the temporal split:
 
 * **reference** = the training window (``split == train``, before the current window). It defines the
-  item slices exactly as evaluation does (:func:`learn_tasks.evaluate.item_slices`): ``cold_start`` = no
+  item slices exactly as evaluation does (:func:`learn_tasks.evaluation.evaluate.item_slices`): ``cold_start`` = no
   training event, ``long_tail`` = the least popular warm items holding ``evaluate.tail_share`` of training
   events, ``head`` = the other warm items.
 * **current** = the newest window: the split's test window (events after the cut-off) by default, or an
@@ -217,7 +217,7 @@ def windows(split: pd.DataFrame, current_start: str | None = None, current_end: 
 
 def item_table(reference: pd.DataFrame, item_ids: np.ndarray, tail_share: float) -> pd.DataFrame:
     """Per item: training popularity and slice flags (the same definition as evaluation)."""
-    from learn_tasks import evaluate
+    from learn_tasks.evaluation import evaluate
 
     ids = np.unique(np.asarray(item_ids, dtype=np.int64))
     pop = evaluate.item_popularity(reference, ids)
@@ -422,7 +422,7 @@ def _content_frames(cfg: Settings, dataset: str, w: Windows, items: pd.DataFrame
     mc = cfg.monitor
     if embeddings is None:
         try:
-            from learn_tasks import encode
+            from learn_tasks.ceg import encode
         except ImportError:
             notes.append("content embeddings: the encode stage is not installed; embedding drift left out")
             return None
@@ -640,7 +640,7 @@ def run(cfg: Settings, dataset: str, current_start: str | None = None, current_e
     "workspace", "project_id", "snapshots"}``.
     """
     _evidently_env()
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     mc = cfg.monitor
     now = datetime.now(timezone.utc)

@@ -808,7 +808,7 @@ def run(
     item id falls in shard i of n. ``on_commit(part_path, items_committed)`` is called after each part
     is committed (progress reporting). Returns counts with ``encoded + skipped + quarantined == total``.
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     t0 = time.perf_counter()
     if model:

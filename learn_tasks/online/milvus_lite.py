@@ -79,7 +79,7 @@ def running_uri(cfg: Settings) -> str | None:
 
 def start(cfg: Settings, port: int | None = None, wait_s: float = 60.0) -> dict[str, Any]:
     """Start the server in the background (idempotent: a running server is returned as it is)."""
-    from learn_tasks.index import IndexLockedError, check_lite_lock
+    from learn_tasks.online.index import IndexLockedError, check_lite_lock
 
     st = status(cfg)
     if st["running"]:

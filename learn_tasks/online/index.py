@@ -96,7 +96,7 @@ def resolve_uri(cfg: Settings) -> tuple[str, str | None, str]:
     """(uri, token, kind): kind is ``server`` (index.uri), ``lite-server`` (local server) or ``lite``."""
     if cfg.index.uri:
         return cfg.index.uri, cfg.index.token, "server"
-    from learn_tasks import milvus_server
+    from learn_tasks.online import milvus_lite as milvus_server
 
     uri = milvus_server.running_uri(cfg)
     if uri:
@@ -488,7 +488,8 @@ def _fetch_all(client: "MilvusClient", target: str, batch: int) -> ItemRows:
 # ==================================================================================================
 def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
     """Epoch seconds of each item's first event (0 = never), from the Feast item table when it is built."""
-    from learn_tasks import data, features
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import features
 
     path = features.store_dir(cfg, dataset) / "data" / "item_stats.parquet"
     if path.exists():
@@ -509,8 +510,9 @@ def run(cfg: Settings, dataset: str, run_dir: str | Path | None = None, swap: bo
     saw; first_seen comes from the Feast item table. Items without any text (quarantined by ``learn
     encode``) have no content embedding and cannot be indexed: they are counted in ``skipped``.
     """
-    from learn_tasks import data, registry
-    from learn_tasks.serve import ModelBundle, load_new_items
+    from learn_tasks.data import datasets as data
+    from learn_tasks.pch import registry
+    from learn_tasks.online.service import ModelBundle, load_new_items
 
     run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, dataset)
     if run_dir is None:

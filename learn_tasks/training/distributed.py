@@ -2,10 +2,10 @@
 
 Launch one process per device with ``torchrun`` (gloo on CPU, NCCL on GPUs)::
 
-    torchrun --standalone --nproc_per_node 2 -m learn_tasks.distributed --dataset amazon-books --protocol loo
-    torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host0:29500 --nproc_per_node 8 -m learn_tasks.distributed ...
+    torchrun --standalone --nproc_per_node 2 -m learn_tasks.training.distributed --dataset amazon-books --protocol loo
+    torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host0:29500 --nproc_per_node 8 -m learn_tasks.training.distributed ...
 
-Every rank runs the ordinary :func:`learn_tasks.train.run`; the training loop calls the small hooks below,
+Every rank runs the ordinary :func:`learn_tasks.training.train.run`; the training loop calls the small hooks below,
 which do nothing in a single process. Together they give the DDP scheme:
 
 * the same initial weights everywhere (:func:`broadcast_module`, rank 0's copy wins);
@@ -227,12 +227,12 @@ def sum_across(value: float) -> float:
 def run(cfg, dataset: str, protocol: str = "loo", model: str = "learn", epochs: int | None = None,
         budget_s: float | None = None, warm_start: str | None = None, backend: str | None = None,
         embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """Join the process group, train with :func:`learn_tasks.train.run` on every rank, leave the group.
+    """Join the process group, train with :func:`learn_tasks.training.train.run` on every rank, leave the group.
 
     Returns the training summary (the same on every rank; rank 0 wrote the run folder) plus ``world_size``
     and ``backend``. The device follows the backend: each rank's own GPU on NCCL, the CPU on gloo.
     """
-    from learn_tasks import train
+    from learn_tasks.training import train
 
     info = init(backend)
     try:
@@ -246,10 +246,10 @@ def run(cfg, dataset: str, protocol: str = "loo", model: str = "learn", epochs: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m learn_tasks.distributed --dataset NAME [--protocol loo] [--model learn] ...``"""
+    """``torchrun ... -m learn_tasks.training.distributed --dataset NAME [--protocol loo] [--model learn] ...``"""
     from learn_tasks.config import load_settings
 
-    parser = argparse.ArgumentParser(prog="learn_tasks.distributed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="learn_tasks.training.distributed", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--protocol", default="loo", choices=["loo", "temporal"])
     parser.add_argument("--model", default="learn", choices=["learn", "learn_hybrid", "sasrec"])

@@ -19,7 +19,7 @@ Stages (``learn_pipeline``):
    ``items*`` as CSV or Parquet, or the ``interactions/`` and ``items/`` sub-folders) are *moved* into the
    run's landing folder, so each file belongs to exactly one interval. A full run also snapshots the
    prepared dataset (the whole history) the first time it lands, so re-running it validates the same rows.
-2. ``validate_logs``: Great Expectations suites (:mod:`learn_tasks.validate`); bad rows are quarantined,
+2. ``validate_logs``: Great Expectations suites (:mod:`learn_tasks.data.validation`); bad rows are quarantined,
    the task fails over ``validate.max_failed_share``; accepted rows are published into the dataset
    (a full run replaces it, an incremental run merges: events de-duplicated, items upserted). An
    unchanged dataset is not rewritten, so caches keyed on it (splits, features, embeddings) stay valid.
@@ -32,7 +32,7 @@ Stages (``learn_pipeline``):
    ``pipeline.promotion_margin`` (relative) on ``pipeline.gate_metric``; otherwise keep serving the
    current model and say why.
 7. ``load_milvus``: the serving model's item tower over the whole catalogue into a new collection, alias swap.
-8. ``monitor``: Evidently drift and slice reports (:mod:`learn_tasks.monitor`).
+8. ``monitor``: Evidently drift and slice reports (:mod:`learn_tasks.monitoring.monitor`).
 9. ``summarize``: the run summary (what ``learn run`` prints).
 
 Stages (``item_ingest``, mode ``ingest``): ``land_items`` (an empty result when no item file arrived,
@@ -119,7 +119,7 @@ class RunArgs:
 
     @property
     def key(self) -> str:
-        from learn_tasks.validate import run_key
+        from learn_tasks.data.validation import run_key
 
         return f"{run_key(self.dataset, self.start, self.end)}_{self.mode}"
 
@@ -220,7 +220,7 @@ def file_digest(*paths: Path) -> str:
 
 
 def data_fingerprint(cfg: Settings, dataset: str) -> str:
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     base = data.dataset_dir(cfg, dataset)
     return file_digest(base / "interactions.parquet", base / "items.parquet")
@@ -252,7 +252,7 @@ def landing_dir(cfg: Settings, a: RunArgs) -> Path:
 
 def ensure_dataset(cfg: Settings, dataset: str) -> dict[str, Any]:
     """Prepare a registered public dataset on first use; any other name must already be prepared."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     if dataset in data.DATASETS:
         return data.ensure_prepared(cfg, dataset)
@@ -263,7 +263,7 @@ def ensure_dataset(cfg: Settings, dataset: str) -> dict[str, Any]:
 
 
 def _incoming_files(cfg: Settings, dataset: str, kinds: Sequence[str]) -> list[Path]:
-    from learn_tasks.validate import find_batch_files
+    from learn_tasks.data.validation import find_batch_files
 
     src = incoming_dir(cfg, dataset)
     if not src.exists():
@@ -274,7 +274,7 @@ def _incoming_files(cfg: Settings, dataset: str, kinds: Sequence[str]) -> list[P
 
 def _claim_incoming(cfg: Settings, dataset: str, dest: Path, kinds: Sequence[str]) -> list[str]:
     """Move new incoming files of ``kinds`` into ``dest/raw/<kind>/``; each file is claimed once."""
-    from learn_tasks.validate import find_batch_files
+    from learn_tasks.data.validation import find_batch_files
 
     src = incoming_dir(cfg, dataset)
     if not src.exists():
@@ -302,7 +302,7 @@ def _landed_files(dest: Path, kind: str) -> list[Path]:
 
 def land(cfg: Settings, a: RunArgs, kinds: Sequence[str] = ("interactions", "items")) -> dict[str, Any]:
     """Land the run's batch: claim new incoming files and (full mode) snapshot the prepared dataset."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     ensure_dataset(cfg, a.dataset)
     dest = landing_dir(cfg, a)
@@ -353,7 +353,7 @@ def land_logs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 # 2. validate + publish
 # ==================================================================================================
 def _landed_raw(cfg: Settings, a: RunArgs, kind: str) -> pd.DataFrame | None:
-    from learn_tasks import validate as V
+    from learn_tasks.data import validation as V
 
     dest = landing_dir(cfg, a)
     frames = []
@@ -370,8 +370,8 @@ def _landed_raw(cfg: Settings, a: RunArgs, kind: str) -> pd.DataFrame | None:
 
 def validate_batch(cfg: Settings, a: RunArgs, kinds: Sequence[str] = ("interactions", "items")) -> dict[str, Any]:
     """Validate the landed batch, quarantine bad rows, publish the accepted ones into the dataset."""
-    from learn_tasks import data
-    from learn_tasks import validate as V
+    from learn_tasks.data import datasets as data
+    from learn_tasks.data import validation as V
 
     if not (landing_dir(cfg, a) / "manifest.json").exists():
         raise PipelineError(f"nothing landed for {a.key}: run the land task first")
@@ -406,8 +406,8 @@ def publish(cfg: Settings, dataset: str, interactions: pd.DataFrame | None, item
     (exact duplicates of stored events are counted as ``already_present``, not added twice) and items
     upserted by id (a changed row replaces the stored one; the encoder re-encodes it by content hash).
     """
-    from learn_tasks import data
-    from learn_tasks import validate as V
+    from learn_tasks.data import datasets as data
+    from learn_tasks.data import validation as V
     from learn_tasks.storage import write_parquet
 
     base = data.dataset_dir(cfg, dataset)
@@ -475,7 +475,7 @@ def _same_item(old_row: pd.Series, batch: pd.DataFrame, item_id: int) -> bool:
 # ==================================================================================================
 def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent)."""
-    from learn_tasks import features
+    from learn_tasks.online import features
 
     res = features.run(cfg, a.dataset)
     return record(cfg, a, "features", res)
@@ -484,7 +484,7 @@ def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 def plan_encode_shards(cfg: Settings, a: RunArgs) -> list[list[int]]:
     """Shards ``[[i, n], ...]`` for the mapped encode tasks: one per ``encode.shard_items`` items, at most
     ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads)."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     n_items = len(data.load_items(cfg, a.dataset))
     n = max(1, min(cfg.pipeline.encode_shards, math.ceil(n_items / max(cfg.encode.shard_items, 1))))
@@ -493,7 +493,7 @@ def plan_encode_shards(cfg: Settings, a: RunArgs) -> list[list[int]]:
 
 def encode_new_items(cfg: Settings, a: RunArgs, shard: Sequence[int]) -> dict[str, Any]:
     """CEG for one shard: only items without an up-to-date embedding are encoded."""
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
 
     i, n = int(shard[0]), int(shard[1])
     res = encode.run(cfg, a.dataset, shard=(i, n))
@@ -527,7 +527,8 @@ def _run_kind(run_dir: Path) -> str | None:
 
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Train the candidate (full: from scratch; incremental: warm start from the promoted model)."""
-    from learn_tasks import registry, train
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
 
     p = cfg.pipeline
     inputs = _train_inputs(cfg, a)
@@ -594,7 +595,7 @@ def _table(metrics: Mapping[str, Any], ks: Sequence[int]) -> dict[str, dict[str,
 
 def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) -> dict[str, Any]:
     """The candidate on the test split (report table with slices) and on the validation split (gate)."""
-    from learn_tasks import evaluate
+    from learn_tasks.evaluation import evaluate
 
     p = cfg.pipeline
     # A daily incremental run reports on a user sample: scoring every user every day costs more than
@@ -638,7 +639,8 @@ def decide(candidate: float | None, current: float | None, margin: float) -> tup
 
 def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
     """Promote the candidate or keep serving the current model, with the reason either way."""
-    from learn_tasks import evaluate, registry
+    from learn_tasks.evaluation import evaluate
+    from learn_tasks.pch import registry
 
     p = cfg.pipeline
     cand_dir = Path(trained["run_dir"])
@@ -681,7 +683,7 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     it would mean serving from a half-filled collection, so the items it lacks (new since it was built)
     or holds with an out-of-date vector (changed text) are upserted into it instead.
     """
-    from learn_tasks import index
+    from learn_tasks.online import index
 
     serving = (gate or {}).get("serving")
     _quiet_grpc_noise()
@@ -703,7 +705,8 @@ def _item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
     """``index.ItemRows`` of catalogue items, with the columns a full load writes (``index.run``): the
     model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
     feature table."""
-    from learn_tasks import data, index
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import index
 
     items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
     stats = bundle.stats.reindex(ids)
@@ -723,8 +726,9 @@ def _indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
     """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
-    from learn_tasks import data, index
-    from learn_tasks.serve import ModelBundle
+    from learn_tasks.data import datasets as data
+    from learn_tasks.online import index
+    from learn_tasks.online.service import ModelBundle
 
     client = index.connect(cfg)
     stored = index.fetch_all(client, collection)
@@ -761,8 +765,8 @@ def _quiet_grpc_noise() -> None:
 
 
 def run_monitor(cfg: Settings, a: RunArgs) -> dict[str, Any]:
-    """Evidently drift and slice monitoring of this run (``learn_tasks.monitor.run``)."""
-    from learn_tasks import monitor
+    """Evidently drift and slice monitoring of this run (``learn_tasks.monitoring.monitor.run``)."""
+    from learn_tasks.monitoring import monitor
 
     # The run key names the monitoring run, so re-running an interval replaces its reports; an
     # incremental run compares its own new events, a full run the temporal split's newest window.
@@ -796,7 +800,7 @@ def validate_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 
 
 def encode_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
-    from learn_tasks import encode
+    from learn_tasks.ceg import encode
 
     a = _ingest(a)
     res = encode.run(cfg, a.dataset)
@@ -806,10 +810,11 @@ def encode_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 
 def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Item tower of the serving model over the items of this batch -> upsert into the live collection."""
-    from learn_tasks import index, registry
+    from learn_tasks.online import index
+    from learn_tasks.pch import registry
 
-    from learn_tasks import validate as V
-    from learn_tasks.serve import ModelBundle
+    from learn_tasks.data import validation as V
+    from learn_tasks.online.service import ModelBundle
 
     a = _ingest(a)
     landed = _landed_files(landing_dir(cfg, a), "items")
@@ -988,8 +993,8 @@ def task_call(stage: str, *args: Any) -> Any:
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
-    from learn_tasks.data import DataError
-    from learn_tasks.validate import ValidationFailed
+    from learn_tasks.data.datasets import DataError
+    from learn_tasks.data.validation import ValidationFailed
 
     cfg = load_settings()
     a = RunArgs.from_context(cfg, get_current_context())

@@ -174,7 +174,7 @@ def build_tables(interactions: pd.DataFrame, item_ids: np.ndarray, recent: int, 
         S.LAST_SEEN: pa.array(t[ends], pa.int64()),
     })
 
-    from learn_tasks.evaluate import item_slices  # numpy/pandas only; one definition of the slices
+    from learn_tasks.evaluation.evaluate import item_slices  # numpy/pandas only; one definition of the slices
 
     ids = np.unique(np.r_[np.asarray(item_ids, np.int64), it])
     in_window = (t >= epoch_seconds(pd.DatetimeIndex([window.start]))[0]) & (
@@ -427,7 +427,7 @@ def run(cfg: Settings, dataset: str, start: str | datetime | None = None, end: s
     the whole history, or its last ``features.window_days`` days. Re-running with the same data and
     window rewrites nothing, re-applies nothing and re-materialises nothing (``force`` redoes all three).
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     inter = data.load_interactions(cfg, dataset) if interactions is None else interactions
     items = data.load_items(cfg, dataset)
@@ -571,7 +571,7 @@ def training_examples(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LO
     target and everything logged at the same instant (no leakage); columns: user_id, item_id (the
     target), event_timestamp (the target's time) and the feature service's features.
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     split = data.load_split(cfg, dataset, protocol)
     targets = split.loc[split[S.SPLIT] == stage, [S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]].reset_index(drop=True)

@@ -1,6 +1,6 @@
 """The recommendation explorer: one page of the service for people, at ``<service>/explorer``.
 
-Plain HTML and a little JavaScript (``learn_tasks/static/explorer.html``, no build step). Pick a user and
+Plain HTML and a little JavaScript (``learn_tasks/online/static/explorer.html``, no build step). Pick a user and
 see what the model reads (the user's recent items from the online feature store, with titles) and what
 the service answers (``GET /recommendations/{user_id}``: scores, cold-start and long-tail badges, and
 the fallback strategy with its reason when one answered); add an item (``POST /items`` with the write
@@ -9,7 +9,7 @@ token) and see where it ranks for the user right after, i.e. that it became reco
 The page calls the service's own JSON API. This router adds only what a page needs and the API does not
 give: which model serves (``/explorer/api/status``), users to pick from (``/explorer/api/users``) and a
 user's history with titles (``/explorer/api/history/{user_id}``). Everything is read from the state the
-service already keeps (``app.state.recommender``, a :class:`learn_tasks.serve.Recommender`); while no
+service already keeps (``app.state.recommender``, a :class:`learn_tasks.online.service.Recommender`); while no
 model is served (the live wrapper of ``learn up``), the API answers 503 with the reason and the page
 shows it.
 """
@@ -47,7 +47,7 @@ def _recommender(request: Request):
 
 def user_activity(cfg, dataset: str):
     """Events per user of the prepared dataset (``pandas.Series`` indexed by user id, most active first)."""
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     path = data.dataset_dir(cfg, dataset) / "interactions.parquet"
     key, stamp = (str(Path(cfg.home).resolve()), dataset), path.stat().st_mtime

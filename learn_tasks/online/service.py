@@ -128,7 +128,7 @@ class ModelBundle:
 
     @classmethod
     def load(cls, cfg: Settings, dataset: str, run_dir: str | Path) -> "ModelBundle":
-        from learn_tasks import model as M
+        from learn_tasks.pch import model as M
 
         run_dir = Path(run_dir)
         net, pcfg = M.load_checkpoint(run_dir)
@@ -136,7 +136,7 @@ class ModelBundle:
         vocab_df = pd.read_parquet(run_dir / "items.parquet")
         content_ids, content, fp = np.zeros(0, np.int64), None, meta.get("embedding_fingerprint")
         if pcfg.uses_content:
-            from learn_tasks import encode
+            from learn_tasks.ceg import encode
 
             if fp and not (encode.store_dir(cfg, dataset, fp) / "manifest.json").exists():
                 log.warning("embedding version %s of %s is gone; using the current one", fp, run_dir.name)
@@ -346,7 +346,10 @@ class Recommender:
                  load_encoder: bool = True):
         import torch
 
-        from learn_tasks import data, features, index, registry
+        from learn_tasks.data import datasets as data
+        from learn_tasks.online import features
+        from learn_tasks.online import index
+        from learn_tasks.pch import registry
 
         self.cfg = cfg
         self.dataset = dataset or cfg.serve.dataset or cfg.pipeline.dataset
@@ -406,7 +409,7 @@ class Recommender:
         self.encoder = None
         self.encoder_error: str | None = None
         if load_encoder and self.bundle.uses_content:
-            from learn_tasks import encode
+            from learn_tasks.ceg import encode
 
             try:
                 self.encoder = encode.load_encoder(cfg)
@@ -435,7 +438,7 @@ class Recommender:
 
         Catches items that other processes (the item-ingest task) upserted into the pinned collection.
         """
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         if self.replica is None:
             return False
@@ -450,7 +453,7 @@ class Recommender:
 
     # -------------------------------------------------------------------------------------- helpers
     def _restore_new_items(self) -> None:
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         df, content = load_new_items(self.cfg, self.dataset)
         if not len(df):
@@ -475,7 +478,7 @@ class Recommender:
         return bool(self.client.query(self.collection, ids=[int(item_id)], output_fields=[S.ITEM_ID]))
 
     def _new_rows(self, ids: np.ndarray, content: np.ndarray, titles: list[str]):
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         now = int(time.time())
         return index.ItemRows(item_ids=ids, vectors=self.bundle.new_item_vectors(content),
@@ -486,7 +489,7 @@ class Recommender:
     def _search(self, query: np.ndarray, k: int, exclude: set[int]) -> list[dict[str, Any]]:
         if self.replica is not None:
             return self.replica.search(query, k, exclude)
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         hits = index.search(self.client, self.collection, query[None, :], k, exclude=[sorted(exclude)],
                             search_params=self.cfg.index.search_params)[0]
@@ -495,13 +498,13 @@ class Recommender:
     def _item_vector(self, item_id: int) -> np.ndarray | None:
         if self.replica is not None:
             return self.replica.vector(item_id)
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         got = self.client.query(self.collection, ids=[int(item_id)], output_fields=[index.VECTOR])
         return np.asarray(got[0][index.VECTOR], np.float32) if got else None
 
     def online_features(self, user_id: int) -> dict[str, Any]:
-        from learn_tasks import features
+        from learn_tasks.online import features
 
         with self.feast_lock:
             return features.online_user_features(self.store, [user_id], feature_service=self.feature_service)[
@@ -544,7 +547,8 @@ class Recommender:
 
     def add_item(self, record: dict[str, Any]) -> dict[str, Any]:
         """Encode, index and verify a new item; returns once a search finds it."""
-        from learn_tasks import encode, index
+        from learn_tasks.ceg import encode
+        from learn_tasks.online import index
 
         t0 = time.perf_counter()
         if self.bundle.uses_content and self.encoder is None:
@@ -586,7 +590,7 @@ class Recommender:
                 "encode_s": t_enc - t0, "time_to_recommendable_s": t_end - t0, S.IS_COLD_START: True}
 
     def record_event(self, user_id: int, item_id: int, when: datetime | None) -> dict[str, Any]:
-        from learn_tasks import features
+        from learn_tasks.online import features
 
         if not (item_id in self.titles or self.bundle.knows(item_id) or self._in_index(item_id)):
             raise ServeError(f"item_id {item_id} is not in the catalogue", 404)
@@ -599,7 +603,7 @@ class Recommender:
                 "history_length": len(new[S.RECENT_ITEM_IDS]), S.EVENT_COUNT: new[S.EVENT_COUNT]}
 
     def health(self) -> dict[str, Any]:
-        from learn_tasks import index
+        from learn_tasks.online import index
 
         checks: dict[str, Any] = {}
         try:
@@ -685,7 +689,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from learn_tasks import explorer
+    from learn_tasks.online import explorer
 
     rec = recommender or Recommender(cfg, dataset)
     token = os.environ.get(cfg.serve.token_env) or None
@@ -709,7 +713,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
                   description="LEARN recommendations: Feast features -> frozen-LLM content -> user tower -> Milvus.",
                   version="1", lifespan=lifespan)
     app.state.recommender = rec
-    app.include_router(explorer.router)  # the /explorer page (learn_tasks/explorer.py)
+    app.include_router(explorer.router)  # the /explorer page (learn_tasks/online/explorer.py)
 
     def require_token(authorization: str | None = Header(None)) -> None:
         if token is None:

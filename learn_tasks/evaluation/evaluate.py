@@ -7,7 +7,7 @@ itself, so a repeated purchase stays rankable. Ties are broken at the middle (th
 random order), so a model that gives many items the same score -- popularity on cold items, one shared
 unknown-item embedding -- gains nothing from ties.
 
-Protocols (from :func:`learn_tasks.data.load_split`):
+Protocols (from :func:`learn_tasks.data.datasets.load_split`):
 
 * ``loo``       test: history = every event but the last, target = the last; valid: history = train events,
                 target = the second-to-last event;
@@ -177,7 +177,7 @@ def load_content(cfg: Settings, dataset: str, item_ids: np.ndarray,
     encoded first by the CEG stage).
     """
     if embeddings is None:
-        from learn_tasks import encode
+        from learn_tasks.ceg import encode
 
         try:
             emb_ids, emb = encode.load_embeddings(cfg, dataset, fingerprint)
@@ -194,7 +194,7 @@ def load_content(cfg: Settings, dataset: str, item_ids: np.ndarray,
     missing = item_ids[(emb_ids[pos] != item_ids) if len(emb_ids) else np.ones(len(item_ids), bool)]
     if len(missing):
         if encode_missing and embeddings is None:
-            from learn_tasks import encode
+            from learn_tasks.ceg import encode
 
             log.info("encoding %d item(s) missing from the embedding store", len(missing))
             encode.run(cfg, dataset)
@@ -207,7 +207,7 @@ def load_content(cfg: Settings, dataset: str, item_ids: np.ndarray,
 
 
 def catalogue_item_ids(cfg: Settings, dataset: str, interactions: pd.DataFrame) -> np.ndarray:
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     items = data.load_items(cfg, dataset)
     return np.union1d(items[S.ITEM_ID].to_numpy(np.int64), interactions[S.ITEM_ID].to_numpy(np.int64))
@@ -430,7 +430,7 @@ def _usable_fingerprint(cfg: Settings, dataset: str, fp: str | None) -> str | No
 
 def make_scorer(cfg: Settings, dataset: str, protocol: str, model: str, split: pd.DataFrame,
                 run_dir: Path | None = None, embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> Scorer:
-    from learn_tasks import baselines
+    from learn_tasks.evaluation import baselines
 
     if model in BASELINES:
         train = split[split[S.SPLIT] == S.TRAIN]
@@ -447,8 +447,8 @@ def make_scorer(cfg: Settings, dataset: str, protocol: str, model: str, split: p
         return Scorer(model, fn, cat, None, {"fingerprint": fp})
     if model not in NEURAL_KINDS:
         raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
-    from learn_tasks import model as M
-    from learn_tasks import registry
+    from learn_tasks.pch import model as M
+    from learn_tasks.pch import registry
 
     if run_dir is None:
         run_dir = registry.latest(cfg, dataset, kind=model, protocol=protocol)
@@ -488,7 +488,7 @@ def run(cfg: Settings, dataset: str, protocol: str, model: str = "learn", run_di
     Returns ``{slice: {"recall@10", "hr@10", "ndcg@10", ..., "mrr", "cases"}, "coverage": {...},
     "popularity_buckets": [...], "meta": {...}}`` (+ ``"future"`` under the temporal protocol).
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     split = data.load_split(cfg, dataset, protocol)
     scorer = make_scorer(cfg, dataset, protocol, model, split, Path(run_dir) if run_dir else None, embeddings)

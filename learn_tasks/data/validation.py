@@ -124,7 +124,7 @@ def raw_from_frame(df: pd.DataFrame, kind: str, file: str | Path, first_line: in
     file; missing optional columns become empty. ``first_line`` is the source line of the first row
     (2 for a CSV with a header) so quarantine records point at the right line.
     """
-    from learn_tasks.data import DataError
+    from learn_tasks.data.datasets import DataError
 
     columns, required = _spec(kind)
     missing = [c for c in required if c not in df.columns]
@@ -147,7 +147,7 @@ def raw_from_frame(df: pd.DataFrame, kind: str, file: str | Path, first_line: in
 
 def read_raw_file(path: str | Path, kind: str) -> pd.DataFrame:
     """Read one CSV (every value as text) or Parquet file into a raw frame."""
-    from learn_tasks.data import DataError
+    from learn_tasks.data.datasets import DataError
 
     path = Path(path)
     if not path.exists():
@@ -616,7 +616,7 @@ def run(
     one such file) that new batch is checked against the dataset's catalogue, as the pipeline's
     ``validate_logs`` task does before publishing. Raises :class:`ValidationFailed` over the threshold.
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     if input is None:
         base = data.dataset_dir(cfg, dataset)

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learn_tasks import distributed as D
-from learn_tasks import evaluate as E
-from learn_tasks import registry
+from learn_tasks.training import distributed as D
+from learn_tasks.evaluation import evaluate as E
+from learn_tasks.pch import registry
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.model import PCH, PCHConfig, build_model, load_checkpoint, save_checkpoint
+from learn_tasks.pch.model import PCH, PCHConfig, build_model, load_checkpoint, save_checkpoint
 from learn_tasks.storage import atomic_dir, write_json, write_parquet
 
 log = logging.getLogger("learn.train")
@@ -381,9 +381,9 @@ def run(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str 
     """Train one model kind on a dataset's split; write a complete run folder and return its summary.
 
     ``embeddings`` = (item ids, vectors) replaces the CEG store (tests, experiments); by default the current
-    embedding version of ``dataset`` is read with :func:`learn_tasks.encode.load_embeddings`.
+    embedding version of ``dataset`` is read with :func:`learn_tasks.ceg.encode.load_embeddings`.
     """
-    from learn_tasks import data
+    from learn_tasks.data import datasets as data
 
     if model not in E.NEURAL_KINDS:
         raise ValueError(f"cannot train {model!r}; trainable kinds are {E.NEURAL_KINDS}")

@@ -1,0 +1,1 @@
+"""CEG: the frozen LLM that turns item text into content embeddings, and the embedding store."""

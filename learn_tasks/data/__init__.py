@@ -1,0 +1,1 @@
+"""Data in: dataset readers, splits, public datasets, synthetic data and Great Expectations validation."""

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, the full-ranking harness, baselines and reports."""

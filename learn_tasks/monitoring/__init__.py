@@ -1,0 +1,1 @@
+"""Monitoring: Evidently drift and slice reports, alert thresholds and the dashboard."""

@@ -1,0 +1,1 @@
+"""Operations: the local stack of `learn up` (processes, Airflow, the live service)."""

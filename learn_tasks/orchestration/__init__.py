@@ -1,0 +1,1 @@
+"""Orchestration: pipeline runs, their stages, the promotion gate, summaries and the Airflow runner."""

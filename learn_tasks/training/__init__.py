@@ -1,0 +1,1 @@
+"""Training the PCH towers: batches, the training loop and multi-process training."""
