@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from learn_tasks.data import datasets as data
+from learn_tasks.data import public
 from learn_tasks.config import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_prepare.json"
@@ -28,12 +29,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["LEARN_HOME"] = home
         cfg = load_settings()
-        src = data.fetch(cfg, args.dataset)
+        src = public.fetch_dataset(cfg, args.dataset)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         times, manifest = [], {}
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            manifest = data.prepare(cfg, src["format"], src["path"], "bench")
+            manifest = data.prepare_dataset(cfg, src["format"], src["path"], "bench")
             times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     best = min(times)

@@ -1,4 +1,4 @@
-"""Benchmark: CEG throughput of ``learn_tasks.ceg.encode`` against ``SentenceTransformer.encode``.
+"""Benchmark: CEG throughput of ``learn_tasks.ceg.encoder`` against ``SentenceTransformer.encode``.
 
 Both encode the same item texts (the Amazon Books sample's titles rendered with ``encode.template``,
 exactly what ``learn encode`` encodes) with the same model (the packaged all-MiniLM-L6-v2), the same
@@ -19,7 +19,7 @@ Writes ``bench/results/encode.json`` (``items_per_s``, ``st_items_per_s``, ``rat
 
 Usage: python bench/encode.py [--quick] [--n N] [--chunk C] [--threads T] [--fast int8|bf16|none]
        [--dataset NAME]   (LEARN_HOME's prepared dataset NAME; default: the Amazon Books sample, prepared
-                            on first use with ``data.ensure_prepared``)
+                            on first use with ``public.ensure_prepared``)
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ MIN_FAST_COSINE = 0.99  # fast mode vs exact fp32, per item
 # -------------------------------------------------------------------------------------------- sides
 def make_side(side: str, threads: int, fast: str, st_batch_size: int):
     """A function texts -> float32 [N, D] for one side: ours (exact fp32), st, or fast."""
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import encoder as ceg_encoder
     from learn_tasks.config import load_settings
 
     overrides = [f"encode.threads={threads}"]
@@ -58,12 +58,12 @@ def make_side(side: str, threads: int, fast: str, st_batch_size: int):
     if side == "st":
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(encode.resolve_model_path(cfg.encode.model)), device="cpu")
+        model = SentenceTransformer(str(ceg_encoder.resolve_model_path(cfg.encode.model)), device="cpu")
         # the same token budget as ours, so truncation cannot make the two differ
         model.max_seq_length = min(cfg.encode.max_tokens, model.max_seq_length or 10**9)
         return lambda batch: np.asarray(model.encode(batch, batch_size=st_batch_size, convert_to_numpy=True,
                                                      normalize_embeddings=True, show_progress_bar=False))
-    encoder = encode.load_encoder(cfg)
+    encoder = ceg_encoder.load_encoder(cfg)
     return encoder.encode_texts
 
 
@@ -103,15 +103,16 @@ def measure_memory(side: str, texts_path: Path, args: argparse.Namespace) -> dic
 # -------------------------------------------------------------------------------------------- texts
 def load_texts(dataset: str | None, n: int | None, seed: int = 0) -> tuple[list[str], str]:
     from learn_tasks.data import datasets as data
-    from learn_tasks.ceg import encode
+    from learn_tasks.data import public
+    from learn_tasks.ceg import text
     from learn_tasks.config import load_settings
 
     cfg = load_settings()
     name = dataset or "amazon-books-2014-sample"
     if dataset is None or not (cfg.paths.dataset(name) / "manifest.json").exists():
-        data.ensure_prepared(cfg, name)
+        public.ensure_prepared(cfg, name)
     items = data.load_items(cfg, name)
-    prep = encode.prepare_items(items, cfg.encode.template)
+    prep = text.prepare_items(items, cfg.encode.template)
     texts = [t for t in prep.texts if t is not None]
     if n is not None and n < len(texts):  # a seeded sample keeps the full set's length mix
         rng = np.random.default_rng(seed)

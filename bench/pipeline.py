@@ -47,10 +47,11 @@ def carve(home: Path, quick: bool, seed: int = 0) -> dict:
     import pandas as pd
 
     from learn_tasks.data import datasets as data
+    from learn_tasks.data import public
     from learn_tasks import schema as S
 
     cfg = _settings(home)
-    data.ensure_prepared(cfg, SOURCE)
+    public.ensure_prepared(cfg, SOURCE)
     inter, items = data.load_interactions(cfg, SOURCE), data.load_items(cfg, SOURCE)
     rng = np.random.default_rng(seed)
     if quick:  # a fifth of the users and the items they touched: same shape, a fraction of the cost
@@ -75,7 +76,7 @@ def carve(home: Path, quick: bool, seed: int = 0) -> dict:
     src.mkdir(parents=True, exist_ok=True)
     base_inter.to_parquet(src / "interactions.parquet", index=False)
     base_items.to_parquet(src / "items.parquet", index=False)
-    data.prepare(cfg, "canonical", src, DATASET)
+    data.prepare_dataset(cfg, "canonical", src, DATASET)
     inc = home / "bench_increment"
     inc.mkdir(exist_ok=True)
     new_inter.to_parquet(inc / "interactions-day.parquet", index=False)
@@ -96,15 +97,15 @@ def phase(home: Path, mode: str, day: str, quick: bool, out: Path) -> None:
         for key, value in {"BUDGET_S": "45", "INCREMENTAL_BUDGET_S": "10", "EVAL_USERS": "3000",
                            "GATE_USERS": "2000"}.items():
             os.environ[f"LEARN_PIPELINE__{key}"] = value  # the in-process tasks load settings themselves
-    from learn_tasks.orchestration import pipeline as P
+    from learn_tasks.orchestration import runner
 
     if mode == "incremental":  # the new batch arrives
-        incoming = P.incoming_dir(cfg, DATASET)
+        incoming = cfg.paths.incoming(DATASET)
         incoming.mkdir(parents=True, exist_ok=True)
         for f in (home / "bench_increment").glob("*.parquet"):
             (incoming / f.name).write_bytes(f.read_bytes())
     t0 = time.perf_counter()
-    res = P.run_pipeline(cfg, dataset=DATASET, mode=mode, day=day)
+    res = runner.run_pipeline(cfg, dataset=DATASET, mode=mode, day=day)
     wall = time.perf_counter() - t0
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     out.write_text(json.dumps({

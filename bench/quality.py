@@ -9,7 +9,7 @@ The full run, in order (every choice is made on validation, never on test):
 4. every neural model trained to convergence with the chosen settings: early stopping on validation
    Recall@200 (``train.patience`` epochs), ``--epochs`` and ``--budget-s`` as caps; ``--jobs`` training
    processes at a time, one thread each, each in its own process so its peak memory is its own;
-5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluation.evaluate``);
+5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluation.harness``);
 6. the LEARN ablation (loo).
 
     python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol, no sweep
@@ -37,11 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from learn_tasks import schema as S  # noqa: E402
-from learn_tasks.config import load_settings  # noqa: E402
+from learn_tasks.config import BASELINE_KINDS, MODEL_KINDS, load_settings  # noqa: E402
 
 RESULT = REPO / "bench" / "results" / "quality_amazon_books.json"
-NEURAL = ("learn", "learn_hybrid", "sasrec")
-BASELINES = ("popular", "content_knn")
+NEURAL = MODEL_KINDS
+BASELINES = BASELINE_KINDS
 KEEP = ("recall@10", "recall@50", "recall@200", "ndcg@10", "ndcg@50", "ndcg@200")
 # LEARN ablation (protocol loo): each variant changes one thing of the `learn` model.
 ABLATION = {
@@ -79,7 +79,7 @@ def train_many(jobs: int, specs: list[tuple]) -> list[dict]:
 
 
 # One-at-a-time sweep on loo validation (never test): each run changes one setting of the kind's defaults
-# (train.KIND_DEFAULTS); a value equal to the default is skipped. Per setting the value with the best
+# (configs/models/<kind>.yaml); a value equal to the default is skipped. Per setting the value with the best
 # validation Recall@200 is kept when it beats the defaults.
 SWEEP: dict[str, list] = {
     "train.temperature": [0.02, 0.1],
@@ -104,12 +104,12 @@ def _set(kind: str, key: str, value) -> str:
 
 def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
     """Train each variant under loo (``jobs`` at a time) and keep the values that beat the defaults."""
-    from learn_tasks.training import train
+    from learn_tasks.pch.kinds import resolve
 
     cfg = load_settings(overrides=sets)
     out: dict = {}
     for kind in kinds:
-        c = train.resolve(cfg, kind)
+        c = resolve(cfg, kind)
         variants: list[tuple[str, object] | None] = [None]
         for key, values in SWEEP.items():
             section, field = key.split(".")
@@ -136,7 +136,7 @@ def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int,
 def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int,
                       logq: bool) -> dict:
     """learn_hybrid's ID dropout (and logQ, when the loo sweep chose it) on temporal validation (see above)."""
-    from learn_tasks.evaluation import evaluate
+    from learn_tasks.evaluation.harness import evaluate_run
 
     grid = [{"model.id_dropout": p, "train.logq": q} for q in ([True, False] if logq else [False]) for p in ID_DROPOUTS]
     specs = [(home, dataset, "temporal", "learn", budget, epochs, sets)]
@@ -146,7 +146,7 @@ def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets:
     cfg = load_settings(overrides=sets + ["evaluate.max_users=0"])
 
     def valid(kind: str, tr: dict) -> dict:
-        m = evaluate.run(cfg, dataset, "temporal", kind, run_dir=tr["run_dir"], stage=S.VALID, write_report=False)
+        m = evaluate_run(cfg, dataset, "temporal", kind, run_dir=tr["run_dir"], stage=S.VALID, write_report=False)
         return {f"{s}_recall@{k}": m[s][f"recall@{k}"] for s in ("all", "cold_start", "long_tail", "head")
                 if s in m for k in (50, 200)} | {"users": m["meta"]["users"], "epochs_run": tr["epochs_run"]}
 
@@ -255,16 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         args.set = ["train.val_users=1000"] + args.set
     os.environ["LEARN_HOME"] = args.home
     cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
-    from learn_tasks.data import datasets as data
-    from learn_tasks.ceg import encode
-    from learn_tasks.evaluation import evaluate
-    from learn_tasks.training import train
+    from learn_tasks.data import public
+    from learn_tasks.ceg import encode, store
+    from learn_tasks.evaluation.harness import evaluate_run
+    from learn_tasks.pch.kinds import resolve
 
-    if args.dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
-        data.ensure_prepared(cfg, args.dataset)
-    if encode.current_fingerprint(cfg, args.dataset) is None:
+    if args.dataset in public.DATASETS:  # a registered public dataset: fetch and prepare it when missing
+        public.ensure_prepared(cfg, args.dataset)
+    if store.current_fingerprint(cfg, args.dataset) is None:
         print(f"== encoding {args.dataset} (once)", flush=True)
-        encode.run(cfg, args.dataset)
+        encode.encode_catalogue(cfg, args.dataset)
 
     models = [m for m in args.models.split(",") if m]
     protocols = args.protocols.split(",")
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print("== learn_hybrid ID dropout on temporal validation", flush=True)
         result["id_dropout"] = choose_id_dropout(args.home, args.dataset, args.sweep_budget_s, args.sweep_epochs,
                                                  args.set + chosen_sets(choices), jobs,
-                                                 logq=train.resolve(load_settings(overrides=args.set + chosen_sets(choices)),
-                                                                    "learn_hybrid").train.logq)
+                                                 logq=resolve(load_settings(overrides=args.set + chosen_sets(choices)),
+                                                              "learn_hybrid").train.logq)
         choices.setdefault("learn_hybrid", {}).update(result["id_dropout"]["chosen"])
     if choices:
         result["chosen"] = choices
@@ -300,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         result["train"].setdefault(model, {})[protocol] = {
             k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "train_seconds", "epochs_run", "best_epoch",
                                "stopped", "val", "run_id")}
-        c = train.resolve(cfg, model)
+        c = resolve(cfg, model)
         result["configs"][model] = {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"per_model"}),
                                     "budget_s": budget, "max_epochs": epochs}
     for protocol in protocols:
         for model in models:
             t0 = time.perf_counter()
             tr = trained.get((protocol, model))
-            m = evaluate.run(cfg, args.dataset, protocol, model, run_dir=tr["run_dir"] if tr else None)
+            m = evaluate_run(cfg, args.dataset, protocol, model, run_dir=tr["run_dir"] if tr else None)
             result[protocol][model] = slim(m)
             details[protocol][model] = {"coverage": m["coverage"], "mrr": {s: m[s]["mrr"] for s in S.SLICES if s in m},
                                         "cases": {s: m[s]["cases"] for s in S.SLICES if s in m},
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = train_many(jobs, [(args.home, args.dataset, "loo", "learn", budget, epochs, args.set + sets)
                                  for sets in ABLATION.values()])
         for name, tr in zip(ABLATION, runs):
-            m = evaluate.run(cfg, args.dataset, "loo", "learn", run_dir=tr["run_dir"])
+            m = evaluate_run(cfg, args.dataset, "loo", "learn", run_dir=tr["run_dir"])
             result["ablation_loo"][name] = slim(m)
             result["train"][name] = {"loo": {k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "epochs_run",
                                                                  "best_epoch", "stopped")}}

@@ -62,35 +62,35 @@ def free_port() -> int:
 # -------------------------------------------------------------------------------------------- prepare
 def prepare(cfg, dataset: str, train_budget_s: float) -> dict:
     """Embeddings, promoted model, features and index: made only when missing or out of date."""
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import encode, store
     from learn_tasks.online import features
     from learn_tasks.online import index
     from learn_tasks.pch import registry
     from learn_tasks.training import train
 
     out: dict = {}
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import public
 
-    if dataset in data.DATASETS:  # a registered public dataset: fetch and prepare it when missing
-        data.ensure_prepared(cfg, dataset)
-    if encode.current_fingerprint(cfg, dataset) is None:
+    if dataset in public.DATASETS:  # a registered public dataset: fetch and prepare it when missing
+        public.ensure_prepared(cfg, dataset)
+    if store.current_fingerprint(cfg, dataset) is None:
         log(f"encoding {dataset} (once)")
-        out["encode"] = encode.run(cfg, dataset)
+        out["encode"] = encode.encode_catalogue(cfg, dataset)
     run_dir = registry.promoted(cfg, dataset)
     if run_dir is None:
         log(f"training a model for {train_budget_s:.0f} s (none promoted yet)")
-        res = train.run(cfg, dataset, budget_s=train_budget_s)
+        res = train.train_model(cfg, dataset, budget_s=train_budget_s)
         run_dir = registry.promote(cfg, dataset, Path(res["run_dir"]), reason="bench/serve.py")
         out["trained"] = {k: res.get(k) for k in ("run_id", "epochs_run", "stopped", "train_seconds", "val")}
     out["model_version"] = run_dir.name
     log("features (idempotent)")
     t0 = time.perf_counter()
-    out["features"] = {k: v for k, v in features.run(cfg, dataset).items() if k in ("rows", "rebuilt", "materialized")}
+    out["features"] = {k: v for k, v in features.materialize_features(cfg, dataset).items() if k in ("rows", "rebuilt", "materialized")}
     out["features"]["seconds"] = time.perf_counter() - t0
     if index.current(cfg, dataset) != index.collection_name(dataset, run_dir.name):
         log("indexing the promoted model's items")
         t0 = time.perf_counter()
-        built = index.run(cfg, dataset)
+        built = index.index_catalogue(cfg, dataset)
         out["index_build"] = {k: built[k] for k in ("rows", "index_type", "index_recall_at_10", "load_s", "skipped")}
         out["index_build"]["seconds"] = time.perf_counter() - t0
     return out
@@ -101,7 +101,7 @@ def index_check(cfg, dataset: str, n_queries: int, n_latency: int) -> dict:
     from learn_tasks.data import datasets as data
     from learn_tasks.online import index
     from learn_tasks.pch import registry
-    from learn_tasks.online.service import ModelBundle
+    from learn_tasks.online.bundle import ModelBundle
 
     client = index.connect(cfg)
     target = index.current(cfg, dataset)

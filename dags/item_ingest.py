@@ -22,24 +22,21 @@ Idempotent per run: a re-run finds the same landed files, the same embeddings an
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from learn_tasks.orchestration.dag_tasks import default_args, stage_task
+
 NEW_ITEMS = Asset(name="learn_new_items", uri="file:///learn/incoming/items", group="learn")
 
-
-def _on_failure(context: Any) -> None:
-    from learn_tasks.orchestration.pipeline import on_task_failure
-
-    on_task_failure(context)
-
-
-def _on_retry(context: Any) -> None:
-    from learn_tasks.orchestration.pipeline import on_task_retry
-
-    on_task_retry(context)
+land_items = stage_task("land_items", "Move new item files into this run's landing folder; no new file = skip the "
+                                      "rest of the run.", decorator=task.short_circuit)
+validate_items = stage_task("validate_items", "Great Expectations item suite; quarantine bad rows; upsert good "
+                                              "rows into the catalogue.")
+encode_items = stage_task("encode_items", "Content embeddings for items that have no up-to-date one.")
+upsert_items = stage_task("upsert_items", "Item tower of the promoted model over the new items -> upsert into the "
+                                          "live Milvus collection.")
 
 
 @dag(
@@ -52,48 +49,13 @@ def _on_retry(context: Any) -> None:
     max_active_runs=1,
     tags=["learn", "recommender", "items", "cold-start"],
     doc_md=__doc__,
-    default_args={
-        "owner": "learn",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=20),
-        "execution_timeout": timedelta(minutes=20),
-        "on_failure_callback": _on_failure,
-        "on_retry_callback": _on_retry,
-    },
+    default_args=default_args(retries=2, retry_delay=timedelta(seconds=20), execution_timeout=timedelta(minutes=20)),
     params={
         "dataset": Param(None, type=["null", "string"],
                          description="Dataset whose catalogue receives the items; empty = pipeline.dataset."),
     },
 )
 def item_ingest() -> None:
-    @task.short_circuit
-    def land_items() -> dict:
-        """Move new item files into this run's landing folder; no new file = skip the rest of the run."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("land_items")
-
-    @task
-    def validate_items() -> dict:
-        """Great Expectations item suite; quarantine bad rows; upsert good rows into the catalogue."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("validate_items")
-
-    @task
-    def encode_items() -> dict:
-        """Content embeddings for items that have no up-to-date one."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("encode_items")
-
-    @task
-    def upsert_items() -> dict:
-        """Item tower of the promoted model over the new items -> upsert into the live Milvus collection."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("upsert_items")
-
     land_items() >> validate_items() >> encode_items() >> upsert_items()
 
 

@@ -1,7 +1,7 @@
 """
 ### learn_monitoring: daily cold-start and long-tail drift check for on-call
 
-One task, **monitor**, calls `learn_tasks.monitoring.monitor.run`: Evidently reports comparing the newest window of
+One task, **monitor**, calls `learn_tasks.orchestration.stages.monitor_dag_window`: Evidently reports comparing the newest window of
 interactions with the training window (share of events on cold-start items, long-tail share among
 warm-item events, popularity drift, new-user share, events per user, content-embedding drift of new
 items against the catalogue) plus Recall/NDCG@K, coverage and exposure per slice from the newest
@@ -20,20 +20,15 @@ report and dashboard points.
 """
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
-log = logging.getLogger("learn.monitoring")
+from learn_tasks.orchestration.dag_tasks import default_args, stage_task
 
-
-def _on_failure(context: Any) -> None:
-    """Alert callback: the exception of a failed monitor task names every alert (or the error)."""
-    ti = context.get("ti") or context.get("task_instance")
-    log.error("learn_monitoring.%s failed: %s", getattr(ti, "task_id", "?"), context.get("exception"))
+monitor = stage_task("monitor_window", "Evidently reports + workspace snapshot; fails on alerts when "
+                                        "fail_on_alert is set.", task_id="monitor")
 
 
 @dag(
@@ -45,13 +40,8 @@ def _on_failure(context: Any) -> None:
     max_active_runs=1,  # runs of one dataset share its history file and dashboard
     tags=["learn", "monitoring", "evidently"],
     doc_md=__doc__,
-    default_args={
-        "owner": "learn",
-        "retries": 1,  # for transient errors; alerts fail without retry (AirflowFailException)
-        "retry_delay": timedelta(minutes=1),
-        "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": _on_failure,
-    },
+    # retries for transient errors; alerts fail at once (the stage raises an error retrying cannot fix)
+    default_args=default_args(retries=1, retry_delay=timedelta(minutes=1), execution_timeout=timedelta(minutes=30)),
     params={
         "dataset": Param(None, type=["null", "string"],
                          description="Prepared dataset under $LEARN_HOME/data. Empty = pipeline.dataset."),
@@ -63,27 +53,6 @@ def _on_failure(context: Any) -> None:
     },
 )
 def learn_monitoring() -> None:
-    @task
-    def monitor() -> dict:
-        """Evidently reports + workspace snapshot; fails on alerts when fail_on_alert is set."""
-        from airflow.sdk import get_current_context
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from learn_tasks.monitoring import monitor as mon
-        from learn_tasks.config import load_settings
-
-        ctx = get_current_context()
-        params, cfg = ctx["params"], load_settings()
-        dataset = params.get("dataset") or cfg.pipeline.dataset
-        start, end = None, None
-        if params.get("window") == "interval":
-            start, end = ctx["data_interval_start"].isoformat(), ctx["data_interval_end"].isoformat()
-        result = mon.run(cfg, dataset, start, end, run_id=f"learn_monitoring__{ctx['run_id']}",
-                         run_date=ctx["data_interval_start"].strftime("%Y-%m-%d"))
-        if result["alerts"] and params.get("fail_on_alert", True):
-            raise AirflowFailException(str(mon.MonitoringAlert(result["alerts"], result["report"])))
-        return {"report": result["report"], "alerts": result["alerts"], "notes": result["notes"]}
-
     monitor()
 
 

@@ -27,28 +27,46 @@ train_pch -> evaluate -> promotion_gate -> load_milvus -> monitor -> summarize
 
 Every task is idempotent for its data interval: re-running a day trains no second model and leaves the
 feature store, the embedding store and Milvus as they are. Each task is one call into
-`learn_tasks.orchestration.pipeline`; heavy libraries are imported inside the tasks, so parsing this file is fast.
+`learn_tasks.orchestration` (built by `stage_task`); heavy libraries load inside the tasks, so parsing
+this file is fast.
 A failed task writes a one-line reason to its log and to `$LEARN_HOME/pipeline/<run key>/failures/`.
 """
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
+from learn_tasks.config import MODEL_KINDS
+from learn_tasks.orchestration.dag_tasks import default_args, stage_task
 
-def _on_failure(context: Any) -> None:
-    from learn_tasks.orchestration.pipeline import on_task_failure
-
-    on_task_failure(context)
-
-
-def _on_retry(context: Any) -> None:
-    from learn_tasks.orchestration.pipeline import on_task_retry
-
-    on_task_retry(context)
+land_logs = stage_task("land_logs", "Move new log and item files into this interval's landing folder (full: "
+                                    "snapshot the history).")
+validate_logs = stage_task("validate_logs", "Great Expectations on logs and items; quarantine bad rows; publish "
+                                            "accepted rows.")
+refresh_user_features = stage_task("refresh_user_features", "Feast: rebuild user and item feature tables, apply, "
+                                                            "materialise to the online store.")
+plan_encode_shards = stage_task("plan_encode_shards", "Split the catalogue into encode shards ([i, n] pairs) for "
+                                                      "the mapped encode task.")
+encode_new_items = stage_task("encode_new_items", "Content embeddings (frozen LLM) for one shard's items that have "
+                                                  "none up to date.",
+                              inputs=["shard"], max_active_tis_per_dagrun=2)  # 2 cores: more parallel encoders only contend
+train_pch = stage_task("train_pch", "Train the PCH towers: from scratch (full) or warm-started from the promoted "
+                                    "model (incremental).",
+                       inputs=["encoded"])
+evaluate = stage_task("evaluate", "Full-ranking metrics of the candidate: test slices for the report, validation "
+                                  "for the gate.",
+                      inputs=["trained"])
+promotion_gate = stage_task("promotion_gate", "Promote the candidate unless it is worse than the serving model by "
+                                              "more than the margin.",
+                            inputs=["trained", "evaluated"])
+load_milvus = stage_task("load_milvus", "Item tower of the serving model over the catalogue -> new Milvus "
+                                        "collection, alias swap.",
+                         inputs=["gate"])
+monitor = stage_task("monitor", "Evidently drift and cold-start / long-tail slice monitoring.")
+summarize = stage_task("summarize", "Write the run summary (validation, encoding, training, evaluation, promotion, "
+                                    "Milvus, reports).")
 
 
 @dag(
@@ -61,22 +79,16 @@ def _on_retry(context: Any) -> None:
     max_active_runs=1,  # every run writes the same dataset, stores and index
     tags=["learn", "recommender", "training"],
     doc_md=__doc__,
-    default_args={
-        "owner": "learn",
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-        "execution_timeout": timedelta(hours=2),
-        "on_failure_callback": _on_failure,
-        "on_retry_callback": _on_retry,
-    },
+    default_args=default_args(retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(hours=2),
+                              retry_exponential_backoff=True),
     params={
         "dataset": Param(None, type=["null", "string"],
                          description="Dataset name under $LEARN_HOME/data (registered public datasets are "
                                      "prepared on first use). Empty = pipeline.dataset from the config."),
-        "mode": Param("incremental", enum=["full", "incremental"],
+        "mode": Param(None, type=["null", "string"], enum=[None, "full", "incremental"],
                       description="full: validate the whole history and retrain from scratch; incremental: "
-                                  "only new logs, warm-start from the promoted model with a small budget."),
+                                  "only new logs, warm-start from the promoted model with a small budget. "
+                                  "Empty = pipeline.mode from the config."),
         "window_days": Param(1, type="integer", minimum=1, maximum=365,
                              description="Incremental runs accept events from this many days before the "
                                          "interval end (1 = the run's own day; more accepts late events)."),
@@ -85,91 +97,13 @@ def _on_retry(context: Any) -> None:
         "budget_s": Param(None, type=["null", "number"], minimum=0,
                           description="Training wall-clock budget in seconds; empty = pipeline.budget_s / "
                                       "incremental_budget_s."),
-        "model": Param(None, type=["null", "string"], enum=[None, "learn_hybrid", "learn", "sasrec"],
-                       description="Candidate model kind to train; empty = pipeline.model (learn_hybrid). The "
+        "model": Param(None, type=["null", "string"], enum=[None, *MODEL_KINDS],
+                       description="Candidate model kind to train; empty = pipeline.model from the config. The "
                                    "promotion gate serves it only if it is not worse than the promoted model "
                                    "on validation."),
     },
 )
 def learn_pipeline() -> None:
-    @task
-    def land_logs() -> dict:
-        """Move new log and item files into this interval's landing folder (full: snapshot the history)."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("land_logs")
-
-    @task
-    def validate_logs() -> dict:
-        """Great Expectations on logs and items; quarantine bad rows; publish accepted rows."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("validate_logs")
-
-    @task
-    def refresh_user_features() -> dict:
-        """Feast: rebuild user and item feature tables, apply, materialise to the online store."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("refresh_user_features")
-
-    @task
-    def plan_encode_shards() -> list:
-        """Split the catalogue into encode shards ([i, n] pairs) for the mapped encode task."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("plan_encode_shards")
-
-    @task(max_active_tis_per_dagrun=2,  # 2 cores: more parallel encoders only contend
-          doc_md="Content embeddings (frozen LLM) for one shard's items that have none up to date.")
-    def encode_new_items(shard: list) -> dict:
-        """Content embeddings (frozen LLM) for the shard's items that have none up to date."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("encode_new_items", shard)
-
-    @task
-    def train_pch(encoded: Any) -> dict:
-        """Train the PCH towers: from scratch (full) or warm-started from the promoted model (incremental)."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("train_pch", encoded)
-
-    @task
-    def evaluate(trained: dict) -> dict:
-        """Full-ranking metrics of the candidate: test slices for the report, validation for the gate."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("evaluate", trained)
-
-    @task
-    def promotion_gate(trained: dict, evaluated: dict) -> dict:
-        """Promote the candidate unless it is worse than the serving model by more than the margin."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("promotion_gate", trained, evaluated)
-
-    @task
-    def load_milvus(gate: dict) -> dict:
-        """Item tower of the serving model over the catalogue -> new Milvus collection, alias swap."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("load_milvus", gate)
-
-    @task
-    def monitor() -> dict:
-        """Evidently drift and cold-start / long-tail slice monitoring."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return task_call("monitor")
-
-    @task
-    def summarize() -> dict:
-        """Write the run summary (validation, encoding, training, evaluation, promotion, Milvus, reports)."""
-        from learn_tasks.orchestration.pipeline import task_call
-
-        return {"summary": task_call("summarize")["reports"]["summary"]}
-
     validated = validate_logs()
     land_logs() >> validated
     features = refresh_user_features()

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from learn_tasks.config import Settings, dump_json, load_settings
+from learn_tasks.config import MODEL_KINDS, Settings, dump_json, load_settings
 
 app = typer.Typer(help="learn: LEARN (LLM knowledge -> recommendation) as an orchestrated pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -59,11 +59,11 @@ def fail(message: str, code: int = 2) -> None:
 def data_fetch(ctx: typer.Context, name: str = typer.Argument(..., help="registered dataset name"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Get a public dataset into LEARN_HOME/raw/NAME (local mirror if configured, else download; sha256 checked)."""
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import public, readers
 
     try:
-        emit(data.fetch(settings(ctx), name), as_json)
-    except (KeyError, data.DataError) as exc:
+        emit(public.fetch_dataset(settings(ctx), name), as_json)
+    except (KeyError, readers.DataError) as exc:
         fail(str(exc))
 
 
@@ -77,11 +77,11 @@ def data_prepare(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Read a public format into canonical Parquet; bad rows go to quarantine with file, line and reason."""
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import datasets, readers
 
     try:
-        emit(data.prepare(settings(ctx, data__kcore=kcore), format, input, name), as_json)
-    except (ValueError, data.DataError) as exc:
+        emit(datasets.prepare_dataset(settings(ctx, data__kcore=kcore), format, input, name), as_json)
+    except (ValueError, readers.DataError) as exc:
         fail(str(exc))
 
 
@@ -90,10 +90,10 @@ def data_split(ctx: typer.Context, name: str = typer.Argument(...),
                protocol: str = typer.Option("loo", "--protocol", help="loo | temporal"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Write the split (leave-one-out or global temporal) of a prepared dataset."""
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import splits
 
     try:
-        emit(data.run_split(settings(ctx), name, protocol), as_json)
+        emit(splits.split_dataset(settings(ctx), name, protocol), as_json)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
@@ -101,10 +101,10 @@ def data_split(ctx: typer.Context, name: str = typer.Argument(...),
 @data_app.command("stats")
 def data_stats(ctx: typer.Context, name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
     """Users, items, interactions, sequence lengths, time range, cold-start shares under the temporal split."""
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import stats
 
     try:
-        emit(data.stats(settings(ctx), name), as_json)
+        emit(stats.dataset_stats(settings(ctx), name), as_json)
     except FileNotFoundError as exc:
         fail(str(exc))
 
@@ -122,12 +122,12 @@ def encode_cmd(
     """Content embeddings (CEG) with a frozen LLM: only items without an up-to-date embedding are encoded."""
     import logging
 
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import encode, encoder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        emit(encode.run(settings(ctx), dataset, limit=limit, shard=shard, model=model), as_json)
-    except (ValueError, FileNotFoundError, encode.EncodeError) as exc:
+        emit(encode.encode_catalogue(settings(ctx), dataset, limit=limit, shard=shard, model=model), as_json)
+    except (ValueError, FileNotFoundError, encoder.EncodeError) as exc:
         fail(str(exc))
 
 
@@ -137,7 +137,7 @@ def train_cmd(
     ctx: typer.Context,
     dataset: str = typer.Option(..., "--dataset", help="prepared dataset name"),
     protocol: str = typer.Option("loo", "--protocol", help="loo | temporal"),
-    model: str = typer.Option("learn", "--model", help="learn | learn_hybrid | sasrec"),
+    model: Optional[str] = typer.Option(None, "--model", help="learn | learn_hybrid | sasrec (default pipeline.model)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="maximum epochs (default train.epochs)"),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="wall-clock training budget in seconds"),
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="run folder to start from"),
@@ -153,8 +153,8 @@ def train_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     cfg = settings(ctx)
     try:
-        result = train.run(cfg, dataset, protocol=protocol, model=model, epochs=epochs, budget_s=budget_s,
-                           warm_start=warm_start)
+        result = train.train_model(cfg, dataset, protocol=protocol, model=model or cfg.pipeline.model, epochs=epochs,
+                           budget_s=budget_s, warm_start=warm_start)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if promote:
@@ -168,18 +168,19 @@ def evaluate_cmd(
     ctx: typer.Context,
     dataset: str = typer.Option(..., "--dataset", help="prepared dataset name"),
     protocol: str = typer.Option("loo", "--protocol", help="loo | temporal"),
-    model: str = typer.Option("learn", "--model", help="learn | learn_hybrid | sasrec | popular | content_knn"),
+    model: Optional[str] = typer.Option(None, "--model", help="learn | learn_hybrid | sasrec | popular | content_knn "
+                                        "(default pipeline.model)"),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="run folder (default: latest run of --model)"),
     stage: str = typer.Option("test", "--stage", help="test | valid"),
     max_users: Optional[int] = typer.Option(None, "--max-users", help="evaluate a seeded sample of users"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Full-ranking Recall/HR/NDCG@K and MRR by slice, coverage; writes metrics.json and a report."""
-    from learn_tasks.evaluation import evaluate
+    from learn_tasks.evaluation import harness
 
+    cfg = settings(ctx, evaluate__max_users=max_users)
     try:
-        result = evaluate.run(settings(ctx, evaluate__max_users=max_users), dataset, protocol, model=model,
-                              run_dir=run_dir, stage=stage)
+        result = harness.evaluate_run(cfg, dataset, protocol, model=model or cfg.pipeline.model, run_dir=run_dir, stage=stage)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     emit(result, as_json)
@@ -199,7 +200,7 @@ def features_cmd(
     from learn_tasks.online import features
 
     try:
-        emit(features.run(settings(ctx), dataset, start=start, end=end, force=force), as_json)
+        emit(features.materialize_features(settings(ctx), dataset, start=start, end=end, force=force), as_json)
     except (ValueError, FileNotFoundError, features.FeaturesError) as exc:
         fail(str(exc))
 
@@ -225,11 +226,11 @@ def index_cmd(
         return
     if dataset is None:
         fail("--dataset is required (or a sub-command: list, rollback, server)")
-    from learn_tasks.online import index
+    from learn_tasks.online import index, milvus_lite
 
     try:
-        emit(index.run(settings(ctx), dataset, run_dir=run_dir, swap=not no_swap), as_json)
-    except (ValueError, FileNotFoundError, index.IndexStoreError) as exc:
+        emit(index.index_catalogue(settings(ctx), dataset, run_dir=run_dir, swap=not no_swap), as_json)
+    except (ValueError, FileNotFoundError, milvus_lite.IndexStoreError) as exc:
         fail(str(exc))
 
 
@@ -237,12 +238,12 @@ def index_cmd(
 def index_list(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """The dataset's index versions (oldest first) and which one the alias points at."""
-    from learn_tasks.online import index
+    from learn_tasks.online import index, milvus_lite
 
     try:
         cfg = settings(ctx)
         emit({"alias": index.alias_name(cfg, dataset), "versions": index.versions(cfg, dataset)}, as_json)
-    except index.IndexStoreError as exc:
+    except milvus_lite.IndexStoreError as exc:
         fail(str(exc))
 
 
@@ -251,11 +252,11 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
                    to: Optional[str] = typer.Option(None, "--to", help="version or collection (default: the previous)"),
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Point the alias back at an older version, in one step."""
-    from learn_tasks.online import index
+    from learn_tasks.online import index, milvus_lite
 
     try:
         emit(index.rollback(settings(ctx), dataset, to=to), as_json)
-    except index.IndexStoreError as exc:
+    except milvus_lite.IndexStoreError as exc:
         fail(str(exc))
 
 
@@ -263,28 +264,28 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
 def index_server_start(ctx: typer.Context, port: Optional[int] = typer.Option(None, "--port", help="default index.server_port"),
                        as_json: bool = typer.Option(False, "--json")) -> None:
     """Start the Milvus Lite server on 127.0.0.1 (no-op when it runs); other commands then use its URI."""
-    from learn_tasks.online import milvus_lite as milvus_server
+    from learn_tasks.online import milvus_lite
 
     try:
-        emit(milvus_server.start(settings(ctx), port=port), as_json)
-    except milvus_server.ServerError as exc:
+        emit(milvus_lite.start(settings(ctx), port=port), as_json)
+    except milvus_lite.ServerError as exc:
         fail(str(exc))
 
 
 @index_server_app.command("stop")
 def index_server_stop(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stop the Milvus Lite server started from this LEARN_HOME."""
-    from learn_tasks.online import milvus_lite as milvus_server
+    from learn_tasks.online import milvus_lite
 
-    emit(milvus_server.stop(settings(ctx)), as_json)
+    emit(milvus_lite.stop(settings(ctx)), as_json)
 
 
 @index_server_app.command("status")
 def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Whether the Milvus Lite server runs, with its URI."""
-    from learn_tasks.online import milvus_lite as milvus_server
+    from learn_tasks.online import milvus_lite
 
-    emit(milvus_server.status(settings(ctx)), as_json)
+    emit(milvus_lite.status(settings(ctx)), as_json)
 
 
 @app.command("serve")
@@ -294,18 +295,25 @@ def serve_cmd(
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default serve.host)"),
     port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port)"),
     search: Optional[str] = typer.Option(None, "--search", help="replica | milvus (default serve.search)"),
+    follow: bool = typer.Option(False, "--follow", help="start without a model and swap in each newly promoted and "
+                                "indexed one without a restart (what `learn up` runs)"),
 ) -> None:
     """Serve the promoted model: GET /recommendations/{user_id}, POST /items, POST /events, /health, /metrics, /docs."""
     import logging
 
-    from learn_tasks.online import features
-    from learn_tasks.online import index
+    from learn_tasks.online import features, milvus_lite, recommender
     from learn_tasks.online import service as serve
+    from learn_tasks.ops import live
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if follow:
+        cfg = settings(ctx, serve__search=search)
+        live.serve_live(cfg, dataset or cfg.serve.dataset or cfg.pipeline.dataset, host or cfg.serve.host,
+                        port or cfg.serve.port)
+        return
     try:
-        serve.run(settings(ctx, serve__search=search), dataset, host=host, port=port)
-    except (serve.ServeError, index.IndexStoreError, features.FeaturesError, FileNotFoundError) as exc:
+        serve.serve_api(settings(ctx, serve__search=search), dataset, host=host, port=port)
+    except (recommender.ServeError, milvus_lite.IndexStoreError, features.FeaturesError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -321,15 +329,15 @@ def validate_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Great Expectations checks; bad rows quarantined; exit 1 when a table's failed share is over the threshold."""
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import readers
     from learn_tasks.data import validation as validate
 
     try:
-        emit(validate.run(settings(ctx), dataset, input=input, start=start, end=end), as_json)
+        emit(validate.validate_files(settings(ctx), dataset, input=input, start=start, end=end), as_json)
     except validate.ValidationFailed as exc:
         emit(exc.summary, as_json)
         fail(str(exc), code=1)
-    except (FileNotFoundError, data.DataError, ValueError) as exc:
+    except (FileNotFoundError, readers.DataError, ValueError) as exc:
         fail(str(exc))
 
 
@@ -356,12 +364,12 @@ def monitor_cmd(
         return
     if dataset is None:
         fail("--dataset is required (or the sub-command: ui)")
-    from learn_tasks.data import datasets as data
+    from learn_tasks.data import readers
     from learn_tasks.monitoring import monitor
 
     try:
-        result = monitor.run(settings(ctx), dataset, start, end, run_id=run_id, run_date=date)
-    except (ValueError, FileNotFoundError, data.DataError) as exc:
+        result = monitor.monitor_window(settings(ctx), dataset, start, end, run_id=run_id, run_date=date)
+    except (ValueError, FileNotFoundError, readers.DataError) as exc:
         fail(str(exc))
         return
     emit(result, as_json)
@@ -379,12 +387,12 @@ def monitor_ui(
     host: Optional[str] = typer.Option(None, "--host", help="default monitor.ui_host (loopback)"),
 ) -> None:
     """Serve the Evidently UI over LEARN_HOME/evidently (the on-call dashboard); Ctrl-C stops it."""
-    from learn_tasks.monitoring import monitor
+    from learn_tasks.monitoring import dashboard
 
     cfg = settings(ctx)
     typer.echo(f"Evidently UI on http://{host or cfg.monitor.ui_host}:{port or cfg.monitor.ui_port} "
-               f"(workspace {monitor.workspace_path(cfg)})")
-    monitor.serve_ui(cfg, port=port, host=host)
+               f"(workspace {cfg.paths.evidently()})")
+    dashboard.serve_ui(cfg, port=port, host=host)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -423,27 +431,27 @@ def run_cmd(
 
     Exit 0 only when every task succeeded. Airflow's home and SQLite DB live under LEARN_HOME/airflow.
     """
-    from learn_tasks.orchestration import pipeline
-
     import os
+
+    from learn_tasks.orchestration import runner, runs, summary
 
     _export_settings(ctx)
     os.environ["LEARN_PROGRESS"] = "1"  # one progress line per stage on stderr
     cfg = settings(ctx)
-    if mode is not None and mode not in pipeline.MODES:
-        fail(f"--mode must be one of {pipeline.MODES}")
-    if model is not None and model not in pipeline.KINDS:
-        fail(f"--model must be one of {pipeline.KINDS}")
+    if mode is not None and mode not in runs.MODES:
+        fail(f"--mode must be one of {runs.MODES}")
+    if model is not None and model not in MODEL_KINDS:
+        fail(f"--model must be one of {MODEL_KINDS}")
     try:
-        result = pipeline.run_pipeline(cfg, dataset=dataset, mode=mode, day=date, epochs=epochs, budget_s=budget_s,
-                                       window_days=window_days, verbose=verbose, model=model)
-    except pipeline.PipelineError as exc:
+        result = runner.run_pipeline(cfg, dataset=dataset, mode=mode, day=date, epochs=epochs, budget_s=budget_s,
+                                     window_days=window_days, verbose=verbose, model=model)
+    except runs.PipelineError as exc:
         fail(str(exc))
         return
     if as_json:
         typer.echo(json.dumps(result, default=str))
     else:
-        typer.echo(pipeline.render_summary(result))
+        typer.echo(summary.render_summary(result))
         for msg in result.get("failures", []):
             typer.secho(msg, fg=typer.colors.RED, err=True)
         state = "every task succeeded" if result["ok"] else f"run {result['state']}: not every task succeeded"
@@ -463,13 +471,13 @@ def rollback_cmd(
 ) -> None:
     """Serve an older model again: the Milvus alias moves back to its (complete) collection in one step and
     its training run is promoted, so the service's model and index agree. Restart the service afterwards."""
-    from learn_tasks.online import index
+    from learn_tasks.online import index, milvus_lite
     from learn_tasks.pch import registry
 
     cfg = settings(ctx)
     try:
         moved = index.rollback(cfg, dataset, to=to)
-    except index.IndexStoreError as exc:
+    except milvus_lite.IndexStoreError as exc:
         fail(str(exc))
         return
     run_dir = registry.dataset_models(cfg, dataset) / moved["version"]

@@ -113,7 +113,7 @@ class TrainConfig(_Section):
     encode_missing: bool = Field(False, description="encode items missing from the embedding store first")
     per_model: dict[str, dict[str, dict[str, Any]]] = Field(
         default_factory=dict,
-        description="per model kind: {'model': {...}, 'train': {...}} overrides, merged over learn_tasks.training.train.KIND_DEFAULTS")
+        description="per model kind: {'model': {...}, 'train': {...}} overrides, merged over configs/models/<kind>.yaml")
 
 
 class EvalConfig(_Section):
@@ -231,7 +231,7 @@ class MonitorConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """The orchestrated pipeline (``learn_tasks/orchestration/pipeline.py``, ``dags/``, ``learn run``)."""
+    """The orchestrated pipeline (``learn_tasks/orchestration/``, ``dags/``, ``learn run``)."""
 
     dataset: str = Field("amazon-books-2014-sample", description="dataset of `learn run` and the DAGs")
     format: str = "seqrec"
@@ -300,13 +300,17 @@ class Settings(_Section):
 
 
 class Paths:
-    """The artifact layout under LEARN_HOME (see the README's architecture section)."""
+    """The artifact layout under LEARN_HOME (see docs/configuration.md)."""
 
     def __init__(self, home: Path):
         self.home = home
 
     def dataset(self, name: str) -> Path:
         return self.home / "data" / name
+
+    def dataset_splits(self, name: str) -> Path:
+        """Cached splits of a prepared dataset (``<protocol>.parquet`` + ``.json``); removed on re-prepare."""
+        return self.dataset(name) / "splits"
 
     def raw(self, name: str) -> Path:
         return self.home / "raw" / name

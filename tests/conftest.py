@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
+from learn_tasks.data import datasets as data  # noqa: E402
 from learn_tasks.data import synth  # noqa: E402
 from learn_tasks.config import Settings, load_settings  # noqa: E402
 
@@ -28,8 +29,6 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 @pytest.fixture
 def synth_dataset(settings: Settings, tmp_path: Path) -> str:
     """A small generated dataset, prepared as 'synth' under the test's LEARN_HOME."""
-    from learn_tasks.data import datasets as data
-
     src = synth.write_seqrec(tmp_path / "synth_src", synth.SynthSpec(n_users=200, n_items=300))
-    data.prepare(settings, "seqrec", src, "synth")
+    data.prepare_dataset(settings, "seqrec", src, "synth")
     return "synth"

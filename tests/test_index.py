@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from learn_tasks import schema as S
 from learn_tasks.online import index
+from learn_tasks.online import milvus_lite as milvus_server
+from learn_tasks.online.milvus_lite import IndexLockedError, IndexStoreError
 from learn_tasks.config import Settings
 
 
@@ -72,7 +74,7 @@ def test_alias_swap_keep_versions_rollback_upsert(settings: Settings) -> None:
         alias = index.alias_name(cfg, "books")
         q = rows(seed=2).vectors[:1]
         assert index.search(client, alias, q, 1)[0][0][S.ITEM_ID] == 100  # v2's vectors answer now
-        with pytest.raises(index.IndexStoreError, match="nothing to roll back"):
+        with pytest.raises(IndexStoreError, match="nothing to roll back"):
             index.rollback(cfg, "books")
         index.rollback(cfg, "books", to="v3")
         assert index.current(cfg, "books") == third["collection"]
@@ -119,7 +121,7 @@ def test_locked_lite_data_gives_a_clear_error(settings: Settings) -> None:
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        with pytest.raises(index.IndexLockedError, match="learn index server start"):
+        with pytest.raises(IndexLockedError, match="learn index server start"):
             index.connect(settings)
     finally:
         holder.stdin.close()
@@ -135,8 +137,6 @@ def _free_port() -> int:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_local_server_is_shared_by_processes(settings: Settings) -> None:
-    from learn_tasks.online import milvus_lite as milvus_server
-
     cfg = settings.with_overrides(index={"server_port": _free_port(), "index_type": "FLAT"})
     started = milvus_server.start(cfg)
     try:

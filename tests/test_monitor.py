@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 from learn_tasks.data import datasets as data
-from learn_tasks.monitoring import monitor
-from learn_tasks.data import synth
+from learn_tasks.monitoring import dashboard, frames, monitor, quality, rules
+from learn_tasks.data import splits, synth
 from learn_tasks import schema as S
 from learn_tasks.config import Settings, load_settings
 from learn_tasks.storage import read_json, write_json
@@ -49,7 +49,7 @@ def _prepare(cfg: Settings, folder: Path, name: str, mutate=None) -> str:
         inter, items = mutate(inter, items, late.to_numpy())
         inter.to_csv(src / "interactions.csv", index=False)
         items.to_csv(src / "items.csv", index=False, quoting=1)
-    data.prepare(cfg, "seqrec", src, name)
+    data.prepare_dataset(cfg, "seqrec", src, name)
     return name
 
 
@@ -82,11 +82,11 @@ def test_check_thresholds_names_slice_metric_value_threshold() -> None:
     values = {"cold_start.event_share": 0.6, "long_tail.event_share": 0.05, "all.popularity_drift": 0.1,
               "all.recall@10": 0.04, "head.recall@10": 0.3}
     previous = {"all.recall@10": 0.2, "head.recall@10": 0.31, "cold_start.event_share": 0.1}
-    limits = monitor.thresholds(mc, previous)
+    limits = rules.thresholds(mc, previous)
     assert limits["cold_start.event_share.max"] == 0.45
     assert limits["all.recall@10.min"] == pytest.approx(0.1)  # 0.2 * (1 - 0.5)
     assert "cold_start.event_share.min" not in limits  # only quality metrics get relative floors
-    alerts = monitor.check_thresholds(values, limits, mc, previous)
+    alerts = rules.check_thresholds(values, limits, mc, previous)
     got = {(a["slice"], a["metric"]): a for a in alerts}
     assert set(got) == {("cold_start", "event_share"), ("long_tail", "event_share"), ("all", "recall@10")}
     a = got[("cold_start", "event_share")]
@@ -99,8 +99,8 @@ def test_check_thresholds_names_slice_metric_value_threshold() -> None:
     assert "previous run 0.2" in got[("all", "recall@10")]["message"]
     # unmeasured values and switched-off thresholds raise nothing
     off = mc.model_copy(update={"cold_start_share_max": None})
-    assert "cold_start.event_share.max" not in monitor.thresholds(off)
-    assert monitor.check_thresholds({}, monitor.thresholds(mc), mc) == []
+    assert "cold_start.event_share.max" not in rules.thresholds(off)
+    assert rules.check_thresholds({}, rules.thresholds(mc), mc) == []
 
 
 def test_item_slices_and_event_frame_hand_computed() -> None:
@@ -108,12 +108,12 @@ def test_item_slices_and_event_frame_hand_computed() -> None:
     # training popularity: item 1 -> 6 events, item 2 -> 3, item 3 -> 1; 10 events in all
     ref = pd.DataFrame({S.USER_ID: np.arange(10), S.ITEM_ID: [1] * 6 + [2] * 3 + [3],
                         S.EVENT_TIMESTAMP: [t0] * 10})
-    items = monitor.item_table(ref, np.array([1, 2, 3, 4]), tail_share=0.2)
+    items = frames.item_table(ref, np.array([1, 2, 3, 4]), tail_share=0.2)
     # tail: ascending popularity 3 (1), 2 (3): running totals 1, 4 -> within 0.2 * 10 = 2 is item 3 only
     assert items[S.IS_LONG_TAIL].to_dict() == {1: False, 2: False, 3: True, 4: False}
     assert items[S.IS_COLD_START].to_dict() == {1: False, 2: False, 3: False, 4: True}
     cur = pd.DataFrame({S.ITEM_ID: [4, 4, 3, 1, 2, 5]})  # item 5 is not even in the catalogue: cold
-    ev = monitor.event_frame(cur, items)
+    ev = frames.event_frame(cur, items)
     assert ev["is_cold_start"].mean() == pytest.approx(3 / 6)
     assert ev["is_long_tail"].mean() == pytest.approx(1 / 3)  # among the 3 warm events
     assert ev["is_head"].mean() == pytest.approx(2 / 3)
@@ -123,23 +123,23 @@ def test_item_slices_and_event_frame_hand_computed() -> None:
 def test_user_frame_and_windows(home: Path) -> None:
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
-    split = data.load_split(cfg, name, S.PROTOCOL_TEMPORAL)
-    w = monitor.windows(split)
+    split = splits.load_split(cfg, name, S.PROTOCOL_TEMPORAL)
+    w = frames.windows(split)
     assert w.start == pd.Timestamp(split.attrs["test_cutoff"])
     assert len(w.current) == int((split[S.SPLIT] == S.TEST).sum())
     assert (w.reference[S.SPLIT] == S.TRAIN).all() and w.reference[S.EVENT_TIMESTAMP].max() < w.start
     assert w.recent_start == w.reference_end - (w.end - w.start)
-    explicit = monitor.windows(split, "2020-06-01", "2020-07-01")
+    explicit = frames.windows(split, "2020-06-01", "2020-07-01")
     assert explicit.current[S.EVENT_TIMESTAMP].between(pd.Timestamp("2020-06-01", tz="UTC"),
                                                        pd.Timestamp("2020-07-01", tz="UTC"), inclusive="left").all()
     assert explicit.reference[S.EVENT_TIMESTAMP].max() < pd.Timestamp("2020-06-01", tz="UTC")
     with pytest.raises(ValueError, match="empty"):
-        monitor.windows(split, "2020-07-01", "2020-06-01")
+        frames.windows(split, "2020-07-01", "2020-06-01")
     t = pd.Timestamp("2020-01-01", tz="UTC")
     window = pd.DataFrame({S.USER_ID: [1, 1, 2], S.ITEM_ID: [9, 9, 9], S.EVENT_TIMESTAMP: [t] * 3})
     history = pd.DataFrame({S.USER_ID: [1] * 5 + [2], S.ITEM_ID: [9] * 6, S.EVENT_TIMESTAMP: [t] * 6})
     training = history.iloc[:3]  # user 1 has 3 training events, user 2 none
-    uf = monitor.user_frame(window, history, known_users=np.array([1]), cold_user_max_events=3, training=training)
+    uf = frames.user_frame(window, history, known_users=np.array([1]), cold_user_max_events=3, training=training)
     assert uf.to_dict("list") == {"events_in_window": [2.0, 1.0], "sequence_length": [5.0, 1.0],
                                   "is_new_user": [0.0, 1.0], "is_cold_user": [1.0, 1.0]}
 
@@ -150,7 +150,7 @@ def test_eval_values_reads_the_evaluation_format() -> None:
                "coverage": {"coverage@10": 0.3, "cold_start_share@10": 0.02, "long_tail_share@10": 0.07},
                "popularity_buckets": [{"bucket": "0", "recall@10": 0.0}], "meta": {"model": "learn"},
                "scores": {"all": {"p50": 0.4, "p90": 0.8}}}
-    assert monitor.eval_values(metrics, 10) == {
+    assert quality.eval_values(metrics, 10) == {
         "all.recall@10": 0.2, "all.ndcg@10": 0.1, "all.mrr": 0.05, "cold_start.recall@10": 0.01,
         "cold_start.hr@10": 0.01, "all.coverage@10": 0.3, "cold_start.exposure@10": 0.02,
         "long_tail.exposure@10": 0.07, "all.score_p50": 0.4, "all.score_p90": 0.8}
@@ -158,8 +158,8 @@ def test_eval_values_reads_the_evaluation_format() -> None:
 
 def test_dashboard_definition_builds_named_panels() -> None:
     mc = load_settings(env={}).monitor
-    limits = monitor.thresholds(mc)
-    model = monitor.dashboard_model(monitor.load_dashboard_spec(), limits, mc)
+    limits = rules.thresholds(mc)
+    model = dashboard.dashboard_model(dashboard.load_dashboard_spec(), limits, mc)
     titles = [p.title for p in model.panels]
     assert [t.title for t in model.tabs] == ["Overview", "Cold-start", "Long-tail"]
     assert any(t.startswith("Cold-start: share of events") for t in titles)
@@ -180,12 +180,12 @@ def test_no_shift_no_alert_and_outputs_load(home: Path) -> None:
     from evidently.core.report import Snapshot
     from evidently.ui.workspace import Workspace
 
-    from learn_tasks.evaluation import evaluate
+    from learn_tasks.evaluation import harness
 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
-    evaluate.run(cfg, name, S.PROTOCOL_TEMPORAL, model="popular")  # the real evaluation output format
-    res = monitor.run(cfg, name, embeddings=_synth_embeddings(), run_id="r1", run_date="2024-05-01")
+    harness.evaluate_run(cfg, name, S.PROTOCOL_TEMPORAL, model="popular")  # the real evaluation output format
+    res = monitor.monitor_window(cfg, name, embeddings=_synth_embeddings(), run_id="r1", run_date="2024-05-01")
     assert res["alerts"] == [], res["alerts"]
     v = res["values"]
     assert 0 < v["cold_start.event_share"] < 0.45 and 0.1 < v["long_tail.event_share"] < 0.6
@@ -222,7 +222,7 @@ def test_surge_of_new_items_raises_the_cold_start_alert(home: Path) -> None:
 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "surge", surge)
-    res = monitor.run(cfg, name, embeddings=_synth_embeddings())
+    res = monitor.monitor_window(cfg, name, embeddings=_synth_embeddings())
     assert _kinds(res) == {("cold_start", "event_share")}, res["alerts"]
     alert = res["alerts"][0]
     assert alert["value"] > 0.45 and alert["threshold"] == 0.45
@@ -239,7 +239,7 @@ def test_popularity_collapse_onto_head_items_raises_the_long_tail_alert(home: Pa
 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "collapse", collapse)
-    res = monitor.run(cfg, name, embeddings=_synth_embeddings())
+    res = monitor.monitor_window(cfg, name, embeddings=_synth_embeddings())
     kinds = _kinds(res)
     assert ("long_tail", "event_share") in kinds, res["alerts"]
     assert not any(slc == "cold_start" for slc, _ in kinds)
@@ -251,13 +251,13 @@ def test_new_items_about_another_topic_raise_the_embedding_alert(home: Path) -> 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
     ids, emb = _synth_embeddings()
-    w = monitor.windows(data.load_split(cfg, name, S.PROTOCOL_TEMPORAL))
-    items = monitor.item_table(w.reference, ids, cfg.evaluate.tail_share)
+    w = frames.windows(splits.load_split(cfg, name, S.PROTOCOL_TEMPORAL))
+    items = frames.item_table(w.reference, ids, cfg.evaluate.tail_share)
     new = np.isin(ids, w.current[S.ITEM_ID]) & items[S.IS_COLD_START].reindex(ids).to_numpy(bool)
     assert new.sum() >= 20
     shifted = emb.copy()
     shifted[new] = _topic_embeddings(ids[new], np.full(new.sum(), DIM - 1), seed=7)  # a topic never seen
-    res = monitor.run(cfg, name, embeddings=(ids, shifted))
+    res = monitor.monitor_window(cfg, name, embeddings=(ids, shifted))
     assert _kinds(res) == {("cold_start", "embedding_drift")}, res["alerts"]
     assert res["alerts"][0]["value"] > 0.9
 
@@ -272,47 +272,71 @@ def test_quality_drop_between_runs_and_rerun_replaces_snapshots(home: Path) -> N
             "coverage": {"coverage@10": 0.3, "cold_start_share@10": 0.05, "long_tail_share@10": 0.1},
             "meta": {"dataset": name, "stage": "test", "model": "learn", "created": "2024-01-01T00:00:00"}}
     write_json(base, path)
-    first = monitor.run(cfg, name, run_id="day1")
+    first = monitor.monitor_window(cfg, name, run_id="day1")
     assert first["alerts"] == [] and first["values"]["cold_start.recall@10"] == 0.08
     worse = json.loads(json.dumps(base))
     worse["cold_start"]["recall@10"] = 0.02
     worse["meta"]["created"] = "2024-01-02T00:00:00"
     write_json(worse, path)
-    second = monitor.run(cfg, name, run_id="day2")
+    second = monitor.monitor_window(cfg, name, run_id="day2")
     assert _kinds(second) == {("cold_start", "recall@10")}
     alert = second["alerts"][0]
     assert alert["value"] == 0.02 and alert["threshold"] == pytest.approx(0.04)
     assert second["previous"]["cold_start.recall@10"] == 0.08
-    with pytest.raises(monitor.MonitoringAlert, match=r"slice cold_start: recall@10 = 0.02 is below"):
-        monitor.raise_for_alerts(second)
+    with pytest.raises(rules.MonitoringAlert, match=r"slice cold_start: recall@10 = 0.02 is below"):
+        rules.raise_for_alerts(second)
     # re-running day2 replaces its snapshots instead of adding a third point
     ws = Workspace(str(home / "evidently"))
     pid = second["project_id"]
     n = len(ws.list_runs(pid))
-    again = monitor.run(cfg, name, run_id="day2")
+    again = monitor.monitor_window(cfg, name, run_id="day2")
     assert len(ws.list_runs(pid)) == n
     assert set(map(str, ws.list_runs(pid))) >= set(again["snapshots"])
-    assert sorted(read_json(monitor.history_path(cfg, name))["runs"]) == ["day1", "day2"]
+    assert sorted(read_json(dashboard.history_path(cfg, name))["runs"]) == ["day1", "day2"]
     assert again["previous"]["cold_start.recall@10"] == 0.08  # still compared with day1, not itself
 
 
 def test_missing_evaluation_and_embeddings_are_notes(home: Path) -> None:
     cfg = _settings(home, eval_model="learn")
     name = _prepare(cfg, home.parent, "synth")
-    res = monitor.run(cfg, name)
+    res = monitor.monitor_window(cfg, name)
     assert res["alerts"] == []
     text = " ".join(res["notes"])
     assert "no evaluation of model 'learn'" in text and "embedding drift left out" in text
     assert "cold_start.embedding_drift" not in res["values"] and "all.recall@10" not in res["values"]
 
 
+def test_eval_model_default_tracks_the_promoted_kind_else_pipeline_model(home: Path) -> None:
+    from learn_tasks.pch import registry
+
+    cfg = load_settings(env={"LEARN_HOME": str(home)})
+    assert cfg.monitor.eval_model is None
+    name = "synth"
+    for kind, created in (("sasrec", "2024-01-01"), (cfg.pipeline.model, "2024-01-02"), ("learn", "2024-01-03")):
+        write_json({"all": {"recall@10": 0.1}, "meta": {"dataset": name, "stage": "test", "model": kind,
+                                                        "created": created}},
+                   cfg.paths.reports("eval") / name / f"eval-{kind}" / "metrics.json")
+    # nothing promoted: the kind the pipeline trains
+    path, metrics, note = quality.latest_eval(cfg, name)
+    assert note is None and metrics["meta"]["model"] == cfg.pipeline.model
+    # a promoted run of another kind: its evaluation is tracked
+    run_dir = cfg.paths.dataset_models(name) / "20240101T000000-sasrec-abc123"
+    write_json({"kind": "sasrec", "dataset": name, "created": "2024-01-01T00:00:00"}, run_dir / registry.META)
+    registry.promote(cfg, name, run_dir)
+    path, metrics, note = quality.latest_eval(cfg, name)
+    assert note is None and metrics["meta"]["model"] == "sasrec" and path.parent.name == "eval-sasrec"
+    # an explicit kind wins; "" tracks any kind (the newest evaluation)
+    assert quality.latest_eval(cfg.with_overrides(monitor={"eval_model": "learn"}), name)[1]["meta"]["model"] == "learn"
+    assert quality.latest_eval(cfg.with_overrides(monitor={"eval_model": ""}), name)[1]["meta"]["model"] == "learn"
+
+
 def test_thin_and_empty_windows_are_reported_not_alerted(home: Path) -> None:
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
-    small = monitor.run(cfg, name, "2020-12-20T05:00:00", "2020-12-20T06:00:00")  # one event
+    small = monitor.monitor_window(cfg, name, "2020-12-20T05:00:00", "2020-12-20T06:00:00")  # one event
     assert small["values"]["all.events"] >= 1 and small["alerts"] == []
     assert any("monitor.min_rows" in n for n in small["notes"])
-    empty = monitor.run(cfg, name, "2022-01-01", "2022-01-02")
+    empty = monitor.monitor_window(cfg, name, "2022-01-01", "2022-01-02")
     assert _kinds(empty) == {("all", "events")} and Path(empty["report"]).exists()
 
 
@@ -346,7 +370,8 @@ def test_dag_is_thin_daily_and_documented() -> None:
     assert set(dag.params.keys()) == {"dataset", "window", "fail_on_alert"}
     source = (dags / "learn_monitoring.py").read_text(encoding="utf-8")
     head = source.split("def learn_monitoring")[0]
-    assert "learn_tasks" not in head.replace("learn_tasks.monitoring.monitor.run", "")  # heavy imports in the task body
+    ours = [line for line in head.splitlines() if "import" in line and "learn_tasks" in line]
+    assert ours == ["from learn_tasks.orchestration.dag_tasks import default_args, stage_task"]  # the stage loads in the task
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,9 +384,9 @@ def test_change_in_item_text_topics_with_the_real_encoder(home: Path) -> None:
 
     cfg = _settings(home)
     base = _prepare(cfg, home.parent, "synth")
-    w = monitor.windows(data.load_split(cfg, base, S.PROTOCOL_TEMPORAL))
+    w = frames.windows(splits.load_split(cfg, base, S.PROTOCOL_TEMPORAL))
     items = data.load_items(cfg, base)
-    table = monitor.item_table(w.reference, items[S.ITEM_ID].to_numpy(), cfg.evaluate.tail_share)
+    table = frames.item_table(w.reference, items[S.ITEM_ID].to_numpy(), cfg.evaluate.tail_share)
     new_ids = set(np.unique(w.current[S.ITEM_ID])) & set(table.index[table[S.IS_COLD_START]])
 
     def retitle(inter, its, late):
@@ -374,15 +399,15 @@ def test_change_in_item_text_topics_with_the_real_encoder(home: Path) -> None:
     shifted = _prepare(cfg, home.parent, "retitled", retitle)
     results = {}
     for name in (base, shifted):
-        encode.run(cfg, name)
-        results[name] = monitor.run(cfg, name)
+        encode.encode_catalogue(cfg, name)
+        results[name] = monitor.monitor_window(cfg, name)
     assert _kinds(results[base]) == set(), results[base]["alerts"]
     assert ("cold_start", "embedding_drift") in _kinds(results[shifted]), results[shifted]["values"]
 
 
 @pytest.mark.integration
 def test_dag_run_fails_on_alert_and_succeeds_without(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from learn_tasks.orchestration import pipeline
+    from learn_tasks.orchestration import airflow_env, runner
 
     monkeypatch.setenv("LEARN_HOME", str(home))
     cfg = _settings(home)
@@ -395,8 +420,8 @@ def test_dag_run_fails_on_alert_and_succeeds_without(home: Path, monkeypatch: py
     _prepare(cfg, home.parent, "synth")
     _prepare(cfg, home.parent, "collapse", collapse)
     monkeypatch.setenv("LEARN_MONITOR__EVAL_MODEL", "")
-    pipeline.configure_airflow(cfg.paths.airflow())
-    dag = pipeline.load_dag("learn_monitoring")
+    airflow_env.configure_airflow(cfg.paths.airflow())
+    dag = runner.load_dag("learn_monitoring")
     ok = dag.test(run_conf={"dataset": "synth", "window": "split", "fail_on_alert": True})
     assert str(ok.state).endswith("success")
     bad = dag.test(run_conf={"dataset": "collapse", "window": "split", "fail_on_alert": True},
@@ -418,7 +443,7 @@ def test_ui_serves_the_dashboard_series_after_two_runs(home: Path) -> None:
 
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
-    res = [monitor.run(cfg, name, embeddings=_synth_embeddings()) for _ in range(2)]
+    res = [monitor.monitor_window(cfg, name, embeddings=_synth_embeddings()) for _ in range(2)]
     port = _free_port()
     env = {**os.environ, "LEARN_HOME": str(home), "DO_NOT_TRACK": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "learn_tasks.cli", "monitor", "ui", "--port", str(port)],

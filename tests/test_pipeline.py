@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from learn_tasks.orchestration import pipeline as P
 from learn_tasks import schema as S
+from learn_tasks.ceg import store
 from learn_tasks.config import Settings
+from learn_tasks.orchestration import airflow_env, gate, landing, runner, runs, stages, tasks
 
 
 # ------------------------------------------------------------------------------------------- gate
@@ -26,7 +27,7 @@ from learn_tasks.config import Settings
     (0.2, 0.1, True),
 ])
 def test_gate_rule(candidate, current, promote) -> None:
-    ok, reason = P.decide(candidate, current, margin=0.02)
+    ok, reason = gate.decide(candidate, current, margin=0.02)
     assert ok is promote
     if not ok and candidate is not None:
         assert "keeping the current model" in reason and "0.0980" in reason
@@ -34,24 +35,60 @@ def test_gate_rule(candidate, current, promote) -> None:
 
 # ----------------------------------------------------------------------------------------- run args
 def test_run_args_from_params(settings: Settings) -> None:
-    a = P.RunArgs.from_params(settings, {"dataset": "synth", "mode": "incremental", "window_days": 3,
+    a = runs.RunArgs.from_params(settings, {"dataset": "synth", "mode": "incremental", "window_days": 3,
                                          "epochs": "2", "budget_s": None},
                               "2021-01-01T00:00:00+00:00", "2021-01-02T00:00:00+00:00")
     assert a.key == "synth_20210101T000000Z_20210102T000000Z_incremental"
     assert a.accept_from == pd.Timestamp("2020-12-30", tz="UTC")
     assert a.epochs == 2 and a.budget_s is None
-    full = P.RunArgs.from_params(settings, {}, None, "2021-01-02")
+    full = runs.RunArgs.from_params(settings, {}, None, "2021-01-02")
     assert full.dataset == settings.pipeline.dataset and full.mode == settings.pipeline.mode
     assert full.start == pd.Timestamp("2021-01-01", tz="UTC") and full.accept_from is None
-    with pytest.raises(P.PipelineError, match="mode must be one of"):
-        P.RunArgs.from_params(settings, {"mode": "sometimes"}, None, "2021-01-02")
+    with pytest.raises(runs.PipelineError, match="mode must be one of"):
+        runs.RunArgs.from_params(settings, {"mode": "sometimes"}, None, "2021-01-02")
     # the candidate kind: the config's default unless the run names one
     assert full.model is None and full.kind(settings) == settings.pipeline.model == "learn_hybrid"
-    assert P.RunArgs.from_params(settings, {"model": "sasrec"}, None, "2021-01-02").kind(settings) == "sasrec"
-    with pytest.raises(P.PipelineError, match="model must be one of"):
-        P.RunArgs.from_params(settings, {"model": "gpt"}, None, "2021-01-02")
+    assert runs.RunArgs.from_params(settings, {"model": "sasrec"}, None, "2021-01-02").kind(settings) == "sasrec"
+    with pytest.raises(runs.PipelineError, match="model must be one of"):
+        runs.RunArgs.from_params(settings, {"model": "gpt"}, None, "2021-01-02")
     # --date D runs the interval [D, D+1): Airflow's manual run at D+1 00:00 UTC
-    assert P.logical_date_for("2021-01-01").isoformat() == "2021-01-02T00:00:00+00:00"
+    assert runner.logical_date_for("2021-01-01").isoformat() == "2021-01-02T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("window_days", [0, -3])
+def test_run_args_reject_a_window_shorter_than_a_day(settings: Settings, window_days: int) -> None:
+    with pytest.raises(runs.PipelineError, match="window_days must be >= 1"):
+        runs.RunArgs(dataset="synth", mode="incremental", start=pd.Timestamp("2021-01-01", tz="UTC"),
+                     end=pd.Timestamp("2021-01-02", tz="UTC"), window_days=window_days)
+    with pytest.raises(runs.PipelineError, match="window_days must be >= 1"):
+        runs.RunArgs.from_params(settings, {"mode": "incremental", "window_days": window_days}, None, "2021-01-02")
+    assert runs.RunArgs.from_params(settings, {"mode": "incremental"}, None, "2021-01-02").window_days == 1
+
+
+def test_gate_scores_the_promoted_model_as_the_kind_it_is(settings: Settings, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidate is a learn_hybrid; the promoted model a sasrec. The gate must score the promoted
+    model as a sasrec (scoring it as the candidate's kind reads the wrong network and features)."""
+    promoted = tmp_path / "models" / "synth" / "20210101T000000Z-sasrec-abc123"
+    promoted.mkdir(parents=True)
+    (promoted / "config.json").write_text(json.dumps({"kind": "sasrec"}))
+    candidate = tmp_path / "models" / "synth" / "20210102T000000Z-learn_hybrid-def456"
+    candidate.mkdir(parents=True)
+    scored: list[tuple[str, str]] = []
+
+    def fake_evaluate_run(cfg, dataset, protocol, model, run_dir, stage, write_report=True):
+        scored.append((model, str(run_dir)))
+        return {S.SLICE_ALL: {settings.pipeline.gate_metric: 0.5}}
+
+    monkeypatch.setattr(gate.registry, "promoted", lambda cfg, dataset: promoted)
+    monkeypatch.setattr(gate.registry, "promote", lambda *args, **kwargs: None)
+    monkeypatch.setattr(gate.harness, "evaluate_run", fake_evaluate_run)
+    cfg = settings.with_overrides(home=str(tmp_path))
+    a = runs.RunArgs.from_params(cfg, {"dataset": "synth", "model": "learn_hybrid"}, None, "2021-01-02")
+    res = gate.promotion_gate(cfg, a, {"run_dir": str(candidate)},
+                              {"valid": {cfg.pipeline.gate_metric: 0.1}})
+    assert scored == [("sasrec", str(promoted))]
+    assert res["previous_score"] == 0.5 and res["promoted"] is False  # 0.1 is far below 0.5
 
 
 # ------------------------------------------------------------------------------ retrain across kinds
@@ -68,22 +105,22 @@ def test_incremental_retrain_warm_starts_only_from_a_promoted_model_of_the_same_
     items = data.load_items(settings, synth_dataset)[S.ITEM_ID].to_numpy(np.int64)
     emb = np.random.default_rng(0).normal(size=(len(items), 8)).astype(np.float32)
     cfg = settings.with_overrides(**small)
-    content_run = train.run(cfg, synth_dataset, model="learn", epochs=1, embeddings=(items, emb))["run_dir"]
+    content_run = train.train_model(cfg, synth_dataset, model="learn", epochs=1, embeddings=(items, emb))["run_dir"]
     registry.promote(cfg, synth_dataset, content_run, reason="test")
-    assert P._run_kind(Path(content_run)) == "learn"
+    assert registry.run_kind(Path(content_run)) == "learn"
 
     # the serving model is a content-only `learn`; the candidate kind is now sasrec: no warm start
     cfg = settings.with_overrides(**small, pipeline={"model": "sasrec", "protocol": "loo"})
     day = pd.Timestamp("2021-01-01", tz="UTC")
-    a = P.RunArgs(synth_dataset, "incremental", day, day + pd.Timedelta(days=1), epochs=1, budget_s=30)
-    first = P.train_pch(cfg, a)
+    a = runs.RunArgs(synth_dataset, "incremental", day, day + pd.Timedelta(days=1), epochs=1, budget_s=30)
+    first = stages.train_pch(cfg, a)
     assert first["kind"] == "sasrec" and first["warm_start"] is None
 
     # once a sasrec serves, the next increment warm-starts from it
     registry.promote(cfg, synth_dataset, first["run_dir"], reason="test")
-    b = P.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2), epochs=1,
+    b = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2), epochs=1,
                   budget_s=30)
-    second = P.train_pch(cfg, b)
+    second = stages.train_pch(cfg, b)
     assert second["kind"] == "sasrec" and second["warm_start"] == first["run_dir"]
     assert second["run_dir"] != first["run_dir"]
 
@@ -110,7 +147,7 @@ def test_incremental_batch_lands_validates_publishes_once(settings: Settings, sy
             (users[3], new_id + 1, t + 3),  # its item has an empty title -> quarantined as unknown item
             (users[0], known[0], t),  # duplicate of the first row
             (users[1], known[2], t - 3 * 86400)]  # outside the run's window
-    incoming = P.incoming_dir(cfg, synth_dataset)
+    incoming = cfg.paths.incoming(synth_dataset)
     (incoming / "interactions").mkdir(parents=True)
     (incoming / "items").mkdir(parents=True)
     pd.DataFrame(rows, columns=[S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]).to_csv(
@@ -118,13 +155,13 @@ def test_incremental_batch_lands_validates_publishes_once(settings: Settings, sy
     pd.DataFrame({S.ITEM_ID: [new_id, new_id + 1], S.TITLE: ["Baking Bread at Home", " "]}).to_csv(
         incoming / "items" / "new.csv", index=False)
 
-    a = P.RunArgs(synth_dataset, P.INCREMENTAL, day, day + pd.Timedelta(days=1))
-    landed = P.land_logs(cfg, a)
+    a = runs.RunArgs(synth_dataset, runs.INCREMENTAL, day, day + pd.Timedelta(days=1))
+    landed = landing.land_logs(cfg, a)
     assert sorted(landed["new_files"]) == ["raw/interactions/interactions__day.csv", "raw/items/items__new.csv"]
     assert landed["rows"] == {"interactions": 6, "items": 2}
     assert not list(incoming.rglob("*.csv"))  # claimed: each file belongs to one interval only
 
-    summary = P.validate_logs(cfg, a)
+    summary = landing.validate_logs(cfg, a)
     vi, vt = summary["interactions"], summary["items"]
     assert vi["read"] == 6 == vi["accepted"] + vi["quarantined"]
     assert vi["by_check"] == {"known_item": 1, "duplicate_event": 1, "timestamp_in_interval": 1}
@@ -140,16 +177,16 @@ def test_incremental_batch_lands_validates_publishes_once(settings: Settings, sy
     quarantine = _digest(qdir / "interactions.parquet", qdir / "items.parquet")
 
     # the same interval again: same batch, same verdicts, nothing published twice
-    assert P.land_logs(cfg, a)["rows"] == landed["rows"]
-    again = P.validate_logs(cfg, a)
+    assert landing.land_logs(cfg, a)["rows"] == landed["rows"]
+    again = landing.validate_logs(cfg, a)
     assert again["published"]["changed"] is False and again["published"]["already_present"] == 3
     assert _digest(base / "interactions.parquet", base / "items.parquet") == state
     assert _digest(qdir / "interactions.parquet", qdir / "items.parquet") == quarantine
 
     # the next day has no new files: nothing to validate, nothing changes
-    b = P.RunArgs(synth_dataset, P.INCREMENTAL, a.end, a.end + pd.Timedelta(days=1))
-    assert P.land_logs(cfg, b)["rows"] == {"interactions": 0, "items": 0}
-    assert P.validate_logs(cfg, b)["published"]["changed"] is False
+    b = runs.RunArgs(synth_dataset, runs.INCREMENTAL, a.end, a.end + pd.Timedelta(days=1))
+    assert landing.land_logs(cfg, b)["rows"] == {"interactions": 0, "items": 0}
+    assert landing.validate_logs(cfg, b)["published"]["changed"] is False
     assert _digest(base / "interactions.parquet", base / "items.parquet") == state
 
 
@@ -159,9 +196,9 @@ def test_failure_callback_writes_a_clear_note(settings: Settings) -> None:
                "params": {"dataset": "synth", "mode": "full"},
                "data_interval_start": pd.Timestamp("2021-01-01", tz="UTC"),
                "data_interval_end": pd.Timestamp("2021-01-02", tz="UTC")}
-    P.on_task_failure(context)
-    a = P.RunArgs.from_params(settings, context["params"], "2021-01-01", "2021-01-02")
-    note = json.loads((P.run_dir(settings, a) / "failures" / "train_pch.json").read_text())
+    tasks.on_task_failure(context)
+    a = runs.RunArgs.from_params(settings, context["params"], "2021-01-01", "2021-01-02")
+    note = json.loads((runs.run_dir(settings, a) / "failures" / "train_pch.json").read_text())
     assert note["final"] is True
     for part in ("learn_pipeline.train_pch FAILED", "try 2 of 2", "dataset synth (full)",
                  "[2021-01-01T00:00:00+00:00, 2021-01-02T00:00:00+00:00)",
@@ -174,7 +211,7 @@ def test_failure_callback_writes_a_clear_note(settings: Settings) -> None:
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session."""
     home = tmp_path_factory.mktemp("airflow_home")
-    P.configure_airflow(home)
+    airflow_env.configure_airflow(home)
     return home
 
 
@@ -209,8 +246,8 @@ def _milvus_has(cfg: Settings, dataset: str, ids: list[int]) -> set[int]:
 def _feast_user(cfg: Settings, dataset: str, user_id: int) -> dict:
     from learn_tasks.online import features
 
-    store = features.get_store(cfg, dataset)
-    return features.online_user_features(store, [user_id], service=cfg.features.feature_service)[user_id]
+    fs = features.get_store(cfg, dataset)
+    return features.online_user_features(fs, [user_id], service=cfg.features.feature_service)[user_id]
 
 
 def _store_state(cfg: Settings, dataset: str) -> dict[str, str]:
@@ -237,7 +274,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     cfg = settings
     items = data.load_items(cfg, synth_dataset)
     inter = data.load_interactions(cfg, synth_dataset)
-    res = P.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
+    res = runner.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
                          airflow_home=airflow_home)
     assert res["ok"], (res.get("failures"), res["tasks"])
     names = {t["task"] for t in res["tasks"]}
@@ -251,7 +288,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert Path(res["reports"]["data_docs"]).exists()
     # encoding: every item has an embedding in the current version
     assert res["encoding"]["encoded"] + res["encoding"]["skipped"] + res["encoding"]["quarantined"] == len(items)
-    assert (cfg.paths.embeddings() / synth_dataset / "CURRENT").exists()
+    assert store.current_fingerprint(cfg, synth_dataset) == res["encoding"]["fingerprint"]
     # training, evaluation, promotion agree on one run folder
     run_dir = Path(res["training"]["run_dir"])
     assert (run_dir / "model.safetensors").exists()
@@ -272,7 +309,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
 
     # the same interval again: every task succeeds and no store moves
     before = _store_state(cfg, synth_dataset)
-    again = P.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
+    again = runner.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
                            airflow_home=airflow_home)
     assert again["ok"], (again.get("failures"), again["tasks"])
     assert again["training"]["reused"] is True and again["training"]["run_dir"] == str(run_dir)
@@ -281,12 +318,12 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert _feast_user(cfg, synth_dataset, user) == feats
 
     # item_ingest: new items are validated, encoded and searchable without a retrain
-    incoming = P.incoming_dir(cfg, synth_dataset)
+    incoming = cfg.paths.incoming(synth_dataset)
     incoming.mkdir(parents=True, exist_ok=True)
     new_ids = [int(items[S.ITEM_ID].max()) + k for k in (1, 2)]
     pd.DataFrame({S.ITEM_ID: new_ids, S.TITLE: ["Rockets and Orbits", "Sourdough for Beginners"]}).to_csv(
         incoming / "items-new.csv", index=False)
-    dr, tasks, _ = P.run_dag(cfg, P.ITEM_DAG, {"dataset": synth_dataset},
+    dr, tasks, _ = runner.run_dag(cfg, runs.ITEM_DAG, {"dataset": synth_dataset},
                              pd.Timestamp("2021-01-02 06:00", tz="UTC").to_pydatetime(), airflow_home=airflow_home)
     assert all(t["state"] == "success" for t in tasks), tasks
     assert _milvus_has(cfg, synth_dataset, new_ids) == set(new_ids)
@@ -304,7 +341,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     events.to_parquet(incoming / "interactions-day.parquet")
     pd.DataFrame({S.ITEM_ID: [fresh], S.TITLE: ["Telescopes for Stargazers"]}).to_csv(
         incoming / "items-day.csv", index=False)
-    inc = P.run_pipeline(cfg, dataset=synth_dataset, mode="incremental", day="2021-01-02", epochs=1, budget_s=30,
+    inc = runner.run_pipeline(cfg, dataset=synth_dataset, mode="incremental", day="2021-01-02", epochs=1, budget_s=30,
                          airflow_home=airflow_home)
     assert inc["ok"], (inc.get("failures"), inc["tasks"])
     assert inc["validation"]["interactions"] == {**inc["validation"]["interactions"], "read": 5, "accepted": 5}

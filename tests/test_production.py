@@ -334,11 +334,11 @@ def test_feast_sql_registry_and_redis_online_store_with_the_profile(stack_databa
     assert (cfg.features.online_store, cfg.features.registry) == ("redis", "sql")
     dataset = f"prod_{uuid.uuid4().hex[:8]}"  # its own Feast project: its own Redis keys and registry rows
     src = synth.write_seqrec(tmp_path / "src", synth.SynthSpec(n_users=40, n_items=60, seed=3))
-    data.prepare(cfg, "seqrec", src, dataset)
+    data.prepare_dataset(cfg, "seqrec", src, dataset)
     try:
-        first = features.run(cfg, dataset)
+        first = features.materialize_features(cfg, dataset)
         assert first["applied"] and first["materialized"]
-        again = features.run(cfg, dataset)
+        again = features.materialize_features(cfg, dataset)
         assert not again["rebuilt"] and not again["applied"] and not again["materialized"]
         inter = data.load_interactions(cfg, dataset)
         users = sorted(inter[S.USER_ID].unique())[:5]

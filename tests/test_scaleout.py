@@ -96,16 +96,16 @@ def test_data_parallel_hooks_across_two_gloo_processes(tmp_path: Path) -> None:
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A generated dataset, its encode shards planned by the pipeline and encoded by N concurrent processes."""
     from learn_tasks.data import datasets as data
-    from learn_tasks.orchestration import pipeline
+    from learn_tasks.orchestration import runs, stages
     from learn_tasks.data import synth
 
     home = tmp_path_factory.mktemp("scaleout") / "learn_home"
     cfg = load_settings(env={"LEARN_HOME": str(home)},
                         overrides=["encode.shard_items=16", f"pipeline.encode_shards={N_SHARDS}"])
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=160, n_items=200))
-    data.prepare(cfg, "seqrec", src, "synth")
-    run = pipeline.RunArgs.from_params(cfg, {"dataset": "synth"}, None, None)
-    shards = pipeline.plan_encode_shards(cfg, run)
+    data.prepare_dataset(cfg, "seqrec", src, "synth")
+    run = runs.RunArgs.from_params(cfg, {"dataset": "synth"}, None, None)
+    shards = stages.plan_encode_shards(cfg, run)
     learn = [sys.executable, "-m", "learn_tasks.cli", "--set", "encode.shard_items=16"]
     procs = [subprocess.Popen([*learn, "encode", "--dataset", "synth", "--shard", f"{i}/{n}", "--json"],
                               env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +121,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.integration
 def test_encode_shards_cover_every_item_exactly_once(sharded: dict) -> None:
     from learn_tasks.data import datasets as data
-    from learn_tasks.ceg import encode
+    from learn_tasks.ceg import encode, store
 
     cfg, results = sharded["cfg"], sharded["results"]
     assert sharded["shards"] == [[i, N_SHARDS] for i in range(N_SHARDS)]
@@ -131,17 +131,17 @@ def test_encode_shards_cover_every_item_exactly_once(sharded: dict) -> None:
     assert len({r["fingerprint"] for r in results}) == 1
     # Every committed part holds items of one shard, and every item sits in exactly one part.
     vdir = Path(results[0]["store"])
-    seen = pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID]).assign(part=p.name) for p in encode.list_parts(vdir)])
+    seen = pd.concat([pd.read_parquet(p, columns=[S.ITEM_ID]).assign(part=p.name) for p in store.list_parts(vdir)])
     counts = seen[S.ITEM_ID].value_counts()
     assert set(counts.index) == set(items.tolist()) and counts.max() == 1
-    owner = encode.shard_of(seen[S.ITEM_ID].to_numpy(), N_SHARDS)
+    owner = store.shard_of(seen[S.ITEM_ID].to_numpy(), N_SHARDS)
     assert seen.assign(owner=owner).groupby("part")["owner"].nunique().max() == 1
     # The version is complete and current; every item has one embedding.
-    assert encode.current_fingerprint(cfg, "synth") == results[0]["fingerprint"]
-    ids, emb = encode.load_embeddings(cfg, "synth")
+    assert store.current_fingerprint(cfg, "synth") == results[0]["fingerprint"]
+    ids, emb = store.load_embeddings(cfg, "synth")
     assert np.array_equal(ids, np.sort(items)) and emb.shape[0] == len(items) and np.isfinite(emb).all()
     # Running the shards again encodes nothing.
-    again = encode.run(cfg, "synth")
+    again = encode.encode_catalogue(cfg, "synth")
     assert again["encoded"] == 0 and again["skipped"] == len(items) and again["complete"]
 
 
@@ -158,9 +158,9 @@ def test_torchrun_two_gloo_processes_match_a_single_process_run(sharded: dict) -
     home = sharded["home"]
     torch.set_num_threads(1)
     base = load_settings(env={"LEARN_HOME": str(home)}, overrides=[*TRAIN_SET, "train.batch_size=64"])
-    single = train.run(base, "synth")
+    single = train.train_model(base, "synth")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "learn_tasks.training.distributed", "--dataset", "synth", "--backend", "gloo"]
+           "-m", "learn_tasks.training.launch", "--dataset", "synth", "--backend", "gloo"]
     for item in [*TRAIN_SET, "train.batch_size=32"]:
         cmd += ["--set", item]
     done = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=900)

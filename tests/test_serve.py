@@ -9,8 +9,10 @@ import pytest
 
 from learn_tasks import schema as S
 from learn_tasks.data import datasets as data
-from learn_tasks.online import index
+from learn_tasks.online import index, recommender
 from learn_tasks.online import service as serve
+from learn_tasks.online.bundle import usable_history
+from learn_tasks.online.replica import Replica
 from learn_tasks.config import Settings, load_settings
 
 TOKEN = "test-token-123"
@@ -21,23 +23,23 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def test_rank_excludes_dedups_and_orders() -> None:
     cands = [{S.ITEM_ID: 1, "score": 0.5}, {S.ITEM_ID: 2, "score": 0.9}, {S.ITEM_ID: 3, "score": 0.9},
              {S.ITEM_ID: 2, "score": 0.1}, {S.ITEM_ID: 4, "score": 0.7}]
-    assert [c[S.ITEM_ID] for c in serve.rank(cands, exclude={4}, k=3)] == [2, 3, 1]  # ties by id
-    assert serve.rank(cands, exclude={1, 2, 3, 4}, k=3) == []
+    assert [c[S.ITEM_ID] for c in recommender.rank(cands, exclude={4}, k=3)] == [2, 3, 1]  # ties by id
+    assert recommender.rank(cands, exclude={1, 2, 3, 4}, k=3) == []
 
 
 def test_fallback_and_history_helpers() -> None:
     popular = [{S.ITEM_ID: i, "score": 10 - i} for i in range(5)]
-    assert [p[S.ITEM_ID] for p in serve.popular_fallback(popular, exclude={0, 2}, k=2)] == [1, 3]
+    assert [p[S.ITEM_ID] for p in recommender.popular_fallback(popular, exclude={0, 2}, k=2)] == [1, 3]
     known = {1, 2, 3, 5}.__contains__
-    assert serve.usable_history([9, 1, 2, 9, 3, 5], known, max_len=3) == [2, 3, 5]  # unknown dropped, last 3
-    assert serve.usable_history(None, known, max_len=3) == []
+    assert usable_history([9, 1, 2, 9, 3, 5], known, max_len=3) == [2, 3, 5]  # unknown dropped, last 3
+    assert usable_history(None, known, max_len=3) == []
 
 
 def test_replica_matches_exact_search_and_upserts() -> None:
     rng = np.random.default_rng(0)
     v = rng.normal(size=(50, 8)).astype(np.float32)
     rows = index.ItemRows(item_ids=np.arange(50) + 1000, vectors=v, popularity=np.arange(50))
-    rep = serve.Replica(rows)
+    rep = Replica(rows)
     q = rng.normal(size=8).astype(np.float32)
     exact, _ = index.exact_topk(v, q[None], k=5, exclude=[{1003}], item_ids=rows.item_ids)
     assert [h[S.ITEM_ID] for h in rep.search(q, 5, {1003})] == (rows.item_ids[exact[0]]).tolist()
@@ -47,8 +49,8 @@ def test_replica_matches_exact_search_and_upserts() -> None:
 
 
 def test_no_promoted_model_is_a_clear_error(settings: Settings) -> None:
-    with pytest.raises(serve.ServeError, match="no promoted model"):
-        serve.Recommender(settings, "synth")
+    with pytest.raises(recommender.ServeError, match="no promoted model"):
+        recommender.Recommender(settings, "synth")
 
 
 # ------------------------------------------------------------------------------------- the service
@@ -67,12 +69,12 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("LEARN_API_TOKEN", TOKEN)
     cfg = load_settings(overrides=["index.index_type=FLAT", "features.recent_items=20", "train.val_users=50"])
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=120, n_items=200))
-    data.prepare(cfg, "seqrec", src, "synth")
-    encode.run(cfg, "synth")
-    run = train.run(cfg, "synth", epochs=1)
+    data.prepare_dataset(cfg, "seqrec", src, "synth")
+    encode.encode_catalogue(cfg, "synth")
+    run = train.train_model(cfg, "synth", epochs=1)
     registry.promote(cfg, "synth", Path(run["run_dir"]))
-    features.run(cfg, "synth")
-    built = index.run(cfg, "synth")
+    features.materialize_features(cfg, "synth")
+    built = index.index_catalogue(cfg, "synth")
     app = serve.create_app(cfg, "synth")
     from fastapi.testclient import TestClient
 
@@ -90,13 +92,13 @@ def _known_user(served) -> int:
 
 @pytest.mark.integration
 def test_recommend_without_http_matches_exact_search(served) -> None:
-    rec: serve.Recommender = served["rec"]
+    rec: recommender.Recommender = served["rec"]
     user = _known_user(served)
     out = rec.recommend(user, k=10)
     assert out["strategy"] == "personalized" and not out["fallback"] and len(out["items"]) == 10
     # The same answer computed by hand: Feast history -> user tower -> exact search minus seen items.
     feats = rec.online_features(user)
-    hist = serve.usable_history(feats[S.RECENT_ITEM_IDS], rec.bundle.knows, rec.bundle.max_len)
+    hist = usable_history(feats[S.RECENT_ITEM_IDS], rec.bundle.knows, rec.bundle.max_len)
     uvec = rec.bundle.user_vectors([hist])[0]
     everything = index.fetch_all(rec.client, rec.collection)
     rows, _ = index.exact_topk(everything.vectors, uvec[None], 10, exclude=[set(feats[S.RECENT_ITEM_IDS])],
@@ -176,7 +178,7 @@ def test_write_endpoints_require_the_token(served, monkeypatch: pytest.MonkeyPat
 @pytest.mark.integration
 def test_new_item_is_recommendable_at_once_and_events_count(served) -> None:
     c = served["client"]
-    rec: serve.Recommender = served["rec"]
+    rec: recommender.Recommender = served["rec"]
     seed = rec.popular[0][S.ITEM_ID]
     title = rec.titles[seed]
     r = c.post("/items", json={"title": title, "category": "Books"}, headers=AUTH)
@@ -197,14 +199,14 @@ def test_new_item_is_recommendable_at_once_and_events_count(served) -> None:
     assert new[S.ITEM_ID] not in [i[S.ITEM_ID] for i in after["items"]]
 
     # A restarted service still knows the item (persisted, restored into its replica).
-    again = serve.Recommender(served["cfg"], "synth", load_encoder=False)
+    again = recommender.Recommender(served["cfg"], "synth", load_encoder=False)
     assert again.replica is not None and new[S.ITEM_ID] in again.replica and again.new_items >= 1
     assert again.recommend(user, k=3)["strategy"] == "personalized"
 
 
 @pytest.mark.integration
 def test_replica_picks_up_items_other_processes_upsert(served) -> None:
-    rec: serve.Recommender = served["rec"]
+    rec: recommender.Recommender = served["rec"]
     assert rec.refresh_replica() is False  # in step: nothing to reload
     probe = np.zeros((1, rec.replica.vectors.shape[1]), np.float32)
     probe[0, 0] = 1.0

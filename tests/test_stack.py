@@ -20,6 +20,8 @@ import pytest
 
 from learn_tasks.online import explorer
 from learn_tasks.ops import stack
+from learn_tasks.ops import live, supervisor
+from learn_tasks import processes
 from learn_tasks.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,14 +87,14 @@ def _wait_for(pred, timeout_s: float = 20.0) -> None:
 
 
 def test_spawn_and_stop_take_the_whole_process_group(settings: Settings) -> None:
-    rec = stack.spawn(settings, "sleeper", [sys.executable, "-c", CHILD], dict(os.environ))
-    assert stack.pid_file(settings, "sleeper").exists() and rec["pgid"] == rec["pid"]
-    _wait_for(lambda: len(stack.members(rec)) == 2)  # the process and the child it started
-    pids = [p.pid for p in stack.members(rec)]
-    assert stack.stop_record(rec, grace_s=5) is True
-    assert not stack.members(rec)
+    rec = supervisor.spawn(settings, "sleeper", [sys.executable, "-c", CHILD], dict(os.environ))
+    assert supervisor.pid_file(settings, "sleeper").exists() and rec["pgid"] == rec["pid"]
+    _wait_for(lambda: len(supervisor.members(rec)) == 2)  # the process and the child it started
+    pids = [p.pid for p in supervisor.members(rec)]
+    assert supervisor.stop_record(rec, grace_s=5) is True
+    assert not supervisor.members(rec)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
-    assert stack.stop_record(rec) is False  # nothing left to stop
+    assert supervisor.stop_record(rec) is False  # nothing left to stop
 
 
 def test_a_recycled_pid_is_never_signalled(settings: Settings) -> None:
@@ -100,8 +102,8 @@ def test_a_recycled_pid_is_never_signalled(settings: Settings) -> None:
     try:
         # A record that names this pid but another process (a start time that does not match).
         fake = {"pid": other.pid, "pgid": other.pid, "create_time": psutil.Process(other.pid).create_time() + 1000}
-        assert stack._alive(fake) is None and stack.members(fake) == []
-        assert stack.stop_record(fake) is False
+        assert processes.alive(fake) is None and supervisor.members(fake) == []
+        assert supervisor.stop_record(fake) is False
         assert other.poll() is None  # still running
     finally:
         other.kill()
@@ -127,20 +129,20 @@ def test_up_is_idempotent_and_down_stops_everything_it_started(tmp_path: Path) -
         assert set(urls) == {"airflow", "service", "evidently", "milvus"} and urls["airflow"] is None
         assert urls["service"] == f"http://127.0.0.1:{env['LEARN_SERVE__PORT']}"
         # Up without a model: health says what is missing, the explorer page is there anyway.
-        code, body = stack.http_json(urls["service"] + "/health")
+        code, body = processes.http_json(urls["service"] + "/health")
         assert code == 503 and body["status"] == "waiting" and "no promoted model" in body["reason"]
         assert "Recommendation explorer" in _get_text(urls["service"] + "/explorer")
-        assert stack.http_json(urls["evidently"] + "/api/version")[0] == 200
-        recs = {n: json.loads(stack.pid_file(cfg, n).read_text()) for n in ("milvus", "service", "evidently")}
+        assert processes.http_json(urls["evidently"] + "/api/version")[0] == 200
+        recs = {n: json.loads(supervisor.pid_file(cfg, n).read_text()) for n in ("milvus", "service", "evidently")}
         pids = {n: r["pid"] for n, r in recs.items()}
         # Logs can hold secrets: run/ and its logs are private.
-        assert stat.S_IMODE(stack.run_dir(cfg).stat().st_mode) == 0o700
+        assert stat.S_IMODE(supervisor.run_dir(cfg).stat().st_mode) == 0o700
         assert all(stat.S_IMODE(stack.log_file(cfg, n).stat().st_mode) == 0o600 for n in ("service", "evidently"))
 
         again = _cli(["up", "--only", "service,evidently", "--dataset", "synth", "--json"], env)
         assert again.returncode == 0 and "already running" in again.stderr
         assert json.loads(again.stdout.strip().splitlines()[-1]) == urls
-        assert {n: json.loads(stack.pid_file(cfg, n).read_text())["pid"] for n in pids} == pids  # no second copy
+        assert {n: json.loads(supervisor.pid_file(cfg, n).read_text())["pid"] for n in pids} == pids  # no second copy
 
         st = _cli(["status", "--json"], env)
         assert st.returncode == 3  # airflow is not running
@@ -151,8 +153,8 @@ def test_up_is_idempotent_and_down_stops_everything_it_started(tmp_path: Path) -
     assert down.returncode == 0, down.stderr
     assert set(json.loads(down.stdout)["stopped"]) == {"milvus", "service", "evidently"}
     for rec in recs.values():
-        assert stack._alive(rec) is None and not stack.members(rec)
-    assert not list(stack.run_dir(cfg).glob("*.json"))
+        assert processes.alive(rec) is None and not supervisor.members(rec)
+    assert not list(supervisor.run_dir(cfg).glob("*.json"))
     again_down = _cli(["down"], env)
     assert again_down.returncode == 0 and "nothing to stop" in again_down.stdout
 
@@ -181,10 +183,10 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
     cfg = load_settings(overrides=["index.index_type=FLAT", "features.recent_items=20", "train.val_users=50",
                                    "stack.reload_poll_s=0.5"])
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=80, n_items=120))
-    data.prepare(cfg, "seqrec", src, "synth")
-    encode.run(cfg, "synth")
-    run = train.run(cfg, "synth", epochs=1)
-    features.run(cfg, "synth")
+    data.prepare_dataset(cfg, "seqrec", src, "synth")
+    encode.encode_catalogue(cfg, "synth")
+    run = train.train_model(cfg, "synth", epochs=1)
+    features.materialize_features(cfg, "synth")
     yield cfg, Path(run["run_dir"])
     from learn_tasks.online import index
 
@@ -202,11 +204,11 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     from learn_tasks.pch import registry
 
     cfg, run_dir = model_home
-    live = stack.LiveService(cfg, "synth")
-    client = TestClient(live, raise_server_exceptions=False)
+    svc = live.LiveService(cfg, "synth")
+    client = TestClient(svc, raise_server_exceptions=False)
 
     # 1. Nothing promoted: waiting, with the reason on /health, the explorer API and the page.
-    assert live.check() == "waiting" and "no promoted model" in live.reason
+    assert svc.check() == "waiting" and "no promoted model" in svc.reason
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "waiting"
     page = client.get("/explorer")
@@ -219,15 +221,15 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
 
     # 2. Promoted but not indexed: still waiting, and it says so.
     registry.promote(cfg, "synth", run_dir)
-    assert live.check() == "waiting" and "not indexed yet" in live.reason
+    assert svc.check() == "waiting" and "not indexed yet" in svc.reason
 
     # 3. Indexed: the next look swaps the real service in.
-    index.run(cfg, "synth")
-    assert live.check() == "ok" and live.current[0] == run_dir.name and live.swaps == 1
+    index.index_catalogue(cfg, "synth")
+    assert svc.check() == "ok" and svc.current[0] == run_dir.name and svc.swaps == 1
     assert client.get("/health").json()["status"] == "ok"
     st = client.get("/explorer/api/status").json()
     assert st["ready"] and st["model_version"] == run_dir.name and st["live"]["status"] == "ok"
-    assert live.check() == "ok" and live.swaps == 1  # same model: no rebuild
+    assert svc.check() == "ok" and svc.swaps == 1  # same model: no rebuild
 
     # Users: spread over activity, most active first, plus an id nobody has.
     inter = data.load_interactions(cfg, "synth")
@@ -240,7 +242,7 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     # History: the online feature store's recent items, with catalogue titles.
     user = users["users"][0]["user_id"]
     hist = client.get(f"/explorer/api/history/{user}").json()
-    rec = live.current[1].state.recommender
+    rec = svc.current[1].state.recommender
     assert [h[S.ITEM_ID] for h in hist["items"]] == list(rec.online_features(user)[S.RECENT_ITEM_IDS])
     titles = data.load_items(cfg, "synth").set_index(S.ITEM_ID)[S.TITLE]
     assert all(h[S.TITLE] == titles[h[S.ITEM_ID]] for h in hist["items"]) and hist["known"]
@@ -253,11 +255,11 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     # 4. The next run promotes and indexes a newer model: served from the next look on, no restart.
     from learn_tasks.training import train
 
-    run2 = Path(train.run(cfg, "synth", epochs=1)["run_dir"])
+    run2 = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
     assert run2.name != run_dir.name
     registry.promote(cfg, "synth", run2)
-    assert live.check() == "ok" and live.current[0] == run_dir.name  # not indexed yet: the old one serves
-    index.run(cfg, "synth")
-    assert live.check() == "ok" and live.current[0] == run2.name and live.swaps == 2
+    assert svc.check() == "ok" and svc.current[0] == run_dir.name  # not indexed yet: the old one serves
+    index.index_catalogue(cfg, "synth")
+    assert svc.check() == "ok" and svc.current[0] == run2.name and svc.swaps == 2
     assert client.get("/explorer/api/status").json()["model_version"] == run2.name
     assert client.get(f"/recommendations/{user}").json()["model_version"] == run2.name

@@ -8,14 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from learn_tasks.data import datasets as data
-from learn_tasks.evaluation import evaluate
-from learn_tasks.pch import registry
-from learn_tasks.training import train
+from learn_tasks.data import splits
+from learn_tasks.evaluation import harness
+from learn_tasks.pch import catalogue, kinds, registry
+from learn_tasks.training import batches, train
 from learn_tasks import schema as S
+from learn_tasks.config import MODEL_CONFIG_DIR, MODEL_KINDS
 from learn_tasks.pch.model import load_checkpoint
-from learn_tasks.training.train import dense_all_action_loss, length_buckets, next_item_loss
+from learn_tasks.pch.catalogue import Catalogue
+from learn_tasks.pch.losses import dense_all_action_loss, next_item_loss
+from learn_tasks.training.batches import length_buckets
 
 
 def topic_embeddings(cfg, dataset: str, dim: int = 24, noise: float = 0.5, seed: int = 0):
@@ -141,9 +146,9 @@ def test_dense_batches_put_history_strictly_before_targets():
     rng = np.random.default_rng(0)
     seqs = [np.arange(100 * i, 100 * i + n) for i, n in enumerate([2, 5, 30, 80, 7])]  # rows grow with time
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
-    sq = train.Sequences(np.arange(5), offsets, np.concatenate(seqs))
+    sq = batches.Sequences(np.arange(5), offsets, np.concatenate(seqs))
     seen = 0
-    for b in train.dense_batches(sq, max_len=20, batch_size=2, n_history=4, n_target=3, rng=rng):
+    for b in batches.dense_batches(sq, max_len=20, batch_size=2, n_history=4, n_target=3, rng=rng):
         for j in range(len(b["hist"])):
             h = b["hist"][j][b["hist_mask"][j]]
             tg = b["tgt"][j][b["tgt_valid"][j]]
@@ -159,12 +164,12 @@ def test_dense_batches_put_history_strictly_before_targets():
 def test_tiny_training_run_learns_the_topic_pattern(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
     cfg = small(settings, lr=5e-3, patience=20, early_stop_metric="recall@10")
-    result = train.run(cfg, synth_dataset, "loo", "learn", epochs=15, embeddings=emb)
+    result = train.train_model(cfg, synth_dataset, "loo", "learn", epochs=15, embeddings=emb)
     run_dir = result["run_dir"]
     assert result["stopped"] in ("epochs", "early_stopping") and result["sequences_per_s"] > 0
     for name in ("model.safetensors", "config.json", "items.parquet", "meta.json", "train_log.jsonl"):
         assert (registry.latest(settings, synth_dataset, "learn", "loo") / name).exists(), name
-    metrics = evaluate.run(cfg, synth_dataset, "loo", "learn", run_dir=run_dir, embeddings=emb)
+    metrics = harness.evaluate_run(cfg, synth_dataset, "loo", "learn", run_dir=run_dir, embeddings=emb)
     n_items = metrics["meta"]["items"]
     random_recall = 10 / n_items
     assert metrics["all"]["recall@10"] > 3 * random_recall, metrics["all"]
@@ -174,17 +179,17 @@ def test_tiny_training_run_learns_the_topic_pattern(settings, synth_dataset):
 def test_other_kinds_train_and_evaluate(settings, synth_dataset, kind):
     emb = topic_embeddings(settings, synth_dataset)
     cfg = small(settings)
-    result = train.run(cfg, synth_dataset, "temporal", kind, epochs=2, embeddings=emb)
+    result = train.train_model(cfg, synth_dataset, "temporal", kind, epochs=2, embeddings=emb)
     assert result["kind"] == kind and result["id_vocab"] > 0
-    m = evaluate.run(cfg, synth_dataset, "temporal", kind, embeddings=emb)
+    m = harness.evaluate_run(cfg, synth_dataset, "temporal", kind, embeddings=emb)
     assert 0.0 <= m["all"]["recall@200"] <= 1.0 and "future" in m
 
 
 def test_checkpoint_vocab_marks_unseen_items_unknown(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
-    res = train.run(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    res = train.train_model(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
     vocab = pd.read_parquet(f"{res['run_dir']}/items.parquet")
-    split = data.load_split(settings, synth_dataset, "temporal")
+    split = splits.load_split(settings, synth_dataset, "temporal")
     seen = set(split.loc[split[S.SPLIT] == S.TRAIN, S.ITEM_ID])
     assert ((vocab["item_idx"] > 0) == vocab[S.ITEM_ID].isin(seen)).all()
     assert (vocab[S.IS_COLD_START] == ~vocab[S.ITEM_ID].isin(seen)).all()
@@ -193,7 +198,7 @@ def test_checkpoint_vocab_marks_unseen_items_unknown(settings, synth_dataset):
 
 def test_nan_loss_stops_and_keeps_the_last_good_weights(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
-    res = train.run(small(settings, lr=1e30, grad_clip=0.0, warmup_steps=1), synth_dataset, "loo", "learn",
+    res = train.train_model(small(settings, lr=1e30, grad_clip=0.0, warmup_steps=1), synth_dataset, "loo", "learn",
                     epochs=3, embeddings=emb)
     assert res["stopped"] == "nan_loss"
     model, _ = load_checkpoint(res["run_dir"])
@@ -202,9 +207,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(settings, synth_dataset)
 
 def test_budget_warm_start_and_empty_validation(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
-    first = train.run(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=50, budget_s=0.01, embeddings=emb)
+    first = train.train_model(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=50, budget_s=0.01, embeddings=emb)
     assert first["stopped"] == "budget" and first["epochs_run"] == 1
-    second = train.run(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=1, embeddings=emb,
+    second = train.train_model(small(settings), synth_dataset, "loo", "learn_hybrid", epochs=1, embeddings=emb,
                        warm_start=first["run_dir"])
     a, _ = load_checkpoint(first["run_dir"])
     b, _ = load_checkpoint(second["run_dir"])
@@ -212,26 +217,45 @@ def test_budget_warm_start_and_empty_validation(settings, synth_dataset):
     assert not torch.equal(a.adaptor.weight, b.adaptor.weight)  # it trained on from there
     # no validation window (valid cut-off == test cut-off): training still runs and keeps its last epoch
     cfg = small(settings).with_overrides(data={"temporal_valid_quantile": 0.9, "temporal_test_quantile": 0.9})
-    res = train.run(cfg, synth_dataset, "temporal", "learn", epochs=2, embeddings=emb)
+    res = train.train_model(cfg, synth_dataset, "temporal", "learn", epochs=2, embeddings=emb)
     assert res["val_users"] == 0 and res["val"] is None and res["epochs_run"] == 2
 
 
 def test_items_missing_from_the_embedding_store_are_listed(settings, synth_dataset):
     ids, vecs = topic_embeddings(settings, synth_dataset)
     with pytest.raises(ValueError, match=r"3 item\(s\).*no content embedding.*learn encode"):
-        train.run(small(settings), synth_dataset, "loo", "learn", epochs=1, embeddings=(ids[3:], vecs[3:]))
+        train.train_model(small(settings), synth_dataset, "loo", "learn", epochs=1, embeddings=(ids[3:], vecs[3:]))
+
+
+def test_only_training_encodes_missing_items_and_only_when_asked(settings, synth_dataset, monkeypatch):
+    ids, vecs = topic_embeddings(settings, synth_dataset)
+    stored = {"ids": ids[3:], "vecs": vecs[3:]}  # the CEG store lacks 3 items
+    monkeypatch.setattr(catalogue.store, "load_embeddings", lambda cfg, ds, fp=None: (stored["ids"], stored["vecs"]))
+    monkeypatch.setattr(catalogue.store, "current_fingerprint", lambda cfg, ds: "fp0")
+    calls = []
+
+    def encode_catalogue(cfg, dataset):
+        calls.append(dataset)
+        stored.update(ids=ids, vecs=vecs)
+
+    monkeypatch.setattr(train, "encode_catalogue", encode_catalogue)
+    with pytest.raises(catalogue.MissingContent, match=r"3 item\(s\).*encode_missing"):
+        train.train_model(small(settings), synth_dataset, "loo", "learn", epochs=1)
+    assert calls == []  # building a catalogue never encodes
+    res = train.train_model(small(settings, encode_missing=True), synth_dataset, "loo", "learn", epochs=1)
+    assert calls == [synth_dataset] and res["embedding_fingerprint"] == "fp0"
 
 
 def test_sasrec_needs_no_embeddings_and_rejects_unknown_kinds(settings, synth_dataset):
-    res = train.run(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
+    res = train.train_model(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
     assert res["embedding_fingerprint"] is None
     with pytest.raises(ValueError, match="cannot train"):
-        train.run(small(settings), synth_dataset, "loo", "popular")
+        train.train_model(small(settings), synth_dataset, "loo", "popular")
 
 
 def test_registry_latest_and_promotion(settings, synth_dataset):
     assert registry.promoted(settings, synth_dataset) is None
-    res = train.run(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
+    res = train.train_model(small(settings), synth_dataset, "loo", "sasrec", epochs=1)
     run = registry.latest(settings, synth_dataset, kind="sasrec", protocol="loo")
     assert str(run) == res["run_dir"]
     assert registry.latest(settings, synth_dataset, kind="sasrec", protocol="temporal") is None
@@ -243,16 +267,16 @@ def test_registry_latest_and_promotion(settings, synth_dataset):
 
 def test_cold_items_take_the_unknown_embedding_path_at_inference(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
-    res = train.run(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
-    split = data.load_split(settings, synth_dataset, "temporal")
-    scorer = evaluate.make_scorer(settings, synth_dataset, "temporal", "learn_hybrid", split,
+    res = train.train_model(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    split = splits.load_split(settings, synth_dataset, "temporal")
+    scorer = harness.make_scorer(settings, synth_dataset, "temporal", "learn_hybrid", split,
                                   run_dir=Path(res["run_dir"]), embeddings=emb)
     cat = scorer.cat
     cold = np.flatnonzero(cat.popularity == 0)
     assert len(cold) and (cat.item_idx[cold] == 0).all() and (cat.item_idx[cat.popularity > 0] > 0).all()
     model, _ = load_checkpoint(res["run_dir"])
-    cases = evaluate.build_cases(split, cat, "temporal", S.TEST)
-    _, items = evaluate.model_vectors(model, cat, cases)
+    cases = harness.build_cases(split, cat, "temporal", S.TEST)
+    _, items = harness.model_vectors(model, cat, cases)
     with torch.no_grad():
         content_only = model.encode_items(torch.as_tensor(cat.content[cold]), None).numpy()
     np.testing.assert_allclose(items[cold], content_only, atol=1e-5)
@@ -270,8 +294,8 @@ def test_users_with_one_training_event_are_not_sequences():
     df = pd.DataFrame({S.USER_ID: [1, 1, 1, 2, 3, 3], S.ITEM_ID: [10, 11, 12, 10, 12, 10],
                        S.EVENT_TIMESTAMP: [t0 + pd.Timedelta(days=d) for d in (2, 0, 1, 0, 0, 1)]})
     ids = np.array([10, 11, 12])
-    cat = evaluate.Catalogue(ids, None, np.arange(1, 4), np.ones(3, np.int64))
-    seqs, skipped = train.build_sequences(df, cat)
+    cat = Catalogue(ids, None, np.arange(1, 4), np.ones(3, np.int64))
+    seqs, skipped = batches.build_sequences(df, cat)
     assert skipped == 1 and seqs.user_ids.tolist() == [1, 3]
     assert ids[seqs.seq(0)].tolist() == [11, 12, 10]  # time order
     assert ids[seqs.seq(1)].tolist() == [12, 10]
@@ -302,14 +326,33 @@ def test_dense_all_action_logq_shifts_only_relative_scores():
 
 
 def test_kind_defaults_then_per_model_settings(settings):
-    hybrid = train.resolve(settings, "learn_hybrid")
+    hybrid = kinds.resolve(settings, "learn_hybrid")
     assert hybrid.model.kind == "learn_hybrid" and hybrid.train.loss == "next_item"
-    assert hybrid.model.id_dropout == train.KIND_DEFAULTS["learn_hybrid"]["model"]["id_dropout"]
-    assert train.resolve(settings, "learn").train.loss == "dense_all_action"  # the paper's loss
+    assert hybrid.model.id_dropout == kinds.kind_settings("learn_hybrid")["model"]["id_dropout"]
+    assert kinds.resolve(settings, "learn").train.loss == "dense_all_action"  # the paper's loss
     mine = settings.with_overrides(train={"per_model": {"learn_hybrid": {"model": {"id_dropout": 0.9}},
                                                         "sasrec": {"train": {"lr": 0.02}}}})
-    assert train.resolve(mine, "learn_hybrid").model.id_dropout == 0.9
-    assert train.resolve(mine, "learn_hybrid").train.logq is hybrid.train.logq  # the rest stays
-    assert train.resolve(mine, "sasrec").train.lr == 0.02
+    assert kinds.resolve(mine, "learn_hybrid").model.id_dropout == 0.9
+    assert kinds.resolve(mine, "learn_hybrid").train.logq is hybrid.train.logq  # the rest stays
+    assert kinds.resolve(mine, "sasrec").train.lr == 0.02
     with pytest.raises(ValueError, match="only 'model' and 'train'"):
-        train.resolve(settings.with_overrides(train={"per_model": {"learn": {"serve": {}}}}), "learn")
+        kinds.resolve(settings.with_overrides(train={"per_model": {"learn": {"serve": {}}}}), "learn")
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_kind_has_a_settings_file_with_model_and_train_sections(kind):
+    path = MODEL_CONFIG_DIR / f"{kind}.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert set(raw) == {"model", "train"} and path.read_text(encoding="utf-8").startswith("#")  # a header says why
+    loaded = kinds.kind_settings(kind)
+    assert set(loaded) == {"model", "train"} and all(isinstance(v, dict) for v in loaded.values())
+    with pytest.raises(ValueError):
+        kinds.kind_settings("popular")  # baselines have no settings file
+
+
+def test_resolve_gives_the_validated_learn_hybrid_settings(settings):
+    c = kinds.resolve(settings, "learn_hybrid")
+    assert (c.model.kind, c.model.id_dropout, c.model.mix_k) == ("learn_hybrid", 0.3, 10.0)
+    assert (c.train.loss, c.train.lr, c.train.temperature, c.train.logq) == ("next_item", 3e-3, 0.1, False)
+    sasrec = kinds.resolve(settings, "sasrec")
+    assert (sasrec.model.dropout, sasrec.train.n_random_negatives, sasrec.train.logq) == (0.2, 2048, True)

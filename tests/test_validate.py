@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 
 from learn_tasks import schema as S
+from learn_tasks.data import datasets as data
 from learn_tasks.data import validation as V
+from learn_tasks.data.raw import LINE_COL, read_raw_file, typed_interactions
+from learn_tasks.data.readers import DataError
 from learn_tasks.config import Settings
 
 START, END = pd.Timestamp("2024-03-01", tz="UTC"), pd.Timestamp("2024-03-02", tz="UTC")
@@ -64,8 +67,8 @@ def _lenient(settings: Settings) -> Settings:
 
 def test_bad_logs_caught_by_the_right_expectation(settings: Settings, tmp_path: Path) -> None:
     inter_csv, items_csv = _write_corpus(tmp_path / "batch")
-    inter = V.read_raw_file(inter_csv, "interactions")
-    items = V.read_raw_file(items_csv, "items")
+    inter = read_raw_file(inter_csv, "interactions")
+    items = read_raw_file(items_csv, "items")
     out = V.validate_tables(_lenient(settings), "corpus", inter, items, catalogue_ids=np.array([], dtype=np.int64),
                             start=START, end=END, now=NOW)
 
@@ -82,7 +85,7 @@ def test_bad_logs_caught_by_the_right_expectation(settings: Settings, tmp_path: 
                 assert q.loc[line, "check"] == expected, (table, i, q.loc[line].to_dict())
                 assert q.loc[line, S.QUARANTINE_FILE] == str(inter_csv if table == "interactions" else items_csv)
                 assert q.loc[line, "expectation"].startswith("expect_")
-        assert sorted(res.accepted[V.LINE_COL]) == [i + 2 for i, (_, e) in enumerate(corpus) if e is None]
+        assert sorted(res.accepted[LINE_COL]) == [i + 2 for i, (_, e) in enumerate(corpus) if e is None]
         summary = out.summary[table]
         assert summary["read"] == summary["accepted"] + summary["quarantined"]
         assert sum(summary["by_check"].values()) == summary["quarantined"]
@@ -113,8 +116,8 @@ def test_threshold_fails_batch_but_keeps_evidence(settings: Settings, tmp_path: 
     inter_csv, items_csv = _write_corpus(tmp_path / "batch")
     cfg = settings.with_overrides(validate={"max_failed_share": 0.2, "data_docs": False})
     with pytest.raises(V.ValidationFailed, match="interactions: 13 of 16 rows failed") as err:
-        V.validate_tables(cfg, "corpus", V.read_raw_file(inter_csv, "interactions"),
-                          V.read_raw_file(items_csv, "items"), catalogue_ids=np.array([], dtype=np.int64),
+        V.validate_tables(cfg, "corpus", read_raw_file(inter_csv, "interactions"),
+                          read_raw_file(items_csv, "items"), catalogue_ids=np.array([], dtype=np.int64),
                           start=START, end=END, now=NOW)
     summary = err.value.summary
     assert summary["passed"] is False and summary["interactions"]["passed"] is False
@@ -128,31 +131,27 @@ def test_typed_frames_from_parquet_round_trip(settings: Settings, tmp_path: Path
     logs = pd.DataFrame({S.USER_ID: [1.0, 2.0, np.nan], S.ITEM_ID: [10, 11, 10], S.EVENT_TIMESTAMP: ts,
                          S.RATING: [4.0, np.nan, 2.0]})
     logs.to_parquet(tmp_path / "interactions.parquet")
-    raw = V.read_raw_file(tmp_path / "interactions.parquet", "interactions")
+    raw = read_raw_file(tmp_path / "interactions.parquet", "interactions")
     assert raw[S.USER_ID].tolist() == ["1", "2", None]
     out = V.validate_tables(_lenient(settings), "typed", raw, None, catalogue_ids=np.array([10, 11]),
                             start=START, end=END, now=NOW)
     assert out.interactions.by_check == {"user_id_present": 1}
-    typed = V.typed_interactions(out.interactions.accepted)
+    typed = typed_interactions(out.interactions.accepted)
     assert typed.dtypes.astype(str).to_dict() == S.INTERACTION_COLUMNS
     assert typed[S.EVENT_TIMESTAMP].tolist() == ts[:2].tolist()
     assert typed[S.USER_ID].tolist() == [1, 2]
 
 
 def test_missing_required_column_names_the_file(tmp_path: Path) -> None:
-    from learn_tasks.data.datasets import DataError
-
     path = tmp_path / "interactions.csv"
     pd.DataFrame({S.USER_ID: [1], S.ITEM_ID: [2]}).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"interactions.csv: missing column\(s\) \['event_timestamp'\]"):
-        V.read_raw_file(path, "interactions")
+        read_raw_file(path, "interactions")
 
 
 def test_run_checks_prepared_dataset_in_place(settings: Settings, synth_dataset: str) -> None:
-    from learn_tasks.data import datasets as data
-
     before = data.load_interactions(settings, synth_dataset)
-    summary = V.run(settings, synth_dataset)
+    summary = V.validate_files(settings, synth_dataset)
     assert summary["passed"] is True
     assert summary["interactions"]["read"] == summary["interactions"]["accepted"] == len(before)
     assert summary["items"]["read"] == len(data.load_items(settings, synth_dataset))
@@ -164,5 +163,5 @@ def test_run_checks_prepared_dataset_in_place(settings: Settings, synth_dataset:
     pd.DataFrame({S.USER_ID: [first[S.USER_ID]] * 2, S.ITEM_ID: [first[S.ITEM_ID], 10**9],
                   S.EVENT_TIMESTAMP: [first[S.EVENT_TIMESTAMP]] * 2}).to_csv(batch / "interactions.csv", index=False)
     lenient = settings.with_overrides(validate={"max_failed_share": 1.0, "data_docs": False})
-    summary = V.run(lenient, synth_dataset, input=batch)
+    summary = V.validate_files(lenient, synth_dataset, input=batch)
     assert summary["interactions"]["by_check"] == {"known_item": 1}

@@ -9,7 +9,7 @@ token) and see where it ranks for the user right after, i.e. that it became reco
 The page calls the service's own JSON API. This router adds only what a page needs and the API does not
 give: which model serves (``/explorer/api/status``), users to pick from (``/explorer/api/users``) and a
 user's history with titles (``/explorer/api/history/{user_id}``). Everything is read from the state the
-service already keeps (``app.state.recommender``, a :class:`learn_tasks.online.service.Recommender`); while no
+service already keeps (``app.state.recommender``, a :class:`learn_tasks.online.recommender.Recommender`); while no
 model is served (the live wrapper of ``learn up``), the API answers 503 with the reason and the page
 shows it.
 """
@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse
 
 from learn_tasks import schema as S
+from learn_tasks.data import datasets as data
 
 PAGE = Path(__file__).resolve().parent / "static" / "explorer.html"
 INT64_MAX = 2**63 - 1
@@ -47,16 +49,12 @@ def _recommender(request: Request):
 
 def user_activity(cfg, dataset: str):
     """Events per user of the prepared dataset (``pandas.Series`` indexed by user id, most active first)."""
-    from learn_tasks.data import datasets as data
-
     path = data.dataset_dir(cfg, dataset) / "interactions.parquet"
     key, stamp = (str(Path(cfg.home).resolve()), dataset), path.stat().st_mtime
     with _users_lock:
         hit = _users_cache.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    import pandas as pd
-
     users = pd.read_parquet(path, columns=[S.USER_ID])[S.USER_ID]
     counts = users.value_counts(sort=False).sort_index(kind="stable").sort_values(ascending=False, kind="stable")
     with _users_lock:

@@ -41,6 +41,9 @@ import yaml
 
 from learn_tasks import schema as S
 from learn_tasks.config import REPO_ROOT, Settings
+from learn_tasks.data import datasets as data
+from learn_tasks.data.splits import load_split
+from learn_tasks.pch.catalogue import item_slices
 from learn_tasks.storage import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:  # feast is heavy; imported where used
@@ -83,11 +86,6 @@ def epoch_seconds(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
     return values.astype("datetime64[s]").astype(np.int64)
 
 
-def _utc(value: str | datetime | pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 # ==================================================================================================
 # Feature tables (pure: interactions in, Arrow tables out)
 # ==================================================================================================
@@ -108,9 +106,9 @@ def default_window(interactions: pd.DataFrame, window_days: float = 0.0,
     ts = interactions[S.EVENT_TIMESTAMP]
     if len(ts) == 0 and (start is None or end is None):
         raise FeaturesError("no interactions: give --start and --end explicitly")
-    w_end = _utc(end) if end is not None else ts.max().floor("s") + pd.Timedelta(seconds=1)
+    w_end = S.to_utc(end) if end is not None else ts.max().floor("s") + pd.Timedelta(seconds=1)
     if start is not None:
-        w_start = _utc(start)
+        w_start = S.to_utc(start)
     elif window_days > 0:
         w_start = w_end - pd.Timedelta(days=window_days)
     else:
@@ -128,7 +126,7 @@ def build_tables(interactions: pd.DataFrame, item_ids: np.ndarray, recent: int, 
       oldest first, and their epoch seconds; events sharing a time keep their order in the log.
     * ``user_activity``: per (user, t), events so far, distinct items so far, first and last seen.
     * ``item_stats``: per catalogue item, popularity = events in [window.start, window.end), first seen,
-      cold-start (popularity 0) and long-tail flags (``evaluate.item_slices``), stamped one second
+      cold-start (popularity 0) and long-tail flags (``catalogue.item_slices``), stamped one second
       before ``window.end`` so the materialised window contains it.
     """
     if recent < 1:
@@ -173,8 +171,6 @@ def build_tables(interactions: pd.DataFrame, item_ids: np.ndarray, recent: int, 
         S.FIRST_SEEN: pa.array(t[ustart[ends]], pa.int64()),
         S.LAST_SEEN: pa.array(t[ends], pa.int64()),
     })
-
-    from learn_tasks.evaluation.evaluate import item_slices  # numpy/pandas only; one definition of the slices
 
     ids = np.unique(np.r_[np.asarray(item_ids, np.int64), it])
     in_window = (t >= epoch_seconds(pd.DatetimeIndex([window.start]))[0]) & (
@@ -345,10 +341,10 @@ def _load_state(cfg: Settings, dataset: str) -> dict[str, Any]:
 
 
 def write_tables(cfg: Settings, dataset: str, tables: dict[str, pa.Table]) -> dict[str, int]:
-    data = store_dir(cfg, dataset) / "data"
+    folder = store_dir(cfg, dataset) / "data"
     rows = {}
     for name, table in tables.items():
-        with atomic_path(data / f"{name}.parquet", ".parquet") as tmp:
+        with atomic_path(folder / f"{name}.parquet", ".parquet") as tmp:
             pq.write_table(table, tmp)
         rows[name] = table.num_rows
     return rows
@@ -419,16 +415,15 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
     return True
 
 
-def run(cfg: Settings, dataset: str, start: str | datetime | None = None, end: str | datetime | None = None,
-        force: bool = False, interactions: pd.DataFrame | None = None) -> dict[str, Any]:
+def materialize_features(cfg: Settings, dataset: str, start: str | datetime | None = None,
+                         end: str | datetime | None = None, force: bool = False,
+                         interactions: pd.DataFrame | None = None) -> dict[str, Any]:
     """Build the feature Parquet, apply the repo and materialise the window. Idempotent.
 
     ``interactions`` defaults to the dataset's prepared (validated) interactions; the window defaults to
     the whole history, or its last ``features.window_days`` days. Re-running with the same data and
     window rewrites nothing, re-applies nothing and re-materialises nothing (``force`` redoes all three).
     """
-    from learn_tasks.data import datasets as data
-
     inter = data.load_interactions(cfg, dataset) if interactions is None else interactions
     items = data.load_items(cfg, dataset)
     item_ids = items[S.ITEM_ID].to_numpy(np.int64)
@@ -521,7 +516,7 @@ def push_event(store: "FeatureStore", user_id: int, item_id: int, when: datetime
 
     The read-modify-write is not atomic across processes; the service serialises its own pushes.
     """
-    when = _utc(when)
+    when = S.to_utc(when)
     ts = int(epoch_seconds(pd.DatetimeIndex([when]))[0])
     if current is None:
         current = online_user_features(store, [user_id]).get(int(user_id), {})
@@ -571,9 +566,7 @@ def training_examples(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LO
     target and everything logged at the same instant (no leakage); columns: user_id, item_id (the
     target), event_timestamp (the target's time) and the feature service's features.
     """
-    from learn_tasks.data import datasets as data
-
-    split = data.load_split(cfg, dataset, protocol)
+    split = load_split(cfg, dataset, protocol)
     targets = split.loc[split[S.SPLIT] == stage, [S.USER_ID, S.ITEM_ID, S.EVENT_TIMESTAMP]].reset_index(drop=True)
     query = targets.rename(columns={S.EVENT_TIMESTAMP: "target_timestamp"})
     query[S.EVENT_TIMESTAMP] = query["target_timestamp"] - timedelta(microseconds=1)

@@ -9,18 +9,18 @@ complete, indexed and loaded does the alias ``<index.alias>__<dataset>`` move to
 
 At load time the index is checked against exact search: recall@10 of Milvus' answers against a numpy
 brute-force top-10 on a sample of queries (user embeddings of real users when available), recorded
-in the collection's properties and the ``run`` result.
+in the collection's properties and the ``index_catalogue`` result.
 
 Where the data lives (``resolve_uri``):
 
 * ``index.uri`` set: a Milvus standalone/cluster server (``index.token`` from ``LEARN_INDEX__TOKEN``);
 * else, while ``learn index server start`` runs: the local Milvus Lite server's URI (shared by processes);
 * else: Milvus Lite in-process on ``$LEARN_HOME/milvus/milvus.db``. Only one process may open it; a second
-  one gets :class:`IndexLockedError` at once (not a hang) telling it to start the shared server.
+  one gets :class:`~learn_tasks.online.milvus_lite.IndexLockedError` at once (not a hang) telling it to
+  start the shared server.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
@@ -36,6 +36,11 @@ import pandas as pd
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
+from learn_tasks.data import datasets as data
+from learn_tasks.online import features, milvus_lite
+from learn_tasks.online.bundle import ModelBundle, load_new_items
+from learn_tasks.online.milvus_lite import IndexStoreError, check_lite_lock
+from learn_tasks.pch import registry
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient
@@ -46,14 +51,6 @@ VECTOR = S.EMBEDDING
 TITLE_MAX = 1024
 SCALARS = (S.POPULARITY, S.FIRST_SEEN, S.IS_COLD_START, S.IS_LONG_TAIL, S.TITLE)
 PROP = "learn."  # prefix of our collection properties
-
-
-class IndexStoreError(RuntimeError):
-    """The index cannot be used as asked; the message says what to do."""
-
-
-class IndexLockedError(IndexStoreError):
-    """The Milvus Lite data directory is open in another process."""
 
 
 # ==================================================================================================
@@ -76,32 +73,14 @@ def collection_name(dataset: str, version: str) -> str:
     return collection_prefix(dataset) + slug(version)
 
 
-def check_lite_lock(path: str | Path) -> None:
-    """Raise IndexLockedError when another process holds the Milvus Lite data directory ``path``."""
-    lock = Path(path) / "LOCK"
-    if not lock.exists():
-        return
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexLockedError(
-                f"the Milvus Lite data {path} is open in another process (the service or a pipeline task). "
-                f"Run `learn index server start` once so every process shares it through a URI, or stop "
-                f"that process.") from None
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def resolve_uri(cfg: Settings) -> tuple[str, str | None, str]:
     """(uri, token, kind): kind is ``server`` (index.uri), ``lite-server`` (local server) or ``lite``."""
     if cfg.index.uri:
         return cfg.index.uri, cfg.index.token, "server"
-    from learn_tasks.online import milvus_lite as milvus_server
-
-    uri = milvus_server.running_uri(cfg)
+    uri = milvus_lite.running_uri(cfg)
     if uri:
         return uri, None, "lite-server"
-    return str(milvus_server.data_dir(cfg).resolve()), None, "lite"
+    return str(milvus_lite.data_dir(cfg).resolve()), None, "lite"
 
 
 _clients: dict[tuple[str, str | None], "MilvusClient"] = {}
@@ -488,9 +467,6 @@ def _fetch_all(client: "MilvusClient", target: str, batch: int) -> ItemRows:
 # ==================================================================================================
 def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
     """Epoch seconds of each item's first event (0 = never), from the Feast item table when it is built."""
-    from learn_tasks.data import datasets as data
-    from learn_tasks.online import features
-
     path = features.store_dir(cfg, dataset) / "data" / "item_stats.parquet"
     if path.exists():
         stats = pd.read_parquet(path, columns=[S.ITEM_ID, S.FIRST_SEEN])
@@ -502,7 +478,8 @@ def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
     return stats.set_index(S.ITEM_ID)[S.FIRST_SEEN].reindex(item_ids).fillna(0).astype(np.int64).to_numpy()
 
 
-def run(cfg: Settings, dataset: str, run_dir: str | Path | None = None, swap: bool = True) -> dict[str, Any]:
+def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = None,
+                    swap: bool = True) -> dict[str, Any]:
     """Index every catalogue item (and every item added online) with the item tower of ``run_dir``.
 
     ``run_dir`` defaults to the promoted model. Popularity, cold-start and long-tail flags are the model's
@@ -510,10 +487,6 @@ def run(cfg: Settings, dataset: str, run_dir: str | Path | None = None, swap: bo
     saw; first_seen comes from the Feast item table. Items without any text (quarantined by ``learn
     encode``) have no content embedding and cannot be indexed: they are counted in ``skipped``.
     """
-    from learn_tasks.data import datasets as data
-    from learn_tasks.pch import registry
-    from learn_tasks.online.service import ModelBundle, load_new_items
-
     run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, dataset)
     if run_dir is None:
         raise IndexStoreError(f"no promoted model for {dataset}: train and promote one, or pass --run-dir")

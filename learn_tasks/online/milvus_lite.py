@@ -6,12 +6,15 @@ served by ``milvus-lite server`` (shipped with milvus-lite) on a loopback port, 
 connects to it by URI. ``learn index server start|stop|status`` manages it; ``index.resolve_uri`` picks
 it up automatically while it runs. Its state (pid, port, process start time) is kept in
 ``$LEARN_HOME/milvus/server.json``; the start time guards against a recycled pid.
+
+The lock check (:func:`check_lite_lock`) and the index errors live here, below ``index``, so that the
+server and the index client share them without importing each other.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +24,18 @@ from typing import Any
 import psutil
 
 from learn_tasks.config import Settings
+from learn_tasks.processes import alive, pid_record, port_open, terminate
 from learn_tasks.storage import read_json, write_json
+
+HOST = "127.0.0.1"
+
+
+class IndexStoreError(RuntimeError):
+    """The index cannot be used as asked; the message says what to do."""
+
+
+class IndexLockedError(IndexStoreError):
+    """The Milvus Lite data directory is open in another process."""
 
 
 class ServerError(RuntimeError):
@@ -41,25 +55,20 @@ def log_path(cfg: Settings) -> Path:
     return cfg.paths.milvus() / "server.log"
 
 
-def _port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _process(state: dict[str, Any]) -> psutil.Process | None:
-    """The server process of a state record, or None if it is gone (or the pid now names another process)."""
-    try:
-        proc = psutil.Process(int(state["pid"]))
-        if abs(proc.create_time() - float(state["create_time"])) > 1.0 or not proc.is_running():
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.Error, KeyError, ValueError):
-        return None
+def check_lite_lock(path: str | Path) -> None:
+    """Raise IndexLockedError when another process holds the Milvus Lite data directory ``path``."""
+    lock = Path(path) / "LOCK"
+    if not lock.exists():
+        return
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexLockedError(
+                f"the Milvus Lite data {path} is open in another process (the service or a pipeline task). "
+                f"Run `learn index server start` once so every process shares it through a URI, or stop "
+                f"that process.") from None
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def status(cfg: Settings) -> dict[str, Any]:
@@ -68,7 +77,7 @@ def status(cfg: Settings) -> dict[str, Any]:
     if not path.exists():
         return {"running": False, "data_dir": str(data_dir(cfg))}
     state = read_json(path)
-    running = _process(state) is not None and _port_open(int(state["port"]))
+    running = alive(state) is not None and port_open(HOST, int(state["port"]))
     return {**state, "running": running}
 
 
@@ -79,14 +88,12 @@ def running_uri(cfg: Settings) -> str | None:
 
 def start(cfg: Settings, port: int | None = None, wait_s: float = 60.0) -> dict[str, Any]:
     """Start the server in the background (idempotent: a running server is returned as it is)."""
-    from learn_tasks.online.index import IndexLockedError, check_lite_lock
-
     st = status(cfg)
     if st["running"]:
         return {**st, "started": False}
     port = int(port or cfg.index.server_port)
-    if _port_open(port):
-        raise ServerError(f"port {port} on 127.0.0.1 is already in use; choose another with --port "
+    if port_open(HOST, port):
+        raise ServerError(f"port {port} on {HOST} is already in use; choose another with --port "
                           f"or index.server_port")
     ddir = data_dir(cfg)
     ddir.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +102,7 @@ def start(cfg: Settings, port: int | None = None, wait_s: float = 60.0) -> dict[
     except IndexLockedError as exc:
         raise ServerError(f"cannot start the Milvus Lite server: {exc}") from exc
     log = open(log_path(cfg), "ab")
-    cmd = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(ddir), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(ddir), "--host", HOST,
            "--port", str(port)]
     # A new session: the server outlives the command that started it and ignores its terminal's ^C.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -106,31 +113,19 @@ def start(cfg: Settings, port: int | None = None, wait_s: float = 60.0) -> dict[
         if proc.poll() is not None:
             tail = log_path(cfg).read_text(errors="replace")[-2000:]
             raise ServerError(f"milvus-lite server exited with code {proc.returncode}; log {log_path(cfg)}:\n{tail}")
-        if _port_open(port):
+        if port_open(HOST, port):
             break
         time.sleep(0.2)
     else:
-        _terminate(psutil.Process(proc.pid))
+        # SIGINT first: the server drains requests and closes the database cleanly on KeyboardInterrupt.
+        terminate(psutil.Process(proc.pid), first=signal.SIGINT)
         raise ServerError(f"milvus-lite server did not listen on port {port} within {wait_s:.0f} s "
                           f"(log: {log_path(cfg)})")
-    state = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "port": port,
-             "uri": f"http://127.0.0.1:{port}", "data_dir": str(ddir), "log": str(log_path(cfg)),
+    state = {**pid_record(proc.pid), "port": port,
+             "uri": f"http://{HOST}:{port}", "data_dir": str(ddir), "log": str(log_path(cfg)),
              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(state, state_path(cfg))
     return {**state, "running": True, "started": True}
-
-
-def _terminate(proc: psutil.Process, timeout_s: float = 15.0) -> None:
-    # SIGINT first: the server drains requests and closes the database cleanly on KeyboardInterrupt.
-    for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            proc.send_signal(sig)
-            proc.wait(wait)
-            return
-        except psutil.NoSuchProcess:
-            return
-        except psutil.TimeoutExpired:
-            continue
 
 
 def stop(cfg: Settings, timeout_s: float = 15.0) -> dict[str, Any]:
@@ -139,8 +134,9 @@ def stop(cfg: Settings, timeout_s: float = 15.0) -> dict[str, Any]:
     if not path.exists():
         return {"running": False, "stopped": False}
     state = read_json(path)
-    proc = _process(state)
+    proc = alive(state)
     if proc is not None:
-        _terminate(proc, timeout_s)
+        # SIGINT first: the server drains requests and closes the database cleanly on KeyboardInterrupt.
+        terminate(proc, first=signal.SIGINT, timeout_s=timeout_s)
     path.unlink(missing_ok=True)
     return {**state, "running": False, "stopped": proc is not None}

@@ -1,1 +1,1 @@
-"""PCH: the user and item towers, their losses, the item catalogue they read and the model registry."""
+"""PCH: the user and item towers, their losses, per-kind settings, the item catalogue and the model registry."""

@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from learn_tasks.config import MODEL_KINDS
 from learn_tasks.storage import atomic_path
 
-KINDS = ("learn", "learn_hybrid", "sasrec")
 ITEM_TOWERS = ("a", "b", "c")
 UNKNOWN_ITEM = 0  # row of the ID vocab shared by every item not seen in training
 
@@ -74,8 +74,8 @@ class PCHConfig:
     mix_k: float = 0.0  # learn_hybrid: evidence weighting at inference (0 = off), see the module docstring
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.item_tower not in ITEM_TOWERS:
             raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
         if self.d_model % self.n_heads:

@@ -24,7 +24,7 @@ META = "meta.json"
 
 
 def dataset_models(cfg: Settings, dataset: str) -> Path:
-    return cfg.paths.models() / dataset
+    return cfg.paths.dataset_models(dataset)
 
 
 def new_run_dir(cfg: Settings, dataset: str, kind: str) -> Path:
@@ -79,3 +79,11 @@ def promoted(cfg: Settings, dataset: str) -> Path | None:
         return None
     path = dataset_models(cfg, dataset) / pointer.read_text(encoding="utf-8").strip()
     return path if (path / META).exists() else None
+
+
+def run_kind(run_dir: str | Path) -> str | None:
+    """Model kind of a run folder, from its checkpoint config (None when it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError):
+        return None

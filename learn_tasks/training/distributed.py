@@ -1,12 +1,8 @@
-"""Data-parallel PCH training under ``torch.distributed``: the scale-out path of ``learn train``.
+"""Data-parallel PCH training under ``torch.distributed``: the process-group helpers.
 
-Launch one process per device with ``torchrun`` (gloo on CPU, NCCL on GPUs)::
-
-    torchrun --standalone --nproc_per_node 2 -m learn_tasks.training.distributed --dataset amazon-books --protocol loo
-    torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host0:29500 --nproc_per_node 8 -m learn_tasks.training.distributed ...
-
-Every rank runs the ordinary :func:`learn_tasks.training.train.run`; the training loop calls the small hooks below,
-which do nothing in a single process. Together they give the DDP scheme:
+The processes are started by ``torchrun`` with :mod:`learn_tasks.training.launch` (gloo on CPU, NCCL on
+GPUs). Every rank runs the ordinary :func:`learn_tasks.training.train.train_model`; the training loop calls
+the small hooks below, which do nothing in a single process. Together they give the DDP scheme:
 
 * the same initial weights everywhere (:func:`broadcast_module`, rank 0's copy wins);
 * each rank trains on its own share of every epoch's batches (:func:`shard_batches`: the batch list is
@@ -28,13 +24,11 @@ overlap with the backward pass, which matters little for a model this small.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -219,55 +213,3 @@ def sum_across(value: float) -> float:
     if not is_distributed():
         return float(value)
     return _reduce_scalar(value, dist.ReduceOp.SUM)
-
-
-# ==================================================================================================
-# Entry point
-# ==================================================================================================
-def run(cfg, dataset: str, protocol: str = "loo", model: str = "learn", epochs: int | None = None,
-        budget_s: float | None = None, warm_start: str | None = None, backend: str | None = None,
-        embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """Join the process group, train with :func:`learn_tasks.training.train.run` on every rank, leave the group.
-
-    Returns the training summary (the same on every rank; rank 0 wrote the run folder) plus ``world_size``
-    and ``backend``. The device follows the backend: each rank's own GPU on NCCL, the CPU on gloo.
-    """
-    from learn_tasks.training import train
-
-    info = init(backend)
-    try:
-        cfg = cfg.with_overrides(train={"device": "cuda" if info.backend == "nccl" else "cpu"})
-        summary = train.run(cfg, dataset, protocol=protocol, model=model, epochs=epochs, budget_s=budget_s,
-                            warm_start=warm_start, embeddings=embeddings)
-        barrier()
-        return {**summary, "world_size": info.world_size, "backend": info.backend}
-    finally:
-        shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m learn_tasks.training.distributed --dataset NAME [--protocol loo] [--model learn] ...``"""
-    from learn_tasks.config import load_settings
-
-    parser = argparse.ArgumentParser(prog="learn_tasks.training.distributed", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--protocol", default="loo", choices=["loo", "temporal"])
-    parser.add_argument("--model", default="learn", choices=["learn", "learn_hybrid", "sasrec"])
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--budget-s", type=float, default=None)
-    parser.add_argument("--warm-start", default=None)
-    parser.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on GPU, else gloo")
-    parser.add_argument("--config", "-c", action="append", default=[], help="extra YAML config file(s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s")
-    cfg = load_settings(files=args.config, overrides=args.overrides)
-    summary = run(cfg, args.dataset, args.protocol, args.model, args.epochs, args.budget_s, args.warm_start,
-                  args.backend)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, default=str), flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

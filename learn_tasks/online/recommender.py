@@ -1,0 +1,353 @@
+"""The recommender: everything a request needs, loaded once, and the ranking logic it answers with.
+
+A :class:`Recommender` loads at start-up the promoted model of the dataset (user and item towers), the
+frozen text encoder (for new items), the content embeddings the model was trained on, the Feast store and
+the Milvus collection the dataset's alias points at. The collection is pinned at start-up, so the user
+tower and the item vectors always come from the same model version even if the alias moves meanwhile
+(``/health`` reports it).
+
+Request path of :meth:`Recommender.recommend`:
+
+1. the user's last L item ids from the Feast online store (feature service ``features.feature_service``);
+2. their content embeddings (plus ID rows for hybrid models) -> user tower -> a 64-d user vector;
+3. nearest items by inner product, the user's recent items excluded, cut to k: ids, titles, scores and
+   cold-start / long-tail flags.
+
+Search runs against Milvus itself (``serve.search=milvus``) or against an in-process
+:class:`~learn_tasks.online.replica.Replica` of the pinned collection (``serve.search=replica``, the
+default), reloaded when another process changed the collection's row count (checked every
+``serve.replica_refresh_s``).
+
+Users the online store does not know, or whose history has no usable item, get an explicit fallback:
+``content_based_seed`` when ``seed_item`` is given (nearest items to that item), else ``popular``; the
+response says which strategy answered and why.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from learn_tasks import schema as S
+from learn_tasks.ceg import encode, encoder
+from learn_tasks.config import Settings
+from learn_tasks.data import datasets as data
+from learn_tasks.online import features, index
+from learn_tasks.online.bundle import NEW_ITEM_FIELDS, ModelBundle, load_new_items, save_new_item, usable_history
+from learn_tasks.online.replica import Replica
+from learn_tasks.pch import registry
+
+log = logging.getLogger("learn.serve")
+
+STRATEGY_PERSONALIZED = "personalized"
+STRATEGY_POPULAR = "popular"
+STRATEGY_SEED = "content_based_seed"
+
+
+class ServeError(RuntimeError):
+    """A request that cannot be answered as asked; ``status`` is the HTTP status to return."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ==================================================================================================
+# Ranking logic: plain functions, no HTTP, no stores
+# ==================================================================================================
+def rank(candidates: Sequence[dict[str, Any]], exclude: set[int], k: int) -> list[dict[str, Any]]:
+    """Best-first top-k of scored candidates: excluded and duplicate ids dropped, ties by item id."""
+    seen: set[int] = set()
+    out = []
+    for c in sorted(candidates, key=lambda c: (-float(c["score"]), int(c[S.ITEM_ID]))):
+        iid = int(c[S.ITEM_ID])
+        if iid in exclude or iid in seen:
+            continue
+        seen.add(iid)
+        out.append(c)
+        if len(out) == k:
+            break
+    return out
+
+
+def popular_fallback(popular: Sequence[dict[str, Any]], exclude: set[int], k: int) -> list[dict[str, Any]]:
+    """The most popular items not excluded, in popularity order (``popular`` is already sorted)."""
+    return [p for p in popular if int(p[S.ITEM_ID]) not in exclude][:k]
+
+
+def item_payload(c: dict[str, Any]) -> dict[str, Any]:
+    return {S.ITEM_ID: int(c[S.ITEM_ID]), S.TITLE: c.get(S.TITLE) or None, "score": float(c["score"]),
+            S.IS_COLD_START: bool(c.get(S.IS_COLD_START)), S.IS_LONG_TAIL: bool(c.get(S.IS_LONG_TAIL))}
+
+
+# ==================================================================================================
+# The recommender: everything a request needs, loaded once
+# ==================================================================================================
+class Recommender:
+    """The model, Feast store, pinned collection (and replica) and text encoder of one dataset, with the
+    request handlers the HTTP layer (``service.create_app``) calls."""
+
+    def __init__(self, cfg: Settings, dataset: str | None = None, run_dir: str | Path | None = None,
+                 load_encoder: bool = True):
+        import torch
+
+        self.cfg = cfg
+        self.dataset = dataset or cfg.serve.dataset or cfg.pipeline.dataset
+        if cfg.serve.threads:
+            torch.set_num_threads(cfg.serve.threads)
+        t0 = time.perf_counter()
+        run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, self.dataset)
+        if run_dir is None:
+            raise ServeError(f"no promoted model for dataset {self.dataset!r}: train one and promote it "
+                             f"(`learn train --dataset {self.dataset} --promote`) before serving", 503)
+        self.bundle = ModelBundle.load(cfg, self.dataset, run_dir)
+
+        # Feast: the store and the feature service object, fetched once.
+        fdir = features.store_dir(cfg, self.dataset)
+        if not (fdir / "state.json").exists():
+            raise ServeError(f"no feature store for {self.dataset!r} under {fdir}: run "
+                             f"`learn features --dataset {self.dataset}`", 503)
+        self.store = features.get_store(cfg, self.dataset)
+        self.feature_service = self.store.get_feature_service(cfg.features.feature_service)
+        self.recent = features.recent_len(cfg)
+        self.feast_lock = threading.Lock()  # one SQLite connection inside Feast; serialise its use
+
+        # Milvus: pin the collection the alias points at now; it must belong to this model version.
+        self.client = index.connect(cfg)
+        self.collection = index.current(cfg, self.dataset, self.client)
+        expected = index.collection_name(self.dataset, self.bundle.version)
+        if self.collection is None:
+            raise ServeError(f"no item index for {self.dataset!r}: run `learn index --dataset {self.dataset}`", 503)
+        if self.collection != expected:
+            raise ServeError(f"the index alias {index.alias_name(cfg, self.dataset)} points at {self.collection}, "
+                             f"but the promoted model is {self.bundle.version}: run `learn index --dataset "
+                             f"{self.dataset}` to index it (or roll the model back)", 503)
+        index.ensure_loaded(self.client, self.collection)
+        self.replica: Replica | None = None
+        rows = index.fetch_all(self.client, self.collection) if cfg.serve.search == "replica" else None
+        if rows is not None:
+            self.replica = Replica(rows)
+
+        # Catalogue titles and the popular fallback (the model's training popularity).
+        items = data.load_items(cfg, self.dataset)
+        self.titles: dict[int, str] = dict(zip(items[S.ITEM_ID].astype(int),
+                                               items[S.TITLE].fillna("").astype(str))) if S.TITLE in items else {}
+        st = self.bundle.stats
+        warm = st[st[S.POPULARITY] > 0].sort_values(S.POPULARITY, ascending=False, kind="stable")
+        self.popular = [{S.ITEM_ID: int(i), "score": float(p), S.TITLE: self.titles.get(int(i)),
+                         S.IS_COLD_START: False, S.IS_LONG_TAIL: bool(t)}
+                        for i, p, t in zip(warm.index[: cfg.serve.max_k + 1000], warm[S.POPULARITY],
+                                           warm[S.IS_LONG_TAIL])]
+        self.catalogue_max_id = int(max(self.titles, default=0))
+        if self.replica is not None and len(self.replica):
+            self.catalogue_max_id = max(self.catalogue_max_id, int(self.replica.ids.max()))
+
+        # Items added online earlier: readable by the user tower, and present in this collection.
+        self.new_items = 0
+        self._restore_new_items()
+
+        self.encoder = None
+        self.encoder_error: str | None = None
+        if load_encoder and self.bundle.uses_content:
+            try:
+                self.encoder = encoder.load_encoder(cfg)
+            except Exception as exc:  # noqa: BLE001 - reads still work; POST /items reports it
+                self.encoder_error = f"{type(exc).__name__}: {exc}"
+                log.error("text encoder not loaded: %s", self.encoder_error)
+        self.write_lock = threading.Lock()
+        self.replica_reloads = 0
+        self._stop = threading.Event()
+        if self.replica is not None and cfg.serve.replica_refresh_s > 0:
+            threading.Thread(target=self._watch_replica, name="replica-refresh", daemon=True).start()
+        self.started_s = time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch_replica(self) -> None:
+        while not self._stop.wait(self.cfg.serve.replica_refresh_s):
+            try:
+                self.refresh_replica()
+            except Exception as exc:  # noqa: BLE001 - keep serving from the copy we have
+                log.warning("replica refresh failed: %s", exc)
+
+    def refresh_replica(self) -> bool:
+        """Reload the replica when the collection's row count differs from it (True when reloaded).
+
+        Catches items that other processes (the item-ingest task) upserted into the pinned collection.
+        """
+        if self.replica is None:
+            return False
+        rows = int(self.client.get_collection_stats(self.collection).get("row_count", -1))
+        if rows == len(self.replica):
+            return False
+        fresh = index.fetch_all(self.client, self.collection)
+        with self.write_lock:  # not in the middle of this service's own upsert
+            self.replica = Replica(fresh)
+        self.replica_reloads += 1
+        return True
+
+    # -------------------------------------------------------------------------------------- helpers
+    def _restore_new_items(self) -> None:
+        df, content = load_new_items(self.cfg, self.dataset)
+        if not len(df):
+            return
+        ids = df[S.ITEM_ID].to_numpy(np.int64)
+        for i, c in zip(ids, content):
+            if self.bundle.uses_content:
+                self.bundle.extra[int(i)] = c
+            self.titles[int(i)] = str(df.loc[df[S.ITEM_ID] == i, S.TITLE].iloc[0] or "")
+        missing = [j for j, i in enumerate(ids) if not self._in_index(int(i))]
+        if missing:  # indexed under an older model version: re-encode with this one's item tower
+            rows = self._new_rows(ids[missing], content[missing], [self.titles.get(int(ids[j]), "") for j in missing])
+            index.upsert(self.cfg, self.dataset, rows, target=self.collection, client=self.client)
+            if self.replica is not None:
+                self.replica.upsert(rows)
+        self.new_items = len(ids)
+        self.catalogue_max_id = max(self.catalogue_max_id, int(ids.max()))
+
+    def _in_index(self, item_id: int) -> bool:
+        if self.replica is not None:
+            return item_id in self.replica
+        return bool(self.client.query(self.collection, ids=[int(item_id)], output_fields=[S.ITEM_ID]))
+
+    def _new_rows(self, ids: np.ndarray, content: np.ndarray, titles: list[str]):
+        now = int(time.time())
+        return index.ItemRows(item_ids=ids, vectors=self.bundle.new_item_vectors(content),
+                              popularity=np.zeros(len(ids), np.int64), first_seen=np.full(len(ids), now, np.int64),
+                              is_cold_start=np.ones(len(ids), bool), is_long_tail=np.zeros(len(ids), bool),
+                              titles=titles)
+
+    def _search(self, query: np.ndarray, k: int, exclude: set[int]) -> list[dict[str, Any]]:
+        if self.replica is not None:
+            return self.replica.search(query, k, exclude)
+        hits = index.search(self.client, self.collection, query[None, :], k, exclude=[sorted(exclude)],
+                            search_params=self.cfg.index.search_params)[0]
+        return hits
+
+    def _item_vector(self, item_id: int) -> np.ndarray | None:
+        if self.replica is not None:
+            return self.replica.vector(item_id)
+        got = self.client.query(self.collection, ids=[int(item_id)], output_fields=[index.VECTOR])
+        return np.asarray(got[0][index.VECTOR], np.float32) if got else None
+
+    def online_features(self, user_id: int) -> dict[str, Any]:
+        with self.feast_lock:
+            return features.online_user_features(self.store, [user_id], feature_service=self.feature_service)[
+                int(user_id)]
+
+    # -------------------------------------------------------------------------------------- requests
+    def recommend(self, user_id: int, k: int, seed_item: int | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        feats = self.online_features(user_id)
+        recent = feats.get(S.RECENT_ITEM_IDS) or []
+        history = usable_history(recent, self.bundle.knows, self.bundle.max_len)
+        exclude = {int(i) for i in recent}
+        t_feast = time.perf_counter()
+        reason = None
+        if history:
+            user = self.bundle.user_vectors([history])[0]
+            t_model = time.perf_counter()
+            hits = self._search(user, k + len(exclude), exclude)
+            items, strategy = rank(hits, exclude, k), STRATEGY_PERSONALIZED
+        else:
+            t_model = time.perf_counter()
+            reason = "unknown user" if feats.get(S.RECENT_ITEM_IDS) is None else "no usable history"
+            if seed_item is not None:
+                vec = self._item_vector(seed_item)
+                if vec is None:
+                    raise ServeError(f"seed_item {seed_item} is not in the index", 404)
+                exclude |= {int(seed_item)}
+                items = rank(self._search(vec, k + len(exclude), exclude), exclude, k)
+                strategy = STRATEGY_SEED
+            else:
+                items, strategy = popular_fallback(self.popular, exclude, k), STRATEGY_POPULAR
+        t_end = time.perf_counter()
+        return {
+            S.USER_ID: int(user_id), "k": int(k), "strategy": strategy, "fallback": strategy != STRATEGY_PERSONALIZED,
+            "reason": reason, "history_length": len(history), "model_version": self.bundle.version,
+            "index_collection": self.collection, "items": [item_payload(c) for c in items],
+            "timing_ms": {"features": 1000 * (t_feast - t0), "user_tower": 1000 * (t_model - t_feast),
+                          "search": 1000 * (t_end - t_model), "total": 1000 * (t_end - t0)},
+        }
+
+    def add_item(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Encode, index and verify a new item; returns once a search finds it."""
+        t0 = time.perf_counter()
+        if self.bundle.uses_content and self.encoder is None:
+            raise ServeError(f"the text encoder is not available: {self.encoder_error}", 503)
+        with self.write_lock:
+            item_id = record.get(S.ITEM_ID)
+            if item_id is None:
+                item_id = self.catalogue_max_id + 1
+            item_id = int(item_id)
+            if item_id in self.titles or self._in_index(item_id):
+                raise ServeError(f"item_id {item_id} already exists", 409)
+            record = {**record, S.ITEM_ID: item_id}
+            frame = pd.DataFrame([{S.ITEM_ID: item_id, **{f: record.get(f) for f in NEW_ITEM_FIELDS},
+                                   S.PRICE: record.get(S.PRICE)}])
+            if self.bundle.uses_content:
+                try:
+                    content = encode.encode_items(frame, self.cfg, self.encoder)
+                except ValueError as exc:
+                    raise ServeError(f"item has no text to encode: {exc}", 422) from exc
+            else:
+                content = np.zeros((1, 0), np.float32)
+            t_enc = time.perf_counter()
+            rows = self._new_rows(np.array([item_id]), content, [str(record.get(S.TITLE) or "")])
+            index.upsert(self.cfg, self.dataset, rows, target=self.collection, client=self.client)
+            if self.replica is not None:
+                self.replica.upsert(rows)
+            if self.bundle.uses_content:
+                self.bundle.extra[item_id] = content[0]
+            save_new_item(self.cfg, self.dataset, record, content[0])
+            self.titles[item_id] = str(record.get(S.TITLE) or "")
+            self.catalogue_max_id = max(self.catalogue_max_id, item_id)
+            self.new_items += 1
+        # Recommendable = the serving search returns it for its own vector.
+        found = any(h[S.ITEM_ID] == item_id for h in self._search(rows.vectors[0], 10, set()))
+        t_end = time.perf_counter()
+        if not found:
+            raise ServeError(f"item {item_id} was upserted but a search does not return it yet", 503)
+        return {S.ITEM_ID: item_id, "collection": self.collection, "recommendable": True,
+                "encode_s": t_enc - t0, "time_to_recommendable_s": t_end - t0, S.IS_COLD_START: True}
+
+    def record_event(self, user_id: int, item_id: int, when: datetime | None) -> dict[str, Any]:
+        if not (item_id in self.titles or self.bundle.knows(item_id) or self._in_index(item_id)):
+            raise ServeError(f"item_id {item_id} is not in the catalogue", 404)
+        when = when or datetime.now(timezone.utc)
+        with self.feast_lock:
+            current = features.online_user_features(self.store, [user_id], feature_service=self.feature_service)[
+                int(user_id)]
+            new = features.push_event(self.store, user_id, item_id, when, self.recent, current=current)
+        return {S.USER_ID: int(user_id), S.ITEM_ID: int(item_id), "recorded": True,
+                "history_length": len(new[S.RECENT_ITEM_IDS]), S.EVENT_COUNT: new[S.EVENT_COUNT]}
+
+    def health(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        try:
+            self.online_features(-1)
+            checks["feast"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["feast"] = f"error: {exc}"
+        try:
+            live = index.current(self.cfg, self.dataset, self.client)
+            n = self.client.get_collection_stats(self.collection).get("row_count")
+            checks["milvus"] = "ok"
+            checks["index"] = {"collection": self.collection, "rows": n, "alias_now": live,
+                               "alias_moved": live != self.collection,
+                               "replica_rows": len(self.replica) if self.replica is not None else None}
+        except Exception as exc:  # noqa: BLE001
+            checks["milvus"] = f"error: {exc}"
+        checks["model"] = {"version": self.bundle.version, "kind": self.bundle.kind, "status": "ok"}
+        checks["encoder"] = "ok" if self.encoder is not None else (self.encoder_error or "not needed")
+        ok = checks["feast"] == "ok" and checks["milvus"] == "ok"
+        return {"status": "ok" if ok else "degraded", "dataset": self.dataset, "search": self.cfg.serve.search,
+                "new_items": self.new_items, "replica_reloads": self.replica_reloads, "startup_s": self.started_s,
+                "checks": checks}

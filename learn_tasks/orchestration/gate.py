@@ -1,0 +1,68 @@
+"""The promotion gate (stage 6): serve the candidate, or keep the current model, and say why.
+
+The candidate is promoted unless it is worse than the promoted model by more than
+``pipeline.promotion_margin`` (relative) on ``pipeline.gate_metric`` over the validation split. Both
+are scored by the same code on the same validation users; each model is scored as the kind it is.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from learn_tasks import schema as S
+from learn_tasks.config import Settings
+from learn_tasks.evaluation import harness
+from learn_tasks.orchestration.runs import PIPELINE_DAG, RunArgs, record, recorded
+from learn_tasks.orchestration.stages import eval_settings, gate_metric_of
+from learn_tasks.pch import registry
+
+log = logging.getLogger("learn.pipeline")
+
+
+def decide(candidate: float | None, current: float | None, margin: float) -> tuple[bool, str]:
+    """The gate rule: promote unless the candidate is worse than the current model by more than ``margin``
+    (relative). No current model, or one that cannot be scored, means promote."""
+    if current is None:
+        return True, "no promoted model to compare with"
+    if candidate is None:
+        return False, "the candidate has no validation score"
+    floor = current * (1.0 - margin)
+    if candidate >= floor:
+        return True, f"candidate {candidate:.4f} >= current {current:.4f} x (1 - {margin:g}) = {floor:.4f}"
+    return False, (f"candidate {candidate:.4f} is worse than current {current:.4f} by more than the "
+                   f"{margin:.0%} margin (floor {floor:.4f}): keeping the current model")
+
+
+def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
+    """Promote the candidate or keep serving the current model, with the reason either way."""
+    p = cfg.pipeline
+    cand_dir = Path(trained["run_dir"])
+    current = registry.promoted(cfg, a.dataset)
+    done = recorded(cfg, a, "gate")
+    if done and done.get("candidate") == str(cand_dir) and current is not None \
+            and str(current) == done.get("serving"):
+        return done  # decided before for this interval and nothing moved since
+    cand_score = evaluated["valid"].get(p.gate_metric)
+    cur_score = None
+    if current is not None and current.resolve() != cand_dir.resolve():
+        try:
+            # The promoted model is scored as the kind it is: another kind may serve (pipeline.model changed).
+            cur_kind = registry.run_kind(current) or a.kind(cfg)
+            cur = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=cur_kind,
+                               run_dir=current, stage=S.VALID, write_report=False)
+            cur_score = gate_metric_of(cur, p.gate_metric)
+        except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
+            log.warning("cannot score the promoted model %s: %s", current, exc)
+    promote, reason = decide(cand_score, cur_score, p.promotion_margin)
+    if current is not None and current.resolve() == cand_dir.resolve():
+        promote, reason = True, "the candidate is already the promoted model"
+    elif promote:
+        registry.promote(cfg, a.dataset, cand_dir, reason=f"{PIPELINE_DAG} {a.key}: {reason}")
+    serving = registry.promoted(cfg, a.dataset)
+    res = {"promoted": promote, "reason": reason, "metric": p.gate_metric, "margin": p.promotion_margin,
+           "candidate": str(cand_dir), "candidate_score": cand_score,
+           "previous": str(current) if current else None, "previous_score": cur_score,
+           "serving": str(serving) if serving else None}
+    log.info("promotion gate: %s (%s)", "promote" if promote else "keep current", reason)
+    return record(cfg, a, "gate", res)

@@ -1,0 +1,101 @@
+"""Releasing a model to serving (stage 7, ``load_milvus``): the serving model's item tower over the
+catalogue into Milvus, behind the dataset's alias. Also used by ``item_ingest`` to upsert new items.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from learn_tasks import schema as S
+from learn_tasks.config import Settings
+from learn_tasks.data import datasets as data
+from learn_tasks.online import index
+from learn_tasks.online.bundle import ModelBundle
+from learn_tasks.orchestration.runs import RunArgs, record
+
+
+def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Index the catalogue with the serving model's item tower.
+
+    A newly promoted model gets a new collection, loaded, checked and then swapped in behind the alias
+    (``index.index_catalogue``). When the gate kept the current model, its collection is already live: rebuilding
+    it would mean serving from a half-filled collection, so the items it lacks (new since it was built)
+    or holds with an out-of-date vector (changed text) are upserted into it instead.
+    """
+
+    serving = (gate or {}).get("serving")
+    quiet_grpc_noise()
+    try:
+        live = index.current(cfg, a.dataset)
+        version = Path(serving).name if serving else None
+        if serving and live is not None and live == index.collection_name(a.dataset, version):
+            res = refresh_live_collection(cfg, a.dataset, Path(serving), live)
+        else:
+            res = index.index_catalogue(cfg, a.dataset, run_dir=serving)
+    finally:
+        index.close(cfg)  # Milvus Lite allows one process: let the next task (or the API) open it
+    keep = ("collection", "alias", "rows", "version", "dim", "index_type", "index_recall_at_10", "reused",
+            "previous", "dropped", "run_dir", "uri_kind", "upserted", "refreshed")
+    return record(cfg, a, "milvus", {k: res.get(k) for k in keep if k in res})
+
+
+def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
+    """``index.ItemRows`` of catalogue items, with the columns a full load writes (``index.index_catalogue``): the
+    model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
+    feature table."""
+
+    items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
+    stats = bundle.stats.reindex(ids)
+    return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
+                          popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+                          first_seen=index.first_seen(cfg, dataset, ids),
+                          is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+                          is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool),
+                          titles=items[S.TITLE].tolist() if S.TITLE in items else None)
+
+
+def indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Ids the model can embed; an item whose text the encoder quarantined has no content embedding."""
+    usable = np.array([bundle.knows(i) or not bundle.uses_content for i in ids], bool)
+    return ids[usable], ids[~usable].tolist()
+
+
+def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
+    """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
+
+    client = index.connect(cfg)
+    stored = index.fetch_all(client, collection)
+    bundle = ModelBundle.load(cfg, dataset, run_dir)
+    ids, skipped = indexable(bundle, data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy(np.int64))
+    vectors = bundle.item_vectors(ids)
+    pos = pd.Series(np.arange(len(stored.item_ids)), index=stored.item_ids).reindex(ids)
+    have = pos.notna().to_numpy()
+    stale = np.zeros(len(ids), bool)
+    if have.any():
+        old = stored.vectors[pos[have].astype(np.int64).to_numpy()]
+        stale[have] = np.abs(old - vectors[have]).max(axis=1) > 1e-4
+    todo = ids[~have | stale]
+    if len(todo):
+        index.upsert(cfg, dataset, item_rows(cfg, dataset, bundle, todo), target=collection, client=client)
+    return {"collection": collection, "alias": index.alias_name(cfg, dataset), "version": run_dir.name,
+            "rows": int(len(stored.item_ids) + (~have).sum()), "upserted": int(len(todo)),
+            "refreshed": {"new": int((~have).sum()), "changed": int(stale.sum()), "skipped_no_content": skipped[:50]},
+            "reused": True, "run_dir": str(run_dir)}
+
+
+class _UnimplementedRpcFilter(logging.Filter):
+    """Drop grpc's "Method not implemented" tracebacks: pymilvus probes an RPC (AllocTimestamp) that
+    Milvus Lite does not offer and carries on; the traceback would read like a failure in a good run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+def quiet_grpc_noise() -> None:
+    logger = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _UnimplementedRpcFilter) for f in logger.filters):
+        logger.addFilter(_UnimplementedRpcFilter())

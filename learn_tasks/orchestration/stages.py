@@ -1,0 +1,185 @@
+"""The stages between a validated batch and a candidate model: features, encoding, training, evaluation
+and monitoring. Each is one call into its stage's package, recorded under the run's key.
+
+3. ``refresh_user_features`` (Feast) and ``encode_new_items`` (CEG, one mapped task per shard) in parallel.
+4. ``train_pch``: a full run trains from scratch; an incremental run warm-starts from the promoted model
+   with a small budget.
+5. ``evaluate``: the candidate on the test split (slices: cold-start, long-tail, head, cold users) and
+   on the validation split, where the promotion gate (:mod:`learn_tasks.orchestration.gate`) compares
+   it with the promoted model.
+8. ``monitor``: Evidently drift and slice reports (:mod:`learn_tasks.monitoring`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from learn_tasks import schema as S
+from learn_tasks.ceg import encode, store
+from learn_tasks.config import Settings
+from learn_tasks.data import datasets as data
+from learn_tasks.evaluation import harness
+from learn_tasks.monitoring import monitor, rules
+from learn_tasks.online import features
+from learn_tasks.orchestration.runs import (FULL, INCREMENTAL, PipelineError, RunArgs, data_fingerprint, record,
+                                            recorded, why_again)
+from learn_tasks.pch import registry
+from learn_tasks.training import train
+
+log = logging.getLogger("learn.pipeline")
+
+
+def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
+    """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent)."""
+    res = features.materialize_features(cfg, a.dataset)
+    return record(cfg, a, "features", res)
+
+
+def plan_encode_shards(cfg: Settings, a: RunArgs) -> list[list[int]]:
+    """Shards ``[[i, n], ...]`` for the mapped encode tasks: one per ``encode.shard_items`` items, at most
+    ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads)."""
+    n_items = len(data.load_items(cfg, a.dataset))
+    n = max(1, min(cfg.pipeline.encode_shards, math.ceil(n_items / max(cfg.encode.shard_items, 1))))
+    return [[i, n] for i in range(n)]
+
+
+def encode_new_items(cfg: Settings, a: RunArgs, shard: Sequence[int]) -> dict[str, Any]:
+    """CEG for one shard: only items without an up-to-date embedding are encoded."""
+    i, n = int(shard[0]), int(shard[1])
+    res = encode.encode_catalogue(cfg, a.dataset, shard=(i, n))
+    small = {k: res.get(k) for k in ("encoded", "skipped", "quarantined", "total", "fingerprint", "store",
+                                     "complete", "shard", "seconds")}
+    return record(cfg, a, f"encode_{i}_of_{n}", small)
+
+
+def _train_inputs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
+    return {"data": data_fingerprint(cfg, a.dataset), "embeddings": store.current_fingerprint(cfg, a.dataset),
+            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": a.kind(cfg),
+            "settings": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+                         "pipeline": cfg.pipeline.model_dump()}}
+
+
+
+def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Train the candidate (full: from scratch; incremental: warm start from the promoted model)."""
+    p = cfg.pipeline
+    inputs = _train_inputs(cfg, a)
+    done = recorded(cfg, a, "train", inputs)
+    if done and Path(done["run_dir"]).exists():
+        # Same interval, same inputs: the model is already trained (recorded again so the summary says so).
+        return record(cfg, a, "train", {**done, "reused": True, "trained_because": None}, inputs)
+    why = why_again(cfg, a, "train", inputs)
+    kind = a.kind(cfg)
+    if store.current_fingerprint(cfg, a.dataset) is None and kind != "sasrec":
+        raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
+    warm = registry.promoted(cfg, a.dataset) if a.mode == INCREMENTAL else None
+    if warm is not None and registry.run_kind(warm) != kind:
+        # Another kind serves (pipeline.model was changed): its weights cannot seed this architecture,
+        # so this increment trains the new kind from scratch, with the full run's limits.
+        log.warning("promoted model %s is a %r, the candidate a %r: training from scratch", warm.name,
+                    registry.run_kind(warm), kind)
+        warm = None
+    if a.mode == INCREMENTAL and warm is not None:
+        epochs = a.epochs if a.epochs is not None else p.incremental_epochs
+        budget = a.budget_s if a.budget_s is not None else p.incremental_budget_s
+    else:
+        epochs = a.epochs if a.epochs is not None else p.epochs
+        budget = a.budget_s if a.budget_s is not None else p.budget_s
+    res = train.train_model(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
+                    warm_start=warm)
+    keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
+            "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
+    small = {k: res.get(k) for k in keep}
+    small.update({"warm_start": str(warm) if warm else None, "epochs_limit": epochs, "budget_s": budget,
+                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why})
+    return record(cfg, a, "train", small, inputs)
+
+
+def _encode_totals(encoded: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    if encoded is None:
+        return None
+    rows = [encoded[i] for i in range(len(encoded))]  # index access: a mapped XCom list is lazy
+    return {"shards": len(rows), **{k: int(sum(r.get(k) or 0 for r in rows))
+                                    for k in ("encoded", "skipped", "quarantined", "total")}}
+
+
+def eval_settings(cfg: Settings, users: int) -> Settings:
+    return cfg.with_overrides(evaluate={"max_users": int(users)})
+
+
+def _table(metrics: Mapping[str, Any], ks: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """The evaluation table: slice -> cases + recall/ndcg at each k + mrr (small enough for XCom)."""
+    out = {}
+    for name in S.SLICES:
+        m = metrics.get(name)
+        if not m:
+            continue
+        row = {"cases": m.get("cases")}
+        for k in ks:
+            for metric in ("recall", "ndcg"):
+                if f"{metric}@{k}" in m:
+                    row[f"{metric}@{k}"] = m[f"{metric}@{k}"]
+        if "mrr" in m:
+            row["mrr"] = m["mrr"]
+        out[name] = row
+    return out
+
+
+def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) -> dict[str, Any]:
+    """The candidate on the test split (report table with slices) and on the validation split (gate)."""
+    p = cfg.pipeline
+    # A daily incremental run reports on a user sample: scoring every user every day costs more than
+    # the rest of the increment, and the gate has its own fixed sample.
+    users = p.eval_users if a.mode == FULL else p.incremental_eval_users
+    inputs = {"run_dir": trained["run_dir"], "data": data_fingerprint(cfg, a.dataset),
+              "eval_users": users, "gate_users": p.gate_users, "evaluate": cfg.evaluate.model_dump()}
+    done = recorded(cfg, a, "evaluate", inputs)
+    if done:
+        return done
+    test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
+                        run_dir=trained["run_dir"], stage=S.TEST)
+    valid = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
+                         run_dir=trained["run_dir"], stage=S.VALID)
+    res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
+           "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
+                    "coverage": test.get("coverage"), "report": test["meta"].get("report")},
+           "valid": {"users": valid["meta"]["users"], p.gate_metric: gate_metric_of(valid, p.gate_metric),
+                     "report": valid["meta"].get("report")}}
+    return record(cfg, a, "evaluate", res, inputs)
+
+
+def gate_metric_of(result: Mapping[str, Any], name: str) -> float | None:
+    value = (result.get(S.SLICE_ALL) or {}).get(name)
+    return None if value is None else float(value)
+
+
+def run_monitor(cfg: Settings, a: RunArgs) -> dict[str, Any]:
+    """Evidently drift and slice monitoring of this run (``learn_tasks.monitoring.monitor.monitor_window``)."""
+    # The run key names the monitoring run, so re-running an interval replaces its reports; an
+    # incremental run compares its own new events, a full run the temporal split's newest window.
+    start, end = (None, None) if a.mode == FULL else (a.accept_from.isoformat(), a.end.isoformat())
+    res = monitor.monitor_window(cfg, a.dataset, current_start=start, current_end=end, run_id=a.key,
+                      run_date=a.start.strftime("%Y-%m-%d"))
+    alerts = res.get("alerts") or []
+    small = {"report": res.get("report"), "summary": res.get("summary"), "alerts": alerts[:20],
+             "alert_count": len(alerts), "workspace": res.get("workspace")}
+    record(cfg, a, "monitor", small)
+    if alerts and cfg.pipeline.fail_on_alert:
+        lines = "; ".join(f"{x.get('slice')}/{x.get('metric')} = {x.get('value')} (threshold {x.get('threshold')})"
+                          for x in alerts[:5])
+        raise PipelineError(f"monitoring raised {len(alerts)} alert(s): {lines}. Report: {res.get('report')}")
+    return small
+
+
+def monitor_dag_window(cfg: Settings, a: RunArgs, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``learn_monitoring``: Evidently reports for the temporal split's test window (``window=split``) or
+    this run's data interval (``window=interval``, live logs); alerts fail the task when ``fail_on_alert``."""
+    params = dict(params or {})
+    start, end = (a.start.isoformat(), a.end.isoformat()) if params.get("window") == "interval" else (None, None)
+    result = monitor.monitor_window(cfg, a.dataset, start, end, run_id=f"learn_monitoring__{a.key}",
+                         run_date=a.start.strftime("%Y-%m-%d"))
+    if result["alerts"] and params.get("fail_on_alert", True):
+        raise PipelineError(str(rules.MonitoringAlert(result["alerts"], result["report"])))
+    return {"report": result["report"], "alerts": result["alerts"], "notes": result["notes"]}
