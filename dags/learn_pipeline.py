@@ -88,7 +88,7 @@ summarize = stage_task("summarize", "Write the run summary (validation, encoding
         "mode": Param(None, type=["null", "string"], enum=[None, "full", "incremental"],
                       description="full: validate the whole history and retrain from scratch; incremental: "
                                   "only new logs, warm-start from the promoted model with a small budget. "
-                                  "Empty = pipeline.mode from the config."),
+                                  "Empty = pipeline.scheduled_mode from the config (incremental)."),
         "window_days": Param(1, type="integer", minimum=1, maximum=365,
                              description="Incremental runs accept events from this many days before the "
                                          "interval end (1 = the run's own day; more accepts late events)."),

@@ -1,4 +1,5 @@
-"""The ``learn`` command: one sub-command (group) per stage, each a thin call into its module's ``run``.
+"""The ``learn`` command: one sub-command (group) per stage, each a thin call into the stage's entry point
+(``encode_catalogue``, ``train_model``, ``evaluate_run``, ...).
 
 Global options come before the sub-command: ``learn --set train.epochs=3 --config my.yaml train ...``.
 Heavy modules (torch, transformers, feast, pymilvus, airflow) are imported inside the commands so that
@@ -154,7 +155,7 @@ def train_cmd(
     cfg = settings(ctx)
     try:
         result = train.train_model(cfg, dataset, protocol=protocol, model=model or cfg.pipeline.model, epochs=epochs,
-                           budget_s=budget_s, warm_start=warm_start)
+                                   budget_s=budget_s, warm_start=warm_start)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if promote:
@@ -206,7 +207,7 @@ def features_cmd(
 
 
 index_app = typer.Typer(help="Milvus item index: build (`learn index --dataset NAME`), list, roll back, "
-                             "and the local Milvus Lite server shared by processes.")
+                        "and the local Milvus Lite server shared by processes.")
 app.add_typer(index_app, name="index")
 index_server_app = typer.Typer(help="The local Milvus Lite server (one process owns the data, others use its URI).",
                                no_args_is_help=True)
@@ -226,11 +227,11 @@ def index_cmd(
         return
     if dataset is None:
         fail("--dataset is required (or a sub-command: list, rollback, server)")
-    from learn_tasks.online import index, milvus_lite
+    from learn_tasks.online import index, milvus_server
 
     try:
         emit(index.index_catalogue(settings(ctx), dataset, run_dir=run_dir, swap=not no_swap), as_json)
-    except (ValueError, FileNotFoundError, milvus_lite.IndexStoreError) as exc:
+    except (ValueError, FileNotFoundError, milvus_server.IndexStoreError) as exc:
         fail(str(exc))
 
 
@@ -238,12 +239,12 @@ def index_cmd(
 def index_list(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """The dataset's index versions (oldest first) and which one the alias points at."""
-    from learn_tasks.online import index, milvus_lite
+    from learn_tasks.online import index, milvus_server
 
     try:
         cfg = settings(ctx)
         emit({"alias": index.alias_name(cfg, dataset), "versions": index.versions(cfg, dataset)}, as_json)
-    except milvus_lite.IndexStoreError as exc:
+    except milvus_server.IndexStoreError as exc:
         fail(str(exc))
 
 
@@ -252,11 +253,11 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
                    to: Optional[str] = typer.Option(None, "--to", help="version or collection (default: the previous)"),
                    as_json: bool = typer.Option(False, "--json")) -> None:
     """Point the alias back at an older version, in one step."""
-    from learn_tasks.online import index, milvus_lite
+    from learn_tasks.online import index, milvus_server
 
     try:
         emit(index.rollback(settings(ctx), dataset, to=to), as_json)
-    except milvus_lite.IndexStoreError as exc:
+    except milvus_server.IndexStoreError as exc:
         fail(str(exc))
 
 
@@ -264,28 +265,28 @@ def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--datas
 def index_server_start(ctx: typer.Context, port: Optional[int] = typer.Option(None, "--port", help="default index.server_port"),
                        as_json: bool = typer.Option(False, "--json")) -> None:
     """Start the Milvus Lite server on 127.0.0.1 (no-op when it runs); other commands then use its URI."""
-    from learn_tasks.online import milvus_lite
+    from learn_tasks.online import milvus_server
 
     try:
-        emit(milvus_lite.start(settings(ctx), port=port), as_json)
-    except milvus_lite.ServerError as exc:
+        emit(milvus_server.start(settings(ctx), port=port), as_json)
+    except milvus_server.ServerError as exc:
         fail(str(exc))
 
 
 @index_server_app.command("stop")
 def index_server_stop(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stop the Milvus Lite server started from this LEARN_HOME."""
-    from learn_tasks.online import milvus_lite
+    from learn_tasks.online import milvus_server
 
-    emit(milvus_lite.stop(settings(ctx)), as_json)
+    emit(milvus_server.stop(settings(ctx)), as_json)
 
 
 @index_server_app.command("status")
 def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Whether the Milvus Lite server runs, with its URI."""
-    from learn_tasks.online import milvus_lite
+    from learn_tasks.online import milvus_server
 
-    emit(milvus_lite.status(settings(ctx)), as_json)
+    emit(milvus_server.status(settings(ctx)), as_json)
 
 
 @app.command("serve")
@@ -301,7 +302,7 @@ def serve_cmd(
     """Serve the promoted model: GET /recommendations/{user_id}, POST /items, POST /events, /health, /metrics, /docs."""
     import logging
 
-    from learn_tasks.online import features, milvus_lite, recommender
+    from learn_tasks.online import features, milvus_server, recommender
     from learn_tasks.online import service as serve
     from learn_tasks.ops import live
 
@@ -313,7 +314,7 @@ def serve_cmd(
         return
     try:
         serve.serve_api(settings(ctx, serve__search=search), dataset, host=host, port=port)
-    except (recommender.ServeError, milvus_lite.IndexStoreError, features.FeaturesError, FileNotFoundError) as exc:
+    except (recommender.ServeError, milvus_server.IndexStoreError, features.FeaturesError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -343,7 +344,7 @@ def validate_cmd(
 
 # -------------------------------------------------------------------------------------------- monitor
 monitor_app = typer.Typer(help="Monitoring: `learn monitor --dataset NAME` writes Evidently reports and alerts; "
-                               "`learn monitor ui` serves the on-call dashboard.")
+                          "`learn monitor ui` serves the on-call dashboard.")
 app.add_typer(monitor_app, name="monitor")
 
 
@@ -421,7 +422,7 @@ def run_cmd(
                                        "default yesterday"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="training epoch limit"),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="training budget in seconds"),
-    window_days: int = typer.Option(1, "--window-days", help="incremental: accept events this many days back"),
+    window_days: int = typer.Option(1, "--window-days", min=1, help="incremental: accept events this many days back"),
     model: Optional[str] = typer.Option(None, "--model", help="candidate kind: learn_hybrid | learn | sasrec "
                                         "(default pipeline.model); the promotion gate decides what serves"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Airflow's task logs"),
@@ -471,13 +472,13 @@ def rollback_cmd(
 ) -> None:
     """Serve an older model again: the Milvus alias moves back to its (complete) collection in one step and
     its training run is promoted, so the service's model and index agree. Restart the service afterwards."""
-    from learn_tasks.online import index, milvus_lite
+    from learn_tasks.online import index, milvus_server
     from learn_tasks.pch import registry
 
     cfg = settings(ctx)
     try:
         moved = index.rollback(cfg, dataset, to=to)
-    except milvus_lite.IndexStoreError as exc:
+    except milvus_server.IndexStoreError as exc:
         fail(str(exc))
         return
     run_dir = registry.dataset_models(cfg, dataset) / moved["version"]

@@ -235,7 +235,10 @@ class PipelineConfig(_Section):
 
     dataset: str = Field("amazon-books-2014-sample", description="dataset of `learn run` and the DAGs")
     format: str = "seqrec"
-    mode: Literal["full", "incremental"] = Field("full", description="full retrain or warm-started increment")
+    mode: Literal["full", "incremental"] = Field("full", description="`learn run`: full retrain or warm-started increment")
+    scheduled_mode: Literal["full", "incremental"] = Field(
+        "incremental", description="mode of learn_pipeline runs started by the schedule, an asset event or a "
+                                   "trigger without a mode")
     protocol: Literal["loo", "temporal"] = "loo"
     model: ModelKind = Field(
         DEFAULT_MODEL_KIND, description="kind of the candidate each run trains; the promotion gate compares it with "
@@ -352,6 +355,14 @@ class Paths:
 
     def landing(self, dataset: str, key: str) -> Path:
         return self.home / "landing" / dataset / key
+
+    def quarantine_batch(self, dataset: str, key: str) -> Path:
+        """Rows validation rejected from one batch (one pipeline run key) of a dataset."""
+        return self.quarantine() / dataset / key
+
+    def eval_reports(self, dataset: str) -> Path:
+        """Evaluation reports of a dataset: ``<run or baseline>/<protocol>-<stage>/metrics.json`` and report."""
+        return self.reports("eval") / dataset
 
     def locks(self) -> Path:
         return self.home / "locks"

@@ -1,10 +1,12 @@
-"""Atomic writes: every artifact goes to a temporary name in its final folder and is renamed into place.
+"""Atomic writes and file locks.
 
-A reader therefore sees either the old file or the new one, never half of one, and a task killed
-mid-write leaves only a ``.tmp-*`` file that the next run overwrites.
+Every artifact goes to a temporary name in its final folder and is renamed into place: a reader
+therefore sees either the old file or the new one, never half of one, and a task killed mid-write
+leaves only a ``.tmp-*`` file that the next run overwrites. :func:`exclusive` gives one writer at a time.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -70,3 +72,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``fcntl`` lock on ``path``; with ``wait=False`` yields False at once when it is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

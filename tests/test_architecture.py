@@ -44,11 +44,19 @@ def imports_of(path: Path, root: Path = PACKAGE) -> list[tuple[str, int, bool]]:
     """(imported learn_tasks module, line, at module top) for every import in a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     pkg = root.name
-    top = {id(node) for node in tree.body}
-    # A module-level `if TYPE_CHECKING:` or `try:` block still counts as module top.
-    for node in tree.body:
-        if isinstance(node, (ast.If, ast.Try)):
-            top |= {id(n) for n in ast.walk(node)}
+    top: set[int] = set()
+
+    def module_level(nodes: list[ast.stmt]) -> None:
+        # A module-level `if TYPE_CHECKING:` or `try:` block still counts as module top; a function or
+        # class defined inside one does not.
+        for node in nodes:
+            top.add(id(node))
+            if isinstance(node, ast.If):
+                module_level(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                module_level(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+
+    module_level(tree.body)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -189,3 +197,11 @@ def test_a_lazy_import_of_our_own_module_is_found(fake_package: Path) -> None:
     _write(fake_package, "ceg/store.py", "def f():\n    from learn_tasks.data import readers\n")
     bad = layering_violations(fake_package)
     assert len(bad) == 1 and "inside a function" in bad[0]
+    # also when the function sits in a module-level `if` or `try` block
+    _write(fake_package, "ceg/store.py", "try:\n    def f():\n        from learn_tasks.data import readers\n"
+                                         "except ImportError:\n    pass\n")
+    bad = layering_violations(fake_package)
+    assert len(bad) == 1 and "inside a function" in bad[0]
+    _write(fake_package, "ceg/store.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                         "    from learn_tasks.data import readers\n")
+    assert layering_violations(fake_package) == []

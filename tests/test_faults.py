@@ -144,7 +144,7 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
         import logging
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
         from learn_tasks.training import train
-        train.train_model(cfg, "synth", epochs=50)
+        train.train_model(cfg, "synth", model="learn", epochs=50)
     """, "epoch 1/50")
     assert registry.runs(cfg, "synth") == [] and registry.latest(cfg, "synth") is None
     # b) while the run folder is being written: the checkpoint is on disk under a temporary name
@@ -158,13 +158,13 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
             time.sleep(600)  # killed here, before the folder is complete and renamed into place
             return out
         train.save_checkpoint = save_then_stop
-        train.train_model(cfg, "synth", epochs=1)
+        train.train_model(cfg, "synth", model="learn", epochs=1)
     """, "CHECKPOINT WRITTEN")
     leftovers = [p for p in models.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers and (leftovers[0] / "model.safetensors").exists()  # the kill really hit mid-write
     assert registry.runs(cfg, "synth") == [] and registry.promoted(cfg, "synth") is None
     # The next run completes exactly one run, which is the latest and can be promoted and loaded.
-    result = train.train_model(cfg, "synth", epochs=1)
+    result = train.train_model(cfg, "synth", model="learn", epochs=1)
     runs = registry.runs(cfg, "synth")
     assert [str(p) for p in runs] == [result["run_dir"]]
     registry.promote(cfg, "synth", runs[0])
@@ -192,7 +192,7 @@ def _rows(seed: int, n: int = 2000):
 
 def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) -> None:
     from learn_tasks.online import index
-    from learn_tasks.online import milvus_lite as milvus_server
+    from learn_tasks.online import milvus_server
 
     cfg = _cfg(home)
     milvus_server.start(cfg, port=_free_port())  # a server shared by processes, as Milvus is in production
@@ -260,10 +260,10 @@ def test_rollback_command_moves_alias_and_model_together(home: Path, encoded: di
 
     cfg = encoded["cfg"].with_overrides(index={"index_type": "FLAT"})
     try:
-        good = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
+        good = Path(train.train_model(cfg, "synth", model="learn", epochs=1)["run_dir"])
         registry.promote(cfg, "synth", good)
         index.index_catalogue(cfg, "synth")
-        bad = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
+        bad = Path(train.train_model(cfg, "synth", model="learn", epochs=1)["run_dir"])
         registry.promote(cfg, "synth", bad)
         index.index_catalogue(cfg, "synth")
         assert index.current(cfg, "synth") == index.collection_name("synth", bad.name)

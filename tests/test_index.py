@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from learn_tasks import schema as S
 from learn_tasks.online import index
-from learn_tasks.online import milvus_lite as milvus_server
-from learn_tasks.online.milvus_lite import IndexLockedError, IndexStoreError
+from learn_tasks.online import milvus_server
+from learn_tasks.online.milvus_server import IndexLockedError, IndexStoreError
 from learn_tasks.config import Settings
 
 

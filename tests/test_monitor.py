@@ -322,6 +322,7 @@ def test_eval_model_default_tracks_the_promoted_kind_else_pipeline_model(home: P
     # a promoted run of another kind: its evaluation is tracked
     run_dir = cfg.paths.dataset_models(name) / "20240101T000000-sasrec-abc123"
     write_json({"kind": "sasrec", "dataset": name, "created": "2024-01-01T00:00:00"}, run_dir / registry.META)
+    write_json({"kind": "sasrec"}, run_dir / "config.json")  # the checkpoint's own config names its kind
     registry.promote(cfg, name, run_dir)
     path, metrics, note = quality.latest_eval(cfg, name)
     assert note is None and metrics["meta"]["model"] == "sasrec" and path.parent.name == "eval-sasrec"

@@ -42,8 +42,10 @@ def test_run_args_from_params(settings: Settings) -> None:
     assert a.accept_from == pd.Timestamp("2020-12-30", tz="UTC")
     assert a.epochs == 2 and a.budget_s is None
     full = runs.RunArgs.from_params(settings, {}, None, "2021-01-02")
-    assert full.dataset == settings.pipeline.dataset and full.mode == settings.pipeline.mode
-    assert full.start == pd.Timestamp("2021-01-01", tz="UTC") and full.accept_from is None
+    assert full.dataset == settings.pipeline.dataset and full.mode == settings.pipeline.scheduled_mode == "incremental"
+    assert full.start == pd.Timestamp("2021-01-01", tz="UTC") and full.accept_from is not None
+    full = runs.RunArgs.from_params(settings, {"mode": "full"}, None, "2021-01-02")
+    assert full.accept_from is None  # a full run accepts the whole history
     with pytest.raises(runs.PipelineError, match="mode must be one of"):
         runs.RunArgs.from_params(settings, {"mode": "sometimes"}, None, "2021-01-02")
     # the candidate kind: the config's default unless the run names one
@@ -198,7 +200,7 @@ def test_failure_callback_writes_a_clear_note(settings: Settings) -> None:
                "data_interval_end": pd.Timestamp("2021-01-02", tz="UTC")}
     tasks.on_task_failure(context)
     a = runs.RunArgs.from_params(settings, context["params"], "2021-01-01", "2021-01-02")
-    note = json.loads((runs.run_dir(settings, a) / "failures" / "train_pch.json").read_text())
+    note = json.loads((runs.run_dir(settings, a) / "failures" / "learn_pipeline.train_pch.json").read_text())
     assert note["final"] is True
     for part in ("learn_pipeline.train_pch FAILED", "try 2 of 2", "dataset synth (full)",
                  "[2021-01-01T00:00:00+00:00, 2021-01-02T00:00:00+00:00)",

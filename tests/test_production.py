@@ -370,7 +370,7 @@ def _free_port() -> int:
 def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Path) -> None:
     """The index code against a server URI (here a Milvus Lite server) with the profile's HNSW parameters."""
     from learn_tasks.online import index
-    from learn_tasks.online import milvus_lite as milvus_server
+    from learn_tasks.online import milvus_server
 
     home = tmp_path / "home"
     lite = load_settings(env={"LEARN_HOME": str(home)})

@@ -158,9 +158,9 @@ def test_torchrun_two_gloo_processes_match_a_single_process_run(sharded: dict) -
     home = sharded["home"]
     torch.set_num_threads(1)
     base = load_settings(env={"LEARN_HOME": str(home)}, overrides=[*TRAIN_SET, "train.batch_size=64"])
-    single = train.train_model(base, "synth")
+    single = train.train_model(base, "synth", model="learn")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "learn_tasks.training.launch", "--dataset", "synth", "--backend", "gloo"]
+           "-m", "learn_tasks.training.launch", "--dataset", "synth", "--model", "learn", "--backend", "gloo"]
     for item in [*TRAIN_SET, "train.batch_size=32"]:
         cmd += ["--set", item]
     done = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=900)

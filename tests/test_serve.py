@@ -71,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=120, n_items=200))
     data.prepare_dataset(cfg, "seqrec", src, "synth")
     encode.encode_catalogue(cfg, "synth")
-    run = train.train_model(cfg, "synth", epochs=1)
+    run = train.train_model(cfg, "synth", model="learn", epochs=1)
     registry.promote(cfg, "synth", Path(run["run_dir"]))
     features.materialize_features(cfg, "synth")
     built = index.index_catalogue(cfg, "synth")

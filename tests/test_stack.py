@@ -185,7 +185,7 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=80, n_items=120))
     data.prepare_dataset(cfg, "seqrec", src, "synth")
     encode.encode_catalogue(cfg, "synth")
-    run = train.train_model(cfg, "synth", epochs=1)
+    run = train.train_model(cfg, "synth", model="learn", epochs=1)
     features.materialize_features(cfg, "synth")
     yield cfg, Path(run["run_dir"])
     from learn_tasks.online import index
@@ -255,7 +255,7 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     # 4. The next run promotes and indexes a newer model: served from the next look on, no restart.
     from learn_tasks.training import train
 
-    run2 = Path(train.train_model(cfg, "synth", epochs=1)["run_dir"])
+    run2 = Path(train.train_model(cfg, "synth", model="learn", epochs=1)["run_dir"])
     assert run2.name != run_dir.name
     registry.promote(cfg, "synth", run2)
     assert svc.check() == "ok" and svc.current[0] == run_dir.name  # not indexed yet: the old one serves

@@ -40,8 +40,7 @@ def temporal_cutoffs(inter: pd.DataFrame, cfg: Settings) -> tuple[pd.Timestamp, 
     """(validation cut-off, test cut-off): ``data.temporal_cutoff`` if set, else event-time quantiles."""
     ts = inter[S.EVENT_TIMESTAMP]
     if cfg.data.temporal_cutoff:
-        test_cut = pd.Timestamp(cfg.data.temporal_cutoff)
-        test_cut = test_cut.tz_localize("UTC") if test_cut.tzinfo is None else test_cut.tz_convert("UTC")
+        test_cut = S.to_utc(cfg.data.temporal_cutoff)
         valid_cut = ts[ts < test_cut].quantile(cfg.data.temporal_valid_quantile / cfg.data.temporal_test_quantile)
     else:
         test_cut = ts.quantile(cfg.data.temporal_test_quantile)

@@ -84,10 +84,7 @@ class Window:
 
 
 def _ts(value: Any) -> pd.Timestamp | None:
-    if value is None:
-        return None
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return None if value is None else S.to_utc(value)
 
 
 def _meta(check: str, fld: str, reason: str) -> dict[str, str]:
@@ -320,7 +317,7 @@ def validate_tables(
     key = key or run_key(dataset, window.start, window.end)
     threshold = cfg.validate_.max_failed_share
     report_dir = cfg.paths.reports("validation") / key
-    quarantine_dir = cfg.paths.quarantine() / dataset / key
+    quarantine_dir = cfg.paths.quarantine_batch(dataset, key)
     with_docs = cfg.validate_.data_docs
     summary: dict[str, Any] = {
         "dataset": dataset, "run_key": key, "interval": [_iso(window.start), _iso(window.end)],

@@ -272,14 +272,16 @@ def evaluate_cases(scorer: Scorer, cases: Cases, cfg: Settings) -> dict[str, Any
     return slice_metrics(ranked, cases, scorer.cat, e.ks, e.tail_share, e.cold_user_max_events)
 
 
-def evaluate_run(cfg: Settings, dataset: str, protocol: str, model: str = "learn",
+def evaluate_run(cfg: Settings, dataset: str, protocol: str, model: str | None = None,
                  run_dir: str | Path | None = None, stage: str = S.TEST,
                  embeddings: tuple[np.ndarray, np.ndarray] | None = None, write_report: bool = True) -> dict[str, Any]:
     """Evaluate a trained run (latest of ``model`` by default) or a baseline; write metrics.json and a report.
 
     Returns ``{slice: {"recall@10", "hr@10", "ndcg@10", ..., "mrr", "cases"}, "coverage": {...},
     "popularity_buckets": [...], "meta": {...}}`` (+ ``"future"`` under the temporal protocol).
+    ``model`` defaults to ``pipeline.model``.
     """
+    model = model or cfg.pipeline.model
     split = splits.load_split(cfg, dataset, protocol)
     scorer = make_scorer(cfg, dataset, protocol, model, split, Path(run_dir) if run_dir else None, embeddings)
     cases = build_cases(split, scorer.cat, protocol, stage)

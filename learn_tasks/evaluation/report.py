@@ -17,7 +17,7 @@ def write_outputs(cfg: Settings, result: dict[str, Any], scorer) -> Path:
     meta = result["meta"]
     name = (f"{scorer.run_dir.name}-{meta['stage']}" if scorer.run_dir is not None
             else f"{meta['model']}-{meta['protocol']}-{meta['stage']}")
-    out = cfg.paths.reports("eval") / meta["dataset"] / name
+    out = cfg.paths.eval_reports(meta["dataset"]) / name
     if scorer.run_dir is not None and meta["stage"] == S.TEST:
         write_json(result, scorer.run_dir / "metrics.json")
     with atomic_dir(out) as tmp:

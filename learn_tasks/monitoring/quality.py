@@ -28,15 +28,15 @@ def tracked_model(cfg: Settings, dataset: str) -> str:
         return cfg.monitor.eval_model
     run_dir = registry.promoted(cfg, dataset)
     if run_dir is not None:
-        kind = read_json(run_dir / registry.META).get("kind")
+        kind = registry.run_kind(run_dir)
         if kind:
-            return str(kind)
+            return kind
     return cfg.pipeline.model
 
 
 def latest_eval(cfg: Settings, dataset: str) -> tuple[Path | None, dict[str, Any] | None, str | None]:
     """The newest test-stage ``metrics.json`` of the tracked model kind for ``dataset`` (or a note why none)."""
-    root = cfg.paths.reports("eval") / dataset
+    root = cfg.paths.eval_reports(dataset)
     want = tracked_model(cfg, dataset)
     found: list[tuple[str, Path, dict]] = []
     for path in sorted(root.glob("*/metrics.json")) if root.is_dir() else []:

@@ -16,7 +16,7 @@ Where the data lives (``resolve_uri``):
 * ``index.uri`` set: a Milvus standalone/cluster server (``index.token`` from ``LEARN_INDEX__TOKEN``);
 * else, while ``learn index server start`` runs: the local Milvus Lite server's URI (shared by processes);
 * else: Milvus Lite in-process on ``$LEARN_HOME/milvus/milvus.db``. Only one process may open it; a second
-  one gets :class:`~learn_tasks.online.milvus_lite.IndexLockedError` at once (not a hang) telling it to
+  one gets :class:`~learn_tasks.online.milvus_server.IndexLockedError` at once (not a hang) telling it to
   start the shared server.
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ import pandas as pd
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features, milvus_lite
+from learn_tasks.online import features, milvus_server
 from learn_tasks.online.bundle import ModelBundle, load_new_items
-from learn_tasks.online.milvus_lite import IndexStoreError, check_lite_lock
+from learn_tasks.online.milvus_server import IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
 
 if TYPE_CHECKING:
@@ -77,10 +77,10 @@ def resolve_uri(cfg: Settings) -> tuple[str, str | None, str]:
     """(uri, token, kind): kind is ``server`` (index.uri), ``lite-server`` (local server) or ``lite``."""
     if cfg.index.uri:
         return cfg.index.uri, cfg.index.token, "server"
-    uri = milvus_lite.running_uri(cfg)
+    uri = milvus_server.running_uri(cfg)
     if uri:
         return uri, None, "lite-server"
-    return str(milvus_lite.data_dir(cfg).resolve()), None, "lite"
+    return str(milvus_server.data_dir(cfg).resolve()), None, "lite"
 
 
 _clients: dict[tuple[str, str | None], "MilvusClient"] = {}

@@ -51,7 +51,6 @@ class LiveService:
     # ------------------------------------------------------------------------------------ watching
     def target(self) -> tuple[str | None, str | None]:
         """(version to serve, None) or (None, why nothing new can be served yet)."""
-
         run = registry.promoted(self.cfg, self.dataset)
         if run is None:
             return None, (f"no promoted model for dataset {self.dataset!r} yet: trigger learn_pipeline "
@@ -147,7 +146,6 @@ def _close_app(app: "FastAPI") -> None:
 
 
 def _build_service_app(cfg: Settings, dataset: str) -> "FastAPI":
-
     return serve.create_app(cfg, dataset)
 
 
@@ -155,7 +153,6 @@ def _placeholder_app(live: LiveService) -> "FastAPI":
     """What answers while no model can be served: health with the reason, the explorer, 503 elsewhere."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
-
 
     app = FastAPI(title="learn recommendations (waiting for a model)", docs_url=None, redoc_url=None)
     app.state.recommender = None

@@ -3,7 +3,7 @@
 ``learn up`` starts in the background, on loopback, everything a person needs to work with the project
 through web pages, waits until each part answers its health check, and prints the URLs:
 
-* **milvus**: the Milvus Lite server (:mod:`learn_tasks.online.milvus_lite`). Milvus Lite lets one process
+* **milvus**: the Milvus Lite server (:mod:`learn_tasks.online.milvus_server`). Milvus Lite lets one process
   own its data, and both the Airflow tasks and the service need the index, so they all use its URI.
 * **airflow**: Airflow 3 in standalone style (SQLite metadata DB, LocalExecutor, simple auth manager)
   with ``AIRFLOW_HOME=$LEARN_HOME/airflow`` (the same home and DB as ``learn run``) and the repository's
@@ -42,14 +42,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from learn_tasks.config import Settings
 from learn_tasks.monitoring import dashboard
-from learn_tasks.online import milvus_lite
+from learn_tasks.online import milvus_server
 from learn_tasks.orchestration.airflow_env import airflow_env as embedded_airflow_env
 from learn_tasks.orchestration.airflow_env import is_migrated, mark_migrated
-from learn_tasks.orchestration.runs import exclusive
 from learn_tasks.ops.supervisor import (log_file, members, open_log, pid_file, private_run_dir, read_record, run_dir,
                                         spawn, stop_record, stop_records, tail)
 from learn_tasks.processes import alive, http_json, port_open
-from learn_tasks.storage import write_json
+from learn_tasks.storage import exclusive, write_json
 
 COMPONENTS = ("milvus", "airflow", "service", "evidently")  # start order; `down` stops in reverse
 PASSWORD_FILE_ENV = "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
@@ -194,8 +193,7 @@ def check_component(cfg: Settings, name: str) -> tuple[bool, str]:
     """(healthy, detail) of one component from the outside (its HTTP health endpoint or port)."""
     u = urls(cfg)
     if name == "milvus":
-
-        st = milvus_lite.status(cfg)
+        st = milvus_server.status(cfg)
         return bool(st.get("running")), "listening" if st.get("running") else "not running"
     if name == "airflow":
         code, body = http_json(f"{u['airflow']}/api/v2/monitor/health")
@@ -228,8 +226,7 @@ def component_processes(cfg: Settings, name: str) -> list[str]:
 def component_running(cfg: Settings, name: str) -> bool:
     """Every process of the component that `learn up` recorded is alive (Milvus: also one started elsewhere)."""
     if name == "milvus":
-
-        return bool(milvus_lite.status(cfg).get("running"))
+        return bool(milvus_server.status(cfg).get("running"))
     recs = [read_record(cfg, p) for p in component_processes(cfg, name)]
     return all(r is not None and alive(r) is not None for r in recs)
 
@@ -266,16 +263,15 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
     """Start one component's processes; returns the pid-file names written."""
     u = urls(cfg)
     if name == "milvus":
-
         try:
-            st = milvus_lite.start(cfg, wait_s=cfg.stack.wait_s)
-        except milvus_lite.ServerError as exc:
+            st = milvus_server.start(cfg, wait_s=cfg.stack.wait_s)
+        except milvus_server.ServerError as exc:
             raise StackError(f"milvus: {exc}") from exc
         if not st.get("started"):
             return []  # it was already running: not ours to stop
         write_json({"name": "milvus", "pid": st["pid"], "pgid": st["pid"], "create_time": st["create_time"],
                     "argv": ["milvus-lite server"], "url": st["uri"], "log": st.get("log"),
-                    "started_at": st.get("started_at"), "managed_by": "learn_tasks.online.milvus_lite"},
+                    "started_at": st.get("started_at"), "managed_by": "learn_tasks.online.milvus_server"},
                    pid_file(cfg, "milvus"))
         return ["milvus"]
     if name == "airflow":
@@ -304,7 +300,6 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
         write_json({**rec, "dataset": dataset, "token_source": token_source}, pid_file(cfg, "service"))
         return ["service"]
     if name == "evidently":
-
         _check_port(cfg.monitor.ui_host, cfg.monitor.ui_port, "evidently", "monitor.ui_port")
         cfg.paths.evidently().resolve().mkdir(parents=True, exist_ok=True)
         spawn(cfg, "evidently", dashboard.ui_command(cfg), env, url=u["evidently"])
@@ -378,8 +373,7 @@ def up(cfg: Settings, dataset: str | None = None, only: Sequence[str] | None = N
             raise
     u = urls(cfg)
     if "milvus" in names:
-
-        u["milvus"] = milvus_lite.status(cfg).get("uri") or u["milvus"]
+        u["milvus"] = milvus_server.status(cfg).get("uri") or u["milvus"]
     if "service" in names and token_source is None:  # already running: what it was started with
         svc = read_record(cfg, "service") or {}
         token_source, dataset = svc.get("token_source"), svc.get("dataset") or dataset
@@ -395,10 +389,9 @@ def up(cfg: Settings, dataset: str | None = None, only: Sequence[str] | None = N
 
 
 def _stop_milvus(cfg: Settings, rec: dict[str, Any]) -> bool:
-
     stopped = False
-    if milvus_lite.status(cfg).get("pid") == rec.get("pid"):  # still the server this stack started
-        stopped = bool(milvus_lite.stop(cfg).get("stopped"))  # SIGINT: it closes its data cleanly
+    if milvus_server.status(cfg).get("pid") == rec.get("pid"):  # still the server this stack started
+        stopped = bool(milvus_server.stop(cfg).get("stopped"))  # SIGINT: it closes its data cleanly
     return stop_record(rec) or stopped  # anything of its group left over
 
 
@@ -445,7 +438,7 @@ def status(cfg: Settings) -> dict[str, Any]:
         running = component_running(cfg, name)
         healthy, detail = check_component(cfg, name) if running else (False, "not running")
         if name == "milvus":
-            ms = milvus_lite.status(cfg)
+            ms = milvus_server.status(cfg)
             u["milvus"] = ms.get("uri") or u["milvus"]
             detail += "" if procs["milvus"] or not running else " (started outside `learn up`)"
         comps[name] = {"running": running, "healthy": healthy, "detail": detail, "url": u[name], "processes": procs}

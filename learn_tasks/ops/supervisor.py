@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import psutil
 
 from learn_tasks.config import Settings
-from learn_tasks.processes import alive, process_group, running, with_descendants
+from learn_tasks.processes import alive, pid_record, process_group, running, with_descendants
 from learn_tasks.storage import read_json, write_json
 
 
@@ -71,7 +71,7 @@ def spawn(cfg: Settings, name: str, argv: Sequence[str], env: dict[str, str], ur
         # collects whatever it spawns, which is what `learn down` stops.
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=str(cwd) if cwd else None, start_new_session=True)
-    rec = {"name": name, "pid": proc.pid, "pgid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
+    rec = {"name": name, **pid_record(proc.pid), "pgid": proc.pid,
            "argv": list(argv), "url": url, "log": str(log_path), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(rec, pid_file(cfg, name))
     return rec

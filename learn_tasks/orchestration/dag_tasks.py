@@ -3,7 +3,6 @@ parsing (the standard library and ``airflow.sdk`` only); the stages load inside 
 
 Each task is one call into :func:`learn_tasks.orchestration.tasks.task_call`, named after its stage, with
 the stage's docstring as the task's documentation::
-
     land = stage_task("land_logs", "Move new log and item files into this interval's landing folder.")
     validated = stage_task("validate_logs", "...")()
     land() >> validated
@@ -50,7 +49,8 @@ def stage_task(stage: str, doc: str, inputs: Sequence[str] = (), decorator: Call
     they are passed on to the stage in that order. ``decorator`` is another TaskFlow decorator
     (``task.short_circuit``); ``task_kwargs`` go to it (``max_active_tis_per_dagrun``, ...).
     """
-    from airflow.sdk import task  # noqa: PLC0415 - DAG files import airflow anyway; this keeps the module importable without it
+    # DAG files import airflow anyway; importing it here keeps this module importable without it.
+    from airflow.sdk import task  # noqa: PLC0415
 
     signature = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in inputs])
 

@@ -50,7 +50,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
             # The promoted model is scored as the kind it is: another kind may serve (pipeline.model changed).
             cur_kind = registry.run_kind(current) or a.kind(cfg)
             cur = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=cur_kind,
-                               run_dir=current, stage=S.VALID, write_report=False)
+                                       run_dir=current, stage=S.VALID, write_report=False)
             cur_score = gate_metric_of(cur, p.gate_metric)
         except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
             log.warning("cannot score the promoted model %s: %s", current, exc)

@@ -49,7 +49,7 @@ def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Item tower of the serving model over the items of this batch -> upsert into the live collection."""
     a = _ingest(a)
     landed = landed_files(landing_dir(cfg, a), "items")
-    quarantine = cfg.paths.quarantine() / a.dataset / a.key / "items.parquet"  # where validation puts this batch's bad rows
+    quarantine = cfg.paths.quarantine_batch(a.dataset, a.key) / "items.parquet"  # this batch's bad item rows
     if not landed:
         return record(cfg, a, "upsert", {"upserted": 0, "reason": "no new item files"})
     # The batch's items minus the rows validation quarantined (matched by source file and line).

@@ -26,7 +26,6 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     it would mean serving from a half-filled collection, so the items it lacks (new since it was built)
     or holds with an out-of-date vector (changed text) are upserted into it instead.
     """
-
     serving = (gate or {}).get("serving")
     quiet_grpc_noise()
     try:
@@ -47,7 +46,6 @@ def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
     """``index.ItemRows`` of catalogue items, with the columns a full load writes (``index.index_catalogue``): the
     model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
     feature table."""
-
     items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
     stats = bundle.stats.reindex(ids)
     return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
@@ -66,7 +64,6 @@ def indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
     """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
-
     client = index.connect(cfg)
     stored = index.fetch_all(client, collection)
     bundle = ModelBundle.load(cfg, dataset, run_dir)

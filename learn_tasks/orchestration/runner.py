@@ -12,10 +12,10 @@ import pandas as pd
 
 from learn_tasks.config import Settings
 from learn_tasks.orchestration.airflow_env import DAGS_FOLDER, configure_airflow
-from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, exclusive, run_dir
+from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, run_dir
 from learn_tasks.orchestration.summary import summarize
 from learn_tasks.schema import to_utc
-from learn_tasks.storage import read_json
+from learn_tasks.storage import exclusive, read_json
 
 
 def load_dag(dag_id: str):
@@ -81,7 +81,7 @@ def run_pipeline(
     summary.update({"ok": ok, "state": str(dr.state).split(".")[-1], "run_id": dr.run_id, "wall_s": round(wall, 1)})
     failures = run_dir(cfg, a) / "failures"
     if failures.exists():
-        notes = [read_json(p) for p in sorted(failures.glob("*.json"))]
+        notes = [read_json(p) for p in sorted(failures.glob(f"{PIPELINE_DAG}.*.json"))]
         summary["failures"] = [n["message"] for n in notes if n.get("final")]
     return summary
 

@@ -15,7 +15,6 @@ were; the stages that are cheap to repeat (Feast, encoding, Milvus) are idempote
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import pandas as pd
 from learn_tasks.config import MODEL_KINDS, Settings
 from learn_tasks.data.validation import run_key
 from learn_tasks.schema import to_utc
-from learn_tasks.storage import read_json, write_json
+from learn_tasks.storage import exclusive, read_json, write_json
 
 log = logging.getLogger("learn.pipeline")
 
@@ -93,8 +92,10 @@ class RunArgs:
         start_ts = to_utc(start) if start is not None else end_ts - pd.Timedelta(days=1)
         if start_ts >= end_ts:  # a run without a data interval (asset-triggered): one day up to its time
             start_ts = end_ts - pd.Timedelta(days=1)
-        return cls(dataset=p.get("dataset") or cfg.pipeline.dataset, mode=p.get("mode") or cfg.pipeline.mode,
-                   start=start_ts, end=end_ts, window_days=1 if _opt(p.get("window_days"), int) is None else int(p["window_days"]),
+        # `learn run` always names its mode; a scheduled or bare trigger gets pipeline.scheduled_mode.
+        window_days = _opt(p.get("window_days"), int)
+        return cls(dataset=p.get("dataset") or cfg.pipeline.dataset, mode=p.get("mode") or cfg.pipeline.scheduled_mode,
+                   start=start_ts, end=end_ts, window_days=1 if window_days is None else window_days,
                    epochs=_opt(p.get("epochs"), int), budget_s=_opt(p.get("budget_s"), float),
                    model=p.get("model") or None)
 
@@ -191,22 +192,6 @@ def data_fingerprint(cfg: Settings, dataset: str) -> str:
     """Digest of the prepared dataset's two tables: a stage's input when it reads them."""
     base = cfg.paths.dataset(dataset)
     return file_digest(base / "interactions.parquet", base / "items.parquet")
-
-
-@contextmanager
-def exclusive(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An exclusive ``fcntl`` lock on ``path``; with ``wait=False`` yields False at once when it is held."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

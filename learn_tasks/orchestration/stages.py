@@ -61,7 +61,6 @@ def _train_inputs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
                          "pipeline": cfg.pipeline.model_dump()}}
 
 
-
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Train the candidate (full: from scratch; incremental: warm start from the promoted model)."""
     p = cfg.pipeline
@@ -88,7 +87,7 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         epochs = a.epochs if a.epochs is not None else p.epochs
         budget = a.budget_s if a.budget_s is not None else p.budget_s
     res = train.train_model(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
-                    warm_start=warm)
+                            warm_start=warm)
     keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
             "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
     small = {k: res.get(k) for k in keep}
@@ -139,9 +138,9 @@ def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) ->
     if done:
         return done
     test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
-                        run_dir=trained["run_dir"], stage=S.TEST)
+                                run_dir=trained["run_dir"], stage=S.TEST)
     valid = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
-                         run_dir=trained["run_dir"], stage=S.VALID)
+                                 run_dir=trained["run_dir"], stage=S.VALID)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
                     "coverage": test.get("coverage"), "report": test["meta"].get("report")},
@@ -161,7 +160,7 @@ def run_monitor(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     # incremental run compares its own new events, a full run the temporal split's newest window.
     start, end = (None, None) if a.mode == FULL else (a.accept_from.isoformat(), a.end.isoformat())
     res = monitor.monitor_window(cfg, a.dataset, current_start=start, current_end=end, run_id=a.key,
-                      run_date=a.start.strftime("%Y-%m-%d"))
+                                 run_date=a.start.strftime("%Y-%m-%d"))
     alerts = res.get("alerts") or []
     small = {"report": res.get("report"), "summary": res.get("summary"), "alerts": alerts[:20],
              "alert_count": len(alerts), "workspace": res.get("workspace")}
@@ -173,13 +172,14 @@ def run_monitor(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     return small
 
 
-def monitor_dag_window(cfg: Settings, a: RunArgs, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def monitor_dag_window(cfg: Settings, a: RunArgs, params: Mapping[str, Any] | None = None,
+                       run_id: str | None = None) -> dict[str, Any]:
     """``learn_monitoring``: Evidently reports for the temporal split's test window (``window=split``) or
     this run's data interval (``window=interval``, live logs); alerts fail the task when ``fail_on_alert``."""
     params = dict(params or {})
     start, end = (a.start.isoformat(), a.end.isoformat()) if params.get("window") == "interval" else (None, None)
-    result = monitor.monitor_window(cfg, a.dataset, start, end, run_id=f"learn_monitoring__{a.key}",
-                         run_date=a.start.strftime("%Y-%m-%d"))
+    result = monitor.monitor_window(cfg, a.dataset, start, end, run_id=f"learn_monitoring__{run_id or a.key}",
+                                    run_date=a.start.strftime("%Y-%m-%d"))
     if result["alerts"] and params.get("fail_on_alert", True):
         raise PipelineError(str(rules.MonitoringAlert(result["alerts"], result["report"])))
     return {"report": result["report"], "alerts": result["alerts"], "notes": result["notes"]}

@@ -51,8 +51,11 @@ def task_call(stage: str, *args: Any) -> Any:
     context = get_current_context()
     a = RunArgs.from_context(cfg, context)
     fn = STAGES[stage]
-    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert) gets them.
-    kwargs = {"params": dict(context.get("params") or {})} if "params" in inspect.signature(fn).parameters else {}
+    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert) or the Airflow run id
+    # gets them.
+    wanted = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in (("params", dict(context.get("params") or {})), ("run_id", context.get("run_id")))
+              if k in wanted}
     t0 = time.perf_counter()
     _progress(f"{stage} ...")
     try:
@@ -121,6 +124,6 @@ def _failure_note(context: Mapping[str, Any], final: bool) -> None:
             write_json({"dag_id": dag_id, "task_id": task_id, "map_index": map_index, "try_number": try_number,
                         "final": final, "message": msg, "exception": what,
                         "at": datetime.now(timezone.utc).isoformat()},
-                       folder / f"{name}.json")
+                       folder / f"{dag_id}.{name}.json")  # two DAGs can share a run key
         except OSError:
             pass

@@ -25,7 +25,7 @@ from learn_tasks.training import distributed as D
 from learn_tasks.training.train import train_model
 
 
-def train_distributed(cfg, dataset: str, protocol: str = "loo", model: str = "learn", epochs: int | None = None,
+def train_distributed(cfg, dataset: str, protocol: str = "loo", model: str | None = None, epochs: int | None = None,
                       budget_s: float | None = None, warm_start: str | None = None, backend: str | None = None,
                       embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Join the process group, train with :func:`learn_tasks.training.train.train_model` on every rank, leave it.
@@ -45,11 +45,11 @@ def train_distributed(cfg, dataset: str, protocol: str = "loo", model: str = "le
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m learn_tasks.training.launch --dataset NAME [--protocol loo] [--model learn] ...``"""
+    """``torchrun ... -m learn_tasks.training.launch --dataset NAME [--protocol loo] [--model KIND] ...``"""
     parser = argparse.ArgumentParser(prog="learn_tasks.training.launch", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--protocol", default="loo", choices=list(S.PROTOCOLS))
-    parser.add_argument("--model", default="learn", choices=list(MODEL_KINDS))
+    parser.add_argument("--model", default=None, choices=list(MODEL_KINDS), help="default: pipeline.model")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None)
     parser.add_argument("--warm-start", default=None)

@@ -197,7 +197,7 @@ def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: 
         return training_catalogue(cfg, dataset, split, needs_content)
 
 
-def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str = "learn",
+def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str | None = None,
                 epochs: int | None = None, budget_s: float | None = None, warm_start: str | Path | None = None,
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Train one model kind on a dataset's split; write a complete run folder and return its summary.
@@ -205,8 +205,9 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     Settings come from :func:`learn_tasks.pch.kinds.resolve` (``configs/models/<kind>.yaml``, then
     ``train.per_model``). ``embeddings`` = (item ids, vectors) replaces the CEG store (tests, experiments);
     by default the current embedding version of ``dataset`` is read with
-    :func:`learn_tasks.ceg.store.load_embeddings`.
+    :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``.
     """
+    model = model or cfg.pipeline.model
     if model not in MODEL_KINDS:
         raise ValueError(f"cannot train {model!r}; trainable kinds are {MODEL_KINDS}")
     cfg = kinds.resolve(cfg, model)
