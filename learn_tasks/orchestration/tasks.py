@@ -51,8 +51,12 @@ def task_call(stage: str, *args: Any) -> Any:
     context = get_current_context()
     a = RunArgs.from_context(cfg, context)
     fn = STAGES[stage]
-    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert) gets them.
-    kwargs = {"params": dict(context.get("params") or {})} if "params" in inspect.signature(fn).parameters else {}
+    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert) gets them; one that
+    # emits asset events (load_milvus: the release) gets the task's outlet events.
+    wants = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"params": dict(context.get("params") or {})} if "params" in wants else {}
+    if "outlet_events" in wants:
+        kwargs["outlet_events"] = context.get("outlet_events")
     t0 = time.perf_counter()
     _progress(f"{stage} ...")
     try:
