@@ -285,3 +285,18 @@ def test_a_release_that_cannot_load_leaves_the_served_one_in_place(trained) -> N
     # Fixed by a real release: served at the next look.
     index.index_catalogue(cfg, "synth", run_dir=runs[2], source="test")
     assert follower.check() == "ok" and follower.release["model_version"] == runs[2].name
+
+
+@pytest.mark.integration
+def test_a_home_indexed_before_release_records_serves_its_alias(trained) -> None:
+    cfg, runs = trained
+    built = _release(cfg, runs[0])
+    for path in (cfg.paths.release("synth"), cfg.paths.release_history("synth")):
+        path.unlink()  # as a home indexed by an older version: a promoted model and an alias, no record
+    app = serve.create_app(cfg, "synth")
+    follower = app.state.live
+    assert follower.release["release_id"] == 0 and follower.recommender.collection == built["collection"]
+    assert follower.recommender.bundle.version == runs[0].name and follower.health()[1] == 200
+    # The first real release of the same model and collection loads nothing again.
+    index.release(cfg, "synth", built["collection"], source="test")
+    assert follower.check() == "ok" and follower.swaps == 1 and follower.release["release_id"] == 1

@@ -9,6 +9,10 @@ release's), and the next request gets the new one. The text encoder and the Feas
 Writes that reach the old recommender after the swap are sent to the new one; items it added while the
 new one loaded are indexed into the new collection right after the swap (``Recommender.catch_up``).
 
+A home indexed before release records existed has a promoted model and an alias but no record: at
+start-up the collection the alias points at is served as release 0 (when complete and its model run is
+there), until the next release is written.
+
 Until a release can be served (none yet, or its model cannot be loaded), a :class:`CatalogueFallback`
 answers: the most consumed items of the prepared dataset (``popular``), or an empty list with the reason
 when the dataset has no data yet. ``/health`` then says ``degraded`` with ``no model yet: <why>`` and HTTP
@@ -26,7 +30,8 @@ from typing import Any, Callable
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import releases
+from learn_tasks.pch import registry
+from learn_tasks.online import index, releases
 from learn_tasks.online.recommender import STRATEGY_POPULAR, Recommender, ServeError, item_payload, popular_fallback
 
 log = logging.getLogger("learn.serve")
@@ -44,13 +49,14 @@ class CatalogueFallback:
     def __init__(self, cfg: Settings, dataset: str, why: Callable[[], str | None]):
         self.cfg, self.dataset, self._why = cfg, dataset, why
         self.popular: list[dict[str, Any]] = []
-        self.data_note: str | None = None
-        self.refresh()
+        self.data_note: str | None = "not looked at yet"
+        self.loaded = False  # counted when first needed: a service that starts on a release never reads them
 
     def refresh(self) -> None:
         """Count events per item in the prepared dataset (most consumed first); note why when there are none."""
         if self.popular:
             return
+        self.loaded = True
         try:
             inter = data.load_interactions(self.cfg, self.dataset)
             items = data.load_items(self.cfg, self.dataset)
@@ -71,6 +77,8 @@ class CatalogueFallback:
 
     def recommend(self, user_id: int, k: int, seed_item: int | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
+        if not self.loaded:
+            self.refresh()
         items = popular_fallback(self.popular, set(), k)
         total = 1000 * (time.perf_counter() - t0)
         return {S.USER_ID: int(user_id), "k": int(k), "strategy": STRATEGY_POPULAR, "fallback": True,
@@ -126,12 +134,14 @@ class ReleaseFollower:
         ``force`` retries a release that failed to load before ``serve.release_retry_s`` passed.
         """
         with self._check_lock:
-            self.checked_at = time.time()
             try:
                 rel = releases.current(self.cfg, self.dataset)
             except (OSError, ValueError) as exc:  # unreadable record: keep serving what we have
                 log.warning("cannot read the release record of %s: %s", self.dataset, exc)
                 return self.status
+            if rel is None and self.checked_at is None:
+                rel = self._alias_release()  # at start-up, in a home indexed before release records existed
+            self.checked_at = time.time()
             if rel is None:
                 if self.recommender is None:
                     self.fallback.refresh()
@@ -148,6 +158,24 @@ class ReleaseFollower:
                 return self.status
             self._load(rel)
             return self.status
+
+    def _alias_release(self) -> dict[str, Any] | None:
+        """A home indexed before release records existed (a promoted model, no release ever written): the
+        collection the alias points at, served as release 0 (nothing is written) when it is complete and
+        its model run is here. Looked at once, at start-up; the next release written replaces it."""
+        if registry.promoted(self.cfg, self.dataset) is None or releases.history(self.cfg, self.dataset):
+            return None
+        try:
+            client = index.connect(self.cfg)
+            name = index.current(self.cfg, self.dataset, client)
+            version = index.verify_collection(client, name).get("version") if name else None
+        except Exception as exc:  # noqa: BLE001 - nothing to adopt: wait for a release
+            log.warning("no release record for %s, and the index alias cannot be served: %s", self.dataset, exc)
+            return None
+        if not version or not (registry.dataset_models(self.cfg, self.dataset) / version / registry.META).exists():
+            return None
+        return {"release_id": 0, "dataset": self.dataset, "model_version": version, "collection": name,
+                "source": "the index alias (no release record yet)", "previous": None}
 
     def _load(self, rel: dict[str, Any]) -> None:
         rid, version = int(rel["release_id"]), rel["model_version"]

@@ -21,7 +21,7 @@ response says which strategy answered and why.
 the released collection (and the replica) and checks that a search finds it before answering, so it is
 recommendable when the response arrives; it is also appended to ``$LEARN_HOME/serve/<dataset>/new_items/``
 so a restart or a new index version keeps it. ``POST /events`` (Bearer token) appends an event to the
-user's online features. ``/health`` checks model, Feast and Milvus; ``/metrics`` is Prometheus text.
+user's online features. ``/health`` checks the release, model, Feast and Milvus; ``/metrics`` is Prometheus text.
 """
 from __future__ import annotations
 
