@@ -138,9 +138,11 @@ def start_service(home: str, dataset: str, port: int, token: str, search: str, t
         if proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}; see {Path(home) / 'bench-serve.log'}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            # 200 "degraded" = up without a model (popular items answer): wait for the release to load
+            if health.status_code == 200 and health.json().get("status") == "ok":
                 return proc
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     stop_service(proc)

@@ -1,5 +1,8 @@
 """
-### learn_monitoring: daily cold-start and long-tail drift check for on-call
+### learn_monitoring: cold-start and long-tail drift check for on-call, after each release and daily
+
+Runs when `learn_pipeline` releases a model (the `learn_release` asset, emitted by its `load_milvus`) and
+every day at midnight UTC.
 
 One task, **monitor**, calls `learn_tasks.orchestration.stages.monitor_dag_window`: Evidently reports comparing the newest window of
 interactions with the training window (share of events on cold-start items, long-tail share among
@@ -23,9 +26,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, Param, dag
 
-from learn_tasks.orchestration.dag_tasks import default_args, stage_task
+from learn_tasks.orchestration.dag_tasks import default_args, release_asset, stage_task
 
 monitor = stage_task("monitor_window", "Evidently reports + workspace snapshot; fails on alerts when "
                                         "fail_on_alert is set.", task_id="monitor")
@@ -33,8 +36,10 @@ monitor = stage_task("monitor_window", "Evidently reports + workspace snapshot; 
 
 @dag(
     dag_id="learn_monitoring",
-    # Daily with a real data interval [day, day + 1) (a plain "@daily" has an empty interval in Airflow 3).
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    # On each release, or daily with a real data interval [day, day + 1) (a plain "@daily" has an empty
+    # interval in Airflow 3).
+    schedule=AssetOrTimeSchedule(timetable=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+                                 assets=[release_asset()]),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # runs of one dataset share its history file and dashboard

@@ -21,7 +21,10 @@ train_pch -> evaluate -> promotion_gate -> load_milvus -> monitor -> summarize
 * **evaluate** scores the candidate on the test split (cold-start, long-tail, head, cold-user slices) and
   on the validation split; **promotion_gate** promotes it unless it is worse than the current model by
   more than `pipeline.promotion_margin`, and says why either way.
-* **load_milvus** loads the serving model's item embeddings into a new collection and swaps the alias.
+* **load_milvus** loads the serving model's item embeddings into a new collection, checks it, swaps the
+  alias and writes the release record the service follows (it swaps to the new model without a restart);
+  when it released, it emits the `learn_release` asset (`learn_monitoring` runs on it). It runs in the
+  `learn_milvus` pool (one slot), as does `item_ingest`'s `upsert_items`: one writer per collection.
 * **monitor** runs the Evidently drift and slice reports; **summarize** writes
   `$LEARN_HOME/reports/pipeline/<run key>/summary.md`.
 
@@ -39,7 +42,7 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
 from learn_tasks.config import MODEL_KINDS
-from learn_tasks.orchestration.dag_tasks import default_args, stage_task
+from learn_tasks.orchestration.dag_tasks import MILVUS_POOL, default_args, release_alias, stage_task
 
 land_logs = stage_task("land_logs", "Move new log and item files into this interval's landing folder (full: "
                                     "snapshot the history).")
@@ -62,8 +65,8 @@ promotion_gate = stage_task("promotion_gate", "Promote the candidate unless it i
                                               "more than the margin.",
                             inputs=["trained", "evaluated"])
 load_milvus = stage_task("load_milvus", "Item tower of the serving model over the catalogue -> new Milvus "
-                                        "collection, alias swap.",
-                         inputs=["gate"])
+                                        "collection, checked, alias swap, release (emits learn_release).",
+                         inputs=["gate"], outlets=[release_alias()], pool=MILVUS_POOL)
 monitor = stage_task("monitor", "Evidently drift and cold-start / long-tail slice monitoring.")
 summarize = stage_task("summarize", "Write the run summary (validation, encoding, training, evaluation, promotion, "
                                     "Milvus, reports).")

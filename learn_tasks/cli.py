@@ -219,10 +219,12 @@ def index_cmd(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="prepared dataset name"),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="model run folder (default: the promoted model)"),
-    no_swap: bool = typer.Option(False, "--no-swap", help="build and check, but leave the alias where it is"),
+    no_swap: bool = typer.Option(False, "--no-swap", help="build and check, but leave the alias (and the release) "
+                                 "where it is"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Index every item with a model's item tower, check recall@10 against exact search, swap the alias."""
+    """Index every item with a model's item tower, check recall@10 against exact search, swap the alias and
+    release the collection (the service follows)."""
     if ctx.invoked_subcommand is not None:
         return
     if dataset is None:
@@ -238,12 +240,13 @@ def index_cmd(
 @index_app.command("list")
 def index_list(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                as_json: bool = typer.Option(False, "--json")) -> None:
-    """The dataset's index versions (oldest first) and which one the alias points at."""
-    from learn_tasks.online import index, milvus_server
+    """The dataset's index versions (oldest first), which one the alias points at, and the current release."""
+    from learn_tasks.online import index, milvus_server, releases
 
     try:
         cfg = settings(ctx)
-        emit({"alias": index.alias_name(cfg, dataset), "versions": index.versions(cfg, dataset)}, as_json)
+        emit({"alias": index.alias_name(cfg, dataset), "versions": index.versions(cfg, dataset),
+              "release": releases.current(cfg, dataset)}, as_json)
     except milvus_server.IndexStoreError as exc:
         fail(str(exc))
 
@@ -252,7 +255,8 @@ def index_list(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset")
 def index_rollback(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                    to: Optional[str] = typer.Option(None, "--to", help="version or collection (default: the previous)"),
                    as_json: bool = typer.Option(False, "--json")) -> None:
-    """Point the alias back at an older version, in one step."""
+    """Point the alias back at an older version, in one step, and release it (the model is not promoted:
+    `learn rollback` does both)."""
     from learn_tasks.online import index, milvus_server
 
     try:
@@ -296,26 +300,20 @@ def serve_cmd(
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default serve.host)"),
     port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port)"),
     search: Optional[str] = typer.Option(None, "--search", help="replica | milvus (default serve.search)"),
-    follow: bool = typer.Option(False, "--follow", help="start without a model and swap in each newly promoted and "
-                                "indexed one without a restart (what `learn up` runs)"),
+    follow: bool = typer.Option(False, "--follow", help="kept for older scripts: the service always follows the "
+                                "releases (it starts without one and swaps in each new one without a restart)"),
 ) -> None:
-    """Serve the promoted model: GET /recommendations/{user_id}, POST /items, POST /events, /health, /metrics, /docs."""
+    """Serve the dataset's releases: GET /recommendations/{user_id}, POST /items, POST /events, /health, /metrics, /docs.
+
+    Starts without a release too (popular items, /health "degraded: no model yet") and swaps in each new
+    release (`learn_pipeline`, `learn index`, `learn rollback`) without a restart.
+    """
     import logging
 
-    from learn_tasks.online import features, milvus_server, recommender
     from learn_tasks.online import service as serve
-    from learn_tasks.ops import live
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    if follow:
-        cfg = settings(ctx, serve__search=search)
-        live.serve_live(cfg, dataset or cfg.serve.dataset or cfg.pipeline.dataset, host or cfg.serve.host,
-                        port or cfg.serve.port)
-        return
-    try:
-        serve.serve_api(settings(ctx, serve__search=search), dataset, host=host, port=port)
-    except (recommender.ServeError, milvus_server.IndexStoreError, features.FeaturesError, FileNotFoundError) as exc:
-        fail(str(exc))
+    serve.serve_api(settings(ctx, serve__search=search), dataset, host=host, port=port)
 
 
 # ------------------------------------------------------------------------------------------ validate
@@ -470,27 +468,22 @@ def rollback_cmd(
                                      "default: the index version before the live one"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Serve an older model again: the Milvus alias moves back to its (complete) collection in one step and
-    its training run is promoted, so the service's model and index agree. Restart the service afterwards."""
+    """Serve an older model again: the Milvus alias moves back to its (complete) collection in one step, that
+    collection and its model run are released (the service swaps to them by itself) and the run is promoted,
+    so the next pipeline run's gate compares with it."""
     from learn_tasks.online import index, milvus_server
     from learn_tasks.pch import registry
 
     cfg = settings(ctx)
-    try:
-        moved = index.rollback(cfg, dataset, to=to)
+    try:  # refuses a version whose model run is gone, before anything moves
+        moved = index.rollback(cfg, dataset, to=to, source="learn rollback", require_model=True)
     except milvus_server.IndexStoreError as exc:
         fail(str(exc))
         return
     run_dir = registry.dataset_models(cfg, dataset) / moved["version"]
-    try:
-        registry.promote(cfg, dataset, run_dir, reason=f"learn rollback from {moved['from']}")
-    except ValueError as exc:  # the model run is gone: put the alias back where it was
-        if moved["from"]:
-            index.rollback(cfg, dataset, to=moved["from"])
-        fail(f"index version {moved['version']} has no complete model run ({exc}); alias left on {moved['from']}")
-        return
+    registry.promote(cfg, dataset, run_dir, reason=f"learn rollback from {moved['from']}")
     emit({**moved, "promoted": run_dir.name,
-          "next": "restart the service: it pins its model and collection at start-up"}, as_json)
+          "next": f"the service swaps to release {moved['release_id']} by itself (no restart)"}, as_json)
 
 
 # ------------------------------------------------------------------------------------------ local stack

@@ -170,6 +170,10 @@ class ServeConfig(_Section):
     threads: int = Field(1, description="torch threads for the user tower (1 keeps tail latency flat)")
     replica_refresh_s: float = Field(30.0, description="replica: reload it when the collection's row count "
                                                        "changed (items upserted by other processes); 0 = never")
+    release_poll_s: float = Field(2.0, ge=0, description="how often the service looks at the release record and "
+                                                         "swaps in a new release; 0 = never after start-up")
+    release_retry_s: float = Field(60.0, ge=0, description="a release that failed to load is tried again after "
+                                                           "this long (the service keeps answering meanwhile)")
 
 
 class ValidateConfig(_Section):
@@ -269,8 +273,8 @@ class StackConfig(_Section):
                                                        "only runs triggered by hand (UI, API) run")
     airflow_triggerer: bool = Field(False, description="also start the triggerer (only deferrable tasks need it)")
     wait_s: float = Field(300.0, gt=0, description="how long `learn up` waits for the components to be healthy")
-    reload_poll_s: float = Field(5.0, gt=0, description="service: how often to look for a newly promoted and "
-                                                        "indexed model to swap in")
+    reload_poll_s: float = Field(5.0, gt=0, description="unused, kept so older configs still load: the service "
+                                                        "follows releases every serve.release_poll_s")
 
 
 class Settings(_Section):
@@ -370,6 +374,14 @@ class Paths:
     def new_items(self, dataset: str) -> Path:
         """Items added online (``POST /items``), kept until the next index version includes them."""
         return self.home / "serve" / dataset / "new_items"
+
+    def release(self, dataset: str) -> Path:
+        """The dataset's current release (model run + collection the service serves), replaced atomically."""
+        return self.home / "serve" / dataset / "release.json"
+
+    def release_history(self, dataset: str) -> Path:
+        """Every release of the dataset, one JSON line each, oldest first."""
+        return self.home / "serve" / dataset / "releases.jsonl"
 
     def evidently(self) -> Path:
         return self.home / "evidently"

@@ -13,7 +13,8 @@ import pytest
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 HEAVY = ("torch", "transformers", "great_expectations", "feast", "pymilvus", "evidently", "learn_tasks")
 # What a DAG file may load of ours while it is parsed: the model kinds and the task helper, nothing of a stage.
-LIGHT = ("learn_tasks", "learn_tasks.config", "learn_tasks.orchestration", "learn_tasks.orchestration.dag_tasks")
+LIGHT = ("learn_tasks", "learn_tasks.config", "learn_tasks.orchestration", "learn_tasks.orchestration.dag_tasks",
+         "learn_tasks.orchestration.assets")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,54 @@ def test_item_ingest_is_asset_triggered(dagbag) -> None:
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"  # every 15 minutes or on a new-items event
     assert "learn_new_items" in str(dag.timetable.asset_condition)
     assert dag.get_task("land_items").task_type.lower().startswith("_shortcircuit")  # no new file: skip the rest
+
+
+def test_release_asset_pool_and_schedules(dagbag) -> None:
+    """learn_pipeline's load_milvus emits the release asset (through an alias: only when it released),
+    learn_monitoring runs on it or daily, and the two Milvus writers share the one-slot pool."""
+    from airflow.sdk import AssetAlias
+
+    from learn_tasks.orchestration import assets
+
+    load = dagbag.dags["learn_pipeline"].get_task("load_milvus")
+    aliases = [o for o in load.outlets if isinstance(o, AssetAlias)]
+    assert [a.name for a in aliases] == [assets.RELEASE_ALIAS]
+    writers = {t.task_id: t.pool for d in dagbag.dags.values() for t in d.tasks if t.pool == assets.MILVUS_POOL}
+    assert writers == {"load_milvus": assets.MILVUS_POOL, "upsert_items": assets.MILVUS_POOL}
+    others = [t for t in dagbag.dags["learn_pipeline"].tasks if t.task_id != "load_milvus"]
+    assert all(t.pool != assets.MILVUS_POOL and not t.outlets for t in others)
+
+    mon = dagbag.dags["learn_monitoring"]
+    assert type(mon.timetable).__name__ == "AssetOrTimeSchedule"  # on each release, or daily
+    assert assets.RELEASE_ASSET[0] in str(mon.timetable.asset_condition)
+    assert mon.timetable.timetable.expression == "0 0 * * *"
+    ingest = dagbag.dags["item_ingest"]
+    assert assets.ITEM_LOG_ASSET[0] in str(ingest.timetable.asset_condition)
+    assert ingest.timetable.timetable.expression == "*/15 * * * *"
+
+
+def test_the_milvus_pool_is_created_once_and_kept(tmp_path: Path) -> None:
+    """`learn run` creates the pool when it is missing and leaves an operator's own size alone."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from learn_tasks.orchestration import airflow_env as ae\n"
+        "ae.configure_airflow(Path(sys.argv[1]))\n"
+        "first, second = ae.ensure_pool(), ae.ensure_pool()\n"
+        "from airflow.models import Pool\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    p = s.query(Pool).filter(Pool.pool == 'learn_milvus').one()\n"
+        "    slots = p.slots; p.slots = 3\n"
+        "third = ae.ensure_pool()\n"
+        "with create_session() as s:\n"
+        "    kept = s.query(Pool).filter(Pool.pool == 'learn_milvus').one().slots\n"
+        "print(first, second, slots, third, kept)\n"
+    )
+    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "airflow")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "True False 1 False 3"
 
 
 def test_parsing_imports_no_heavy_module(tmp_path: Path) -> None:

@@ -245,6 +245,19 @@ def _milvus_has(cfg: Settings, dataset: str, ids: list[int]) -> set[int]:
         index.close(cfg)
 
 
+def _release_events(dataset: str) -> list[dict]:
+    """The extras of the `learn_release` asset events of ``dataset`` in the Airflow metadata DB."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    from learn_tasks.orchestration import assets
+
+    with create_session() as session:
+        rows = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .filter(AssetModel.name == assets.RELEASE_ASSET[0]).all())
+        return [dict(e.extra or {}) for e in rows if (e.extra or {}).get("dataset") == dataset]
+
+
 def _feast_user(cfg: Settings, dataset: str, user_id: int) -> dict:
     from learn_tasks.online import features
 
@@ -276,6 +289,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     cfg = settings
     items = data.load_items(cfg, synth_dataset)
     inter = data.load_interactions(cfg, synth_dataset)
+    events_before = _release_events(synth_dataset)
     res = runner.run_pipeline(cfg, dataset=synth_dataset, mode="full", day="2021-01-01", epochs=2, budget_s=60,
                          airflow_home=airflow_home)
     assert res["ok"], (res.get("failures"), res["tasks"])
@@ -301,6 +315,16 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     # Milvus: the serving model's collection behind the alias holds every catalogue item
     collection, count = _milvus_state(cfg, synth_dataset)
     assert collection == res["milvus"]["collection"] and count == len(items)
+    # the release the service follows: written by load_milvus once the collection was checked, and
+    # announced as the learn_release asset event (through load_milvus' alias outlet)
+    from learn_tasks.online import releases
+
+    rel = releases.current(cfg, synth_dataset)
+    assert (rel["model_version"], rel["collection"]) == (run_dir.name, collection)
+    assert rel["source"].startswith("learn_pipeline ") and res["milvus"]["released"] is True
+    assert res["milvus"]["release_id"] == rel["release_id"]
+    announced = _release_events(synth_dataset)
+    assert len(announced) == len(events_before) + 1 and announced[-1]["release_id"] == rel["release_id"]
     # Feast: online features of a known user are their latest items
     user = int(inter[S.USER_ID].iloc[0])
     feats = _feast_user(cfg, synth_dataset, user)
@@ -318,6 +342,7 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert _store_state(cfg, synth_dataset) == before
     assert _milvus_state(cfg, synth_dataset) == (collection, count)
     assert _feast_user(cfg, synth_dataset, user) == feats
+    assert releases.current(cfg, synth_dataset) == rel  # released once: the re-run writes no second record
 
     # item_ingest: new items are validated, encoded and searchable without a retrain
     incoming = cfg.paths.incoming(synth_dataset)
@@ -352,5 +377,8 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert inc["promotion"]["promoted"] is False and "keeping the current model" in inc["promotion"]["reason"]
     assert registry.promoted(cfg, synth_dataset) == run_dir
     assert inc["milvus"]["refreshed"]["new"] == 1 and inc["milvus"]["refreshed"]["changed"] == 0
+    # the kept model was already released: no new release, no asset event for learn_monitoring
+    assert inc["milvus"]["released"] is False and releases.current(cfg, synth_dataset) == rel
+    assert len(_release_events(synth_dataset)) == len(announced) + 1  # + 1: the re-run of day 1 announced it again
     assert _milvus_state(cfg, synth_dataset) == (collection, count + 3)
     assert _milvus_has(cfg, synth_dataset, [fresh]) == {fresh}

@@ -1,7 +1,7 @@
 """The local stack (``learn up/status/down``) and the recommendation explorer's API.
 
-Process handling runs on real processes; the live service and the explorer run over a real model trained
-for one epoch on generated data, with real Feast (SQLite) and Milvus Lite. The full four-part stack,
+Process handling runs on real processes; the service (following releases) and the explorer run over a real
+model trained for one epoch on generated data, with real Feast (SQLite) and Milvus Lite. The full four-part stack,
 Airflow included, is started by tests/test_browser.py (one stack for all browser tests).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from learn_tasks.online import explorer
 from learn_tasks.ops import stack
-from learn_tasks.ops import live, supervisor
+from learn_tasks.ops import supervisor
 from learn_tasks import processes
 from learn_tasks.config import Settings, load_settings
 
@@ -128,9 +128,10 @@ def test_up_is_idempotent_and_down_stops_everything_it_started(tmp_path: Path) -
         urls = json.loads(first.stdout.strip().splitlines()[-1])
         assert set(urls) == {"airflow", "service", "evidently", "milvus"} and urls["airflow"] is None
         assert urls["service"] == f"http://127.0.0.1:{env['LEARN_SERVE__PORT']}"
-        # Up without a model: health says what is missing, the explorer page is there anyway.
+        # Up without a model: health says what is missing (HTTP 200: the service answers with popular items),
+        # the explorer page is there anyway.
         code, body = processes.http_json(urls["service"] + "/health")
-        assert code == 503 and body["status"] == "waiting" and "no promoted model" in body["reason"]
+        assert code == 200 and body["status"] == "degraded" and body["reason"].startswith("no model yet: no release")
         assert "Recommendation explorer" in _get_text(urls["service"] + "/explorer")
         assert processes.http_json(urls["evidently"] + "/api/version")[0] == 200
         recs = {n: json.loads(supervisor.pid_file(cfg, n).read_text()) for n in ("milvus", "service", "evidently")}
@@ -181,7 +182,7 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("LEARN_HOME", str(home))
     mp.setenv("LEARN_API_TOKEN", TOKEN)
     cfg = load_settings(overrides=["index.index_type=FLAT", "features.recent_items=20", "train.val_users=50",
-                                   "stack.reload_poll_s=0.5"])
+                                   "serve.release_poll_s=0.5"])
     src = synth.write_seqrec(home.parent / "src", synth.SynthSpec(n_users=80, n_items=120))
     data.prepare_dataset(cfg, "seqrec", src, "synth")
     encode.encode_catalogue(cfg, "synth")
@@ -195,41 +196,44 @@ def model_home(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.integration
-def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_home) -> None:
+def test_service_waits_for_a_release_then_serves_it_with_the_explorer(model_home) -> None:
     from fastapi.testclient import TestClient
 
     from learn_tasks import schema as S
     from learn_tasks.data import datasets as data
     from learn_tasks.online import index
+    from learn_tasks.online import service as serve
     from learn_tasks.pch import registry
 
     cfg, run_dir = model_home
-    svc = live.LiveService(cfg, "synth")
-    client = TestClient(svc, raise_server_exceptions=False)
+    app = serve.create_app(cfg, "synth")
+    svc = app.state.live  # the release follower
+    client = TestClient(app, raise_server_exceptions=False)
 
-    # 1. Nothing promoted: waiting, with the reason on /health, the explorer API and the page.
-    assert svc.check() == "waiting" and "no promoted model" in svc.reason
+    # 1. Nothing released: popular items answer, and /health, the explorer API and the page say why.
+    assert svc.check() == "degraded" and "no release" in svc.reason
     r = client.get("/health")
-    assert r.status_code == 503 and r.json()["status"] == "waiting"
+    assert r.status_code == 200 and r.json()["status"] == "degraded" and r.json()["reason"].startswith("no model yet")
     page = client.get("/explorer")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="user-select"' in page.text and 'id="add-form"' in page.text
     st = client.get("/explorer/api/status").json()
-    assert st["ready"] is False and "no promoted model" in st["reason"] and st["dataset"] == "synth"
+    assert st["ready"] is False and "no release" in st["reason"] and st["dataset"] == "synth"
     assert client.get("/explorer/api/users").status_code == 503
-    assert client.get("/recommendations/1000").status_code == 503
+    popular = client.get("/recommendations/1000").json()
+    assert popular["strategy"] == "popular" and popular["reason"] == "no model yet" and popular["items"]
 
-    # 2. Promoted but not indexed: still waiting, and it says so.
+    # 2. Promoted but not indexed: nothing is released yet, and it says so.
     registry.promote(cfg, "synth", run_dir)
-    assert svc.check() == "waiting" and "not indexed yet" in svc.reason
+    assert svc.check() == "degraded" and "no release" in svc.reason
 
-    # 3. Indexed: the next look swaps the real service in.
+    # 3. Indexed (and so released): the next look swaps the model in.
     index.index_catalogue(cfg, "synth")
-    assert svc.check() == "ok" and svc.current[0] == run_dir.name and svc.swaps == 1
+    assert svc.check() == "ok" and svc.recommender.bundle.version == run_dir.name and svc.swaps == 1
     assert client.get("/health").json()["status"] == "ok"
     st = client.get("/explorer/api/status").json()
     assert st["ready"] and st["model_version"] == run_dir.name and st["live"]["status"] == "ok"
-    assert svc.check() == "ok" and svc.swaps == 1  # same model: no rebuild
+    assert svc.check() == "ok" and svc.swaps == 1  # same release: no rebuild
 
     # Users: spread over activity, most active first, plus an id nobody has.
     inter = data.load_interactions(cfg, "synth")
@@ -242,7 +246,7 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     # History: the online feature store's recent items, with catalogue titles.
     user = users["users"][0]["user_id"]
     hist = client.get(f"/explorer/api/history/{user}").json()
-    rec = svc.current[1].state.recommender
+    rec = app.state.recommender
     assert [h[S.ITEM_ID] for h in hist["items"]] == list(rec.online_features(user)[S.RECENT_ITEM_IDS])
     titles = data.load_items(cfg, "synth").set_index(S.ITEM_ID)[S.TITLE]
     assert all(h[S.TITLE] == titles[h[S.ITEM_ID]] for h in hist["items"]) and hist["known"]
@@ -258,8 +262,8 @@ def test_live_service_waits_for_a_model_then_serves_it_with_the_explorer(model_h
     run2 = Path(train.train_model(cfg, "synth", model="learn", epochs=1)["run_dir"])
     assert run2.name != run_dir.name
     registry.promote(cfg, "synth", run2)
-    assert svc.check() == "ok" and svc.current[0] == run_dir.name  # not indexed yet: the old one serves
+    assert svc.check() == "ok" and svc.recommender.bundle.version == run_dir.name  # not released: the old one serves
     index.index_catalogue(cfg, "synth")
-    assert svc.check() == "ok" and svc.current[0] == run2.name and svc.swaps == 2
+    assert svc.check() == "ok" and svc.recommender.bundle.version == run2.name and svc.swaps == 2
     assert client.get("/explorer/api/status").json()["model_version"] == run2.name
     assert client.get(f"/recommendations/{user}").json()["model_version"] == run2.name

@@ -10,8 +10,8 @@ The page calls the service's own JSON API. This router adds only what a page nee
 give: which model serves (``/explorer/api/status``), users to pick from (``/explorer/api/users``) and a
 user's history with titles (``/explorer/api/history/{user_id}``). Everything is read from the state the
 service already keeps (``app.state.recommender``, a :class:`learn_tasks.online.recommender.Recommender`); while no
-model is served (the live wrapper of ``learn up``), the API answers 503 with the reason and the page
-shows it.
+release is served (``app.state.live``, the service's :class:`learn_tasks.online.follow.ReleaseFollower`, says
+why), the API answers 503 with the reason and the page shows it.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ Every catalogue item, cold-start items included, is encoded by the item tower of
 loaded into its own collection ``items__<dataset>__<version>`` (item_id INT64 primary key, 64-d
 FLOAT_VECTOR, popularity, first_seen, is_cold_start, is_long_tail, title). Only when the collection is
 complete, indexed and loaded does the alias ``<index.alias>__<dataset>`` move to it, in one
-``alter_alias`` call, so a reader sees the old version or the new one and never half of one. The newest
-``index.keep_versions`` collections stay for rollback; the alias target is never dropped.
+``alter_alias`` call, so a reader sees the old version or the new one and never half of one. Then the
+release record (:mod:`learn_tasks.online.releases`) names the model run and the collection the service
+serves. The newest ``index.keep_versions`` collections stay for rollback; the alias target, the released
+collection and the previous release's collection are never dropped.
 
 At load time the index is checked against exact search: recall@10 of Milvus' answers against a numpy
 brute-force top-10 on a sample of queries (user embeddings of real users when available), recorded
@@ -37,7 +39,7 @@ import pandas as pd
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features, milvus_server
+from learn_tasks.online import features, milvus_server, releases
 from learn_tasks.online.bundle import ModelBundle, load_new_items
 from learn_tasks.online.milvus_server import IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
@@ -328,8 +330,9 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
           seed: int = 0) -> dict[str, Any]:
     """Create, fill, index and load the collection of ``version``, check recall, then swap the alias.
 
-    Idempotent: a complete collection of the same version is reused (only loaded and re-pointed); an
-    incomplete one (an interrupted build) is dropped and rebuilt.
+    Idempotent: a complete collection of the same version is reused (loaded, brought up to date by upsert
+    when items were added since, and re-pointed); an incomplete one (an interrupted build) is dropped and
+    rebuilt.
     """
     client = client or connect(cfg)
     name = collection_name(dataset, version)
@@ -338,8 +341,14 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
     reused = False
     if client.has_collection(name):
         props = _properties(client, name)
-        if props.get("complete") == "1" and int(props.get("rows", -1)) == len(rows):
+        if props.get("complete") == "1":
             reused = True
+            if int(props.get("rows", -1)) != len(rows):  # items added online or to the catalogue since
+                step = max(1, int(cfg.index.insert_batch))
+                for lo in range(0, len(rows), step):
+                    client.upsert(name, rows.records(lo, min(lo + step, len(rows))))
+                client.flush(name)
+                _set_properties(client, name, rows=str(len(rows)))
         else:
             if current(cfg, dataset, client) == name:
                 raise IndexStoreError(f"{name} is live behind {alias} but incomplete; roll back first")
@@ -378,11 +387,12 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
 
 
 def prune(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> list[str]:
-    """Drop the oldest collections beyond ``index.keep_versions``; never the live one."""
+    """Drop the oldest collections beyond ``index.keep_versions``; never the live one, the released one or
+    the previous release's (a service still answering from it while it swaps)."""
     client = client or connect(cfg)
     vs = versions(cfg, dataset, client)
     keep = max(1, int(cfg.index.keep_versions))
-    newest = {v["collection"] for v in vs[-keep:]}
+    newest = {v["collection"] for v in vs[-keep:]} | releases.protected_collections(cfg, dataset)
     dropped = []
     for v in vs:
         if v["collection"] not in newest and not v["current"]:
@@ -391,8 +401,11 @@ def prune(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> 
     return dropped
 
 
-def rollback(cfg: Settings, dataset: str, to: str | None = None, client: "MilvusClient | None" = None) -> dict[str, Any]:
-    """Point the alias back at ``to`` (a version or collection name) or at the version before the live one."""
+def rollback(cfg: Settings, dataset: str, to: str | None = None, client: "MilvusClient | None" = None,
+             source: str = "learn index rollback", require_model: bool = False) -> dict[str, Any]:
+    """Point the alias back at ``to`` (a version or collection name) or at the version before the live one,
+    and release it (the service follows) when its model run still exists; with ``require_model`` a
+    missing model run is an error before anything moves."""
     client = client or connect(cfg)
     vs = [v for v in versions(cfg, dataset, client) if v["complete"]]
     live = current(cfg, dataset, client)
@@ -407,9 +420,52 @@ def rollback(cfg: Settings, dataset: str, to: str | None = None, client: "Milvus
         if live not in names or names.index(live) == 0:
             raise IndexStoreError(f"nothing to roll back to for {dataset}: live={live}, versions={names}")
         target = vs[names.index(live) - 1]
+    has_model = (registry.dataset_models(cfg, dataset) / target["version"] / registry.META).exists()
+    if require_model and not has_model:
+        raise IndexStoreError(f"index version {target['version']} of {dataset} has no complete model run under "
+                              f"{registry.dataset_models(cfg, dataset)}: it cannot be served again")
     ensure_loaded(client, target["collection"])
     swap_alias(client, alias_name(cfg, dataset), target["collection"])
-    return {"dataset": dataset, "from": live, "to": target["collection"], "version": target["version"]}
+    rel = release(cfg, dataset, target["collection"], source=source, client=client) if has_model else None
+    return {"dataset": dataset, "from": live, "to": target["collection"], "version": target["version"],
+            "release_id": rel["release_id"] if rel else None}
+
+
+def verify_collection(client: "MilvusClient", name: str) -> dict[str, Any]:
+    """Check a collection can be served: it exists, its load completed (``complete``), it is loaded in
+    Milvus and holds at least the rows its load wrote. Returns its recorded properties."""
+    if not client.has_collection(name):
+        raise IndexStoreError(f"collection {name} does not exist")
+    props = _properties(client, name)
+    if props.get("complete") != "1":
+        raise IndexStoreError(f"collection {name} is incomplete (an interrupted load): it cannot be released")
+    ensure_loaded(client, name)
+    expected = int(props.get("rows", 0))
+    got = client.query(name, filter=f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}", output_fields=["count(*)"])
+    have = int(got[0]["count(*)"]) if got else 0
+    if expected <= 0 or have < expected:
+        raise IndexStoreError(f"collection {name} holds {have} rows, its load wrote {expected}")
+    return props
+
+
+def release(cfg: Settings, dataset: str, collection: str, source: str, run_key: str | None = None,
+            client: "MilvusClient | None" = None) -> dict[str, Any]:
+    """Release ``collection`` (and the model run it was built from) to the service, once checked.
+
+    Returns the release record, with ``new`` = False when it was already the current release.
+    """
+    client = client or connect(cfg)
+    props = verify_collection(client, collection)
+    version = props.get("version") or collection[len(collection_prefix(dataset)):]
+    run_dir = registry.dataset_models(cfg, dataset) / version
+    if not (run_dir / registry.META).exists():
+        raise IndexStoreError(f"collection {collection} was built from model {version}, which has no complete run "
+                              f"under {run_dir.parent}")
+    recall = props.get("recall_at_10")
+    rec, new = releases.write(cfg, dataset, version, collection, source=source, run_key=run_key,
+                              alias=alias_name(cfg, dataset), rows=int(props.get("rows", 0)),
+                              index_recall_at_10=float(recall) if recall else None)
+    return {**rec, "new": new}
 
 
 def upsert(cfg: Settings, dataset: str, rows: ItemRows, target: str | None = None,
@@ -479,13 +535,16 @@ def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
 
 
 def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = None,
-                    swap: bool = True) -> dict[str, Any]:
+                    swap: bool = True, source: str = "learn index", run_key: str | None = None) -> dict[str, Any]:
     """Index every catalogue item (and every item added online) with the item tower of ``run_dir``.
 
     ``run_dir`` defaults to the promoted model. Popularity, cold-start and long-tail flags are the model's
     own (its training interactions, from the checkpoint's items.parquet), so a badge says what the model
     saw; first_seen comes from the Feast item table. Items without any text (quarantined by ``learn
     encode``) have no content embedding and cannot be indexed: they are counted in ``skipped``.
+
+    With ``swap`` the loaded and checked collection is released (``release``), so the service follows
+    (a run folder outside the dataset's models cannot be served, so it is indexed but not released).
     """
     run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, dataset)
     if run_dir is None:
@@ -514,5 +573,8 @@ def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = No
     queries = bundle.sample_user_vectors(inter, cfg.index.recall_queries, seed=cfg.train.seed)
     result = build(cfg, dataset, bundle.version, rows, queries=queries, swap=swap,
                    meta={"run_dir": str(run_dir), "model_kind": bundle.kind})
+    if swap and (registry.dataset_models(cfg, dataset) / bundle.version / registry.META).exists():
+        rel = release(cfg, dataset, result["collection"], source=source, run_key=run_key)
+        result["release"] = {k: rel[k] for k in ("release_id", "model_version", "collection", "new")}
     return {**result, "run_dir": str(run_dir), "skipped": int((~usable).sum()),
             "skipped_item_ids": all_ids[~usable][:20].tolist(), "new_items": int(len(new_items))}

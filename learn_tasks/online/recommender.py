@@ -1,10 +1,11 @@
 """The recommender: everything a request needs, loaded once, and the ranking logic it answers with.
 
-A :class:`Recommender` loads at start-up the promoted model of the dataset (user and item towers), the
-frozen text encoder (for new items), the content embeddings the model was trained on, the Feast store and
-the Milvus collection the dataset's alias points at. The collection is pinned at start-up, so the user
-tower and the item vectors always come from the same model version even if the alias moves meanwhile
-(``/health`` reports it).
+A :class:`Recommender` is one release (:mod:`learn_tasks.online.releases`): it loads the release's model
+run (user and item towers), the frozen text encoder (for new items), the content embeddings the model was
+trained on, the Feast store and the release's Milvus collection, so the user tower and the item vectors
+always come from the same model version. The service (``follow.ReleaseFollower``) builds a new one for
+each new release and swaps it in; without a release record (a home indexed by hand before releases
+existed) it falls back to the promoted model and the collection the alias points at, which must match.
 
 Request path of :meth:`Recommender.recommend`:
 
@@ -14,7 +15,7 @@ Request path of :meth:`Recommender.recommend`:
    cold-start / long-tail flags.
 
 Search runs against Milvus itself (``serve.search=milvus``) or against an in-process
-:class:`~learn_tasks.online.replica.Replica` of the pinned collection (``serve.search=replica``, the
+:class:`~learn_tasks.online.replica.Replica` of the release's collection (``serve.search=replica``, the
 default), reloaded when another process changed the collection's row count (checked every
 ``serve.replica_refresh_s``).
 
@@ -38,7 +39,7 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import encode, encoder
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features, index
+from learn_tasks.online import features, index, releases
 from learn_tasks.online.bundle import NEW_ITEM_FIELDS, ModelBundle, load_new_items, save_new_item, usable_history
 from learn_tasks.online.replica import Replica
 from learn_tasks.pch import registry
@@ -56,6 +57,13 @@ class ServeError(RuntimeError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class Retired(ServeError):
+    """This recommender was swapped out for a newer release; the write goes to the current one instead."""
+
+    def __init__(self, version: str):
+        super().__init__(f"model {version} was replaced by a newer release", 503)
 
 
 # ==================================================================================================
@@ -90,11 +98,15 @@ def item_payload(c: dict[str, Any]) -> dict[str, Any]:
 # The recommender: everything a request needs, loaded once
 # ==================================================================================================
 class Recommender:
-    """The model, Feast store, pinned collection (and replica) and text encoder of one dataset, with the
+    """The model, Feast store, collection (and replica) and text encoder of one release, with the
     request handlers the HTTP layer (``service.create_app``) calls."""
 
     def __init__(self, cfg: Settings, dataset: str | None = None, run_dir: str | Path | None = None,
-                 load_encoder: bool = True):
+                 load_encoder: bool = True, collection: str | None = None, release: dict[str, Any] | None = None,
+                 encoder_model: Any = None, feast_lock: Any = None):
+        """``release`` (a release record) names the model run and collection; ``run_dir`` + ``collection``
+        name them directly; with neither, the dataset's current release is served (else the promoted model
+        behind the alias). ``encoder_model`` and ``feast_lock`` are shared with the previous release's."""
         import torch
 
         self.cfg = cfg
@@ -102,10 +114,16 @@ class Recommender:
         if cfg.serve.threads:
             torch.set_num_threads(cfg.serve.threads)
         t0 = time.perf_counter()
+        if run_dir is None and release is None:
+            release = releases.current(cfg, self.dataset)
+        if release is not None:
+            run_dir, collection = releases.model_dir(cfg, self.dataset, release), release["collection"]
+        self.release = release
         run_dir = Path(run_dir) if run_dir is not None else registry.promoted(cfg, self.dataset)
         if run_dir is None:
-            raise ServeError(f"no promoted model for dataset {self.dataset!r}: train one and promote it "
-                             f"(`learn train --dataset {self.dataset} --promote`) before serving", 503)
+            raise ServeError(f"no release and no promoted model for dataset {self.dataset!r}: train one and promote "
+                             f"it (`learn train --dataset {self.dataset} --promote`), then `learn index --dataset "
+                             f"{self.dataset}` to release it", 503)
         self.bundle = ModelBundle.load(cfg, self.dataset, run_dir)
 
         # Feast: the store and the feature service object, fetched once.
@@ -116,12 +134,12 @@ class Recommender:
         self.store = features.get_store(cfg, self.dataset)
         self.feature_service = self.store.get_feature_service(cfg.features.feature_service)
         self.recent = features.recent_len(cfg)
-        self.feast_lock = threading.Lock()  # one SQLite connection inside Feast; serialise its use
+        self.feast_lock = feast_lock or threading.Lock()  # one SQLite connection inside Feast; serialise its use
 
-        # Milvus: pin the collection the alias points at now; it must belong to this model version.
+        # Milvus: the release's collection, or the one the alias points at now (it must be this model's).
         self.client = index.connect(cfg)
-        self.collection = index.current(cfg, self.dataset, self.client)
-        expected = index.collection_name(self.dataset, self.bundle.version)
+        self.collection = collection or index.current(cfg, self.dataset, self.client)
+        expected = collection or index.collection_name(self.dataset, self.bundle.version)
         if self.collection is None:
             raise ServeError(f"no item index for {self.dataset!r}: run `learn index --dataset {self.dataset}`", 503)
         if self.collection != expected:
@@ -152,15 +170,16 @@ class Recommender:
         self.new_items = 0
         self._restore_new_items()
 
-        self.encoder = None
+        self.encoder = encoder_model
         self.encoder_error: str | None = None
-        if load_encoder and self.bundle.uses_content:
+        if load_encoder and self.bundle.uses_content and self.encoder is None:
             try:
                 self.encoder = encoder.load_encoder(cfg)
             except Exception as exc:  # noqa: BLE001 - reads still work; POST /items reports it
                 self.encoder_error = f"{type(exc).__name__}: {exc}"
                 log.error("text encoder not loaded: %s", self.encoder_error)
         self.write_lock = threading.Lock()
+        self.retired = False  # set under write_lock when a newer release takes over
         self.replica_reloads = 0
         self._stop = threading.Event()
         if self.replica is not None and cfg.serve.replica_refresh_s > 0:
@@ -169,6 +188,16 @@ class Recommender:
 
     def close(self) -> None:
         self._stop.set()
+
+    def retire(self) -> None:
+        """A newer release takes over: writes that reach this one from now on are sent to it instead."""
+        with self.write_lock:
+            self.retired = True
+
+    def catch_up(self) -> None:
+        """Index the items another recommender added online while this one loaded (they are on disk)."""
+        with self.write_lock:
+            self._restore_new_items()
 
     def _watch_replica(self) -> None:
         while not self._stop.wait(self.cfg.serve.replica_refresh_s):
@@ -180,7 +209,7 @@ class Recommender:
     def refresh_replica(self) -> bool:
         """Reload the replica when the collection's row count differs from it (True when reloaded).
 
-        Catches items that other processes (the item-ingest task) upserted into the pinned collection.
+        Catches items that other processes (the item-ingest task) upserted into this collection.
         """
         if self.replica is None:
             return False
@@ -283,6 +312,8 @@ class Recommender:
         if self.bundle.uses_content and self.encoder is None:
             raise ServeError(f"the text encoder is not available: {self.encoder_error}", 503)
         with self.write_lock:
+            if self.retired:
+                raise Retired(self.bundle.version)
             item_id = record.get(S.ITEM_ID)
             if item_id is None:
                 item_id = self.catalogue_max_id + 1

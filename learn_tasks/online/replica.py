@@ -1,4 +1,4 @@
-"""An exact in-process replica of the pinned Milvus collection, for fast search (``serve.search=replica``).
+"""An exact in-process replica of the released Milvus collection, for fast search (``serve.search=replica``).
 
 Milvus Lite searches in pure Python over every row (about 150 ms per query over 38k items on a laptop
 core), which alone exceeds a 50 ms p99 budget. The replica is an exact search over the same rows, loaded

@@ -1,16 +1,16 @@
 """The online recommendation service: Feast recent items -> content embeddings -> user tower -> Milvus.
 
-``create_app(cfg)`` builds a FastAPI app around one :class:`~learn_tasks.online.recommender.Recommender`,
-which loads everything once at start-up: the promoted model of the dataset (user and item towers), the
-frozen text encoder (for new items), the content embeddings the model was trained on, the Feast store and
-the Milvus collection the dataset's alias points at. The collection is pinned at start-up, so the user
-tower and the item vectors always come from the same model version even if the alias moves meanwhile
-(``/health`` reports it).
+``create_app(cfg)`` builds a FastAPI app that serves the dataset's current release and follows the release
+record (``follow.ReleaseFollower``): each release is one :class:`~learn_tasks.online.recommender.Recommender`
+(the release's model, its content embeddings, the frozen text encoder for new items, the Feast store and
+the release's Milvus collection), and a new release is loaded beside the serving one and swapped in
+without a restart; requests in flight finish on the old one. Before any release, the most consumed items
+of the catalogue answer (``popular``) and ``/health`` says ``degraded``, ``no model yet`` (HTTP 200).
 
 ``GET /recommendations/{user_id}`` reads the user's last L item ids from the Feast online store, runs
 them through the user tower and returns the nearest items by inner product (``recommender.py`` has the
 request path). Search runs against Milvus itself (``serve.search=milvus``) or against an in-process
-replica of the pinned collection (``serve.search=replica``, the default; ``replica.py`` says why). With
+replica of the released collection (``serve.search=replica``, the default; ``replica.py`` says why). With
 a Milvus server, ``milvus`` is the natural choice.
 
 Users the online store does not know, or whose history has no usable item, get an explicit fallback:
@@ -18,10 +18,10 @@ Users the online store does not know, or whose history has no usable item, get a
 response says which strategy answered and why.
 
 ``POST /items`` (Bearer token) encodes a new item with the frozen LLM and the item tower, upserts it into
-the pinned collection (and the replica) and checks that a search finds it before answering, so it is
+the released collection (and the replica) and checks that a search finds it before answering, so it is
 recommendable when the response arrives; it is also appended to ``$LEARN_HOME/serve/<dataset>/new_items/``
 so a restart or a new index version keeps it. ``POST /events`` (Bearer token) appends an event to the
-user's online features. ``/health`` checks model, Feast and Milvus; ``/metrics`` is Prometheus text.
+user's online features. ``/health`` checks the release, model, Feast and Milvus; ``/metrics`` is Prometheus text.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from learn_tasks.config import Settings
 from learn_tasks.online import explorer
 from learn_tasks.online.bundle import NEW_ITEM_FIELDS
-from learn_tasks.online.recommender import Recommender, ServeError
+from learn_tasks.online.follow import ReleaseFollower
+from learn_tasks.online.recommender import Recommender, Retired, ServeError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -60,10 +61,10 @@ class Recommendations(BaseModel):
     k: int
     strategy: str = Field(description="personalized | popular | content_based_seed")
     fallback: bool
-    reason: str | None = Field(description="why a fallback answered: unknown user | no usable history")
+    reason: str | None = Field(description="why a fallback answered: unknown user | no usable history | no model yet")
     history_length: int
-    model_version: str
-    index_collection: str
+    model_version: str | None = Field(description="the released model that answered (null: no model yet)")
+    index_collection: str | None
     items: list[RecommendedItem]
     timing_ms: dict[str, float]
 
@@ -97,13 +98,18 @@ class Event(BaseModel):
 
 
 def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommender | None = None) -> "FastAPI":
-    """The FastAPI app; the model, features and index are loaded here, once."""
+    """The FastAPI app. The current release (if any) is loaded here; the app then follows the release record
+    (from start-up to shutdown). A given ``recommender`` is served as it is, without following."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    rec = recommender or Recommender(cfg, dataset)
+    follower = None
+    if recommender is None:
+        follower = ReleaseFollower(cfg, dataset)
+        follower.check()  # the current release now, or the catalogue fallback with the reason
+    serving = (lambda: recommender) if follower is None else (lambda: follower.serving)
     token = os.environ.get(cfg.serve.token_env) or None
     metrics = CollectorRegistry()  # per app: several apps (tests) never share counters
     m_requests = Counter("learn_http_requests_total", "HTTP requests", ["endpoint", "status"], registry=metrics)
@@ -114,17 +120,32 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
     m_new_item = Histogram("learn_new_item_seconds", "New item: request to recommendable", registry=metrics,
                            buckets=(.01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
     m_items = Gauge("learn_index_items", "Rows of the serving index", registry=metrics)
-    m_items.set_function(lambda: len(rec.replica) if rec.replica is not None else float("nan"))
+    m_items.set_function(lambda: len(r.replica) if getattr(r := serving(), "replica", None) is not None
+                         else float("nan"))
+    if follower is not None:
+        m_release = Gauge("learn_release_id", "Release served (NaN: none yet)", registry=metrics)
+        m_release.set_function(lambda: follower.release["release_id"] if follower.release else float("nan"))
+        m_swaps = Gauge("learn_release_swaps", "Releases swapped in since start-up", registry=metrics)
+        m_swaps.set_function(lambda: follower.swaps)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        if follower is not None:
+            follower.start()
         yield
-        rec.close()
+        if follower is not None:
+            follower.stop()
+        else:
+            recommender.close()
 
     app = FastAPI(title="learn recommendations",
                   description="LEARN recommendations: Feast features -> frozen-LLM content -> user tower -> Milvus.",
                   version="1", lifespan=lifespan)
-    app.state.recommender = rec
+    # The explorer reads the recommender being served (None while none is) and the follower's state.
+    app.state.recommender = recommender if follower is None else follower.recommender
+    app.state.live = follower
+    if follower is not None:
+        follower.listeners.append(lambda rec: setattr(app.state, "recommender", rec))
     app.include_router(explorer.router)  # the /explorer page (learn_tasks/online/explorer.py)
 
     def require_token(authorization: str | None = Header(None)) -> None:
@@ -176,25 +197,34 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
                         k: int = Query(cfg.serve.default_k, ge=1, le=cfg.serve.max_k),
                         seed_item: int | None = Query(None, ge=0, le=INT64_MAX,
                                                       description="fallback seed for users without history")):
-        out = rec.recommend(user_id, k, seed_item)
+        out = serving().recommend(user_id, k, seed_item)  # read once: a swap meanwhile does not affect it
         m_strategy.labels(out["strategy"]).inc()
         return JSONResponse(out)  # plain dicts of JSON types: skip FastAPI's generic re-encoding
 
     @app.post("/items", status_code=201, dependencies=[Depends(require_token)],
               summary="Register a new item: encoded, indexed and recommendable when this returns")
     def add_item(item: NewItem):
-        out = rec.add_item(item.model_dump())
+        for attempt in range(3):
+            try:
+                out = serving().add_item(item.model_dump())
+                break
+            except Retired:  # a newer release took over while this request waited: write it there
+                if attempt == 2:
+                    raise
         m_new_item.observe(out["time_to_recommendable_s"])
         return out
 
     @app.post("/events", status_code=202, dependencies=[Depends(require_token)],
               summary="Record a user event in the online features")
     def add_event(event: Event):
-        return rec.record_event(event.user_id, event.item_id, event.event_timestamp)
+        return serving().record_event(event.user_id, event.item_id, event.event_timestamp)
 
-    @app.get("/health", summary="Model, Feast and Milvus checks")
+    @app.get("/health", summary="Release, model, Feast and Milvus checks")
     def health():
-        out = rec.health()
+        if follower is not None:
+            out, code = follower.health()
+            return JSONResponse(out, status_code=code)
+        out = recommender.health()
         return JSONResponse(out, status_code=200 if out["status"] == "ok" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -205,7 +235,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
 
 
 def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None, port: int | None = None) -> None:
-    """Serve the promoted model of ``dataset`` with uvicorn (blocks until stopped)."""
+    """Serve the releases of ``dataset`` with uvicorn, following each new one (blocks until stopped)."""
     import uvicorn
 
     app = create_app(cfg, dataset)

@@ -8,7 +8,8 @@ through web pages, waits until each part answers its health check, and prints th
 * **airflow**: Airflow 3 in standalone style (SQLite metadata DB, LocalExecutor, simple auth manager)
   with ``AIRFLOW_HOME=$LEARN_HOME/airflow`` (the same home and DB as ``learn run``) and the repository's
   ``dags/``: ``api-server`` (UI, REST and execution API), ``scheduler`` and ``dag-processor`` (and
-  ``triggerer`` when ``stack.airflow_triggerer``), with parallelism ``stack.airflow_parallelism``.
+  ``triggerer`` when ``stack.airflow_triggerer``), with parallelism ``stack.airflow_parallelism``, and the
+  pool that serialises the tasks writing the Milvus collection (created when missing).
   The components are started one by one rather than through ``airflow standalone`` because its
   scheduler and triggerer open log servers on every network interface at fixed ports (8793/8794); with
   the LocalExecutor the UI reads task logs from disk, so those servers are skipped, nothing listens
@@ -17,10 +18,10 @@ through web pages, waits until each part answers its health check, and prints th
   ``$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated`` (:func:`airflow_password_file`).
   Scheduled runs are off unless ``stack.airflow_schedules``: on a workstation a run starts when a
   person triggers it.
-* **service**: the recommendation service (:func:`learn_tasks.online.service.create_app`, with the explorer at
-  ``/explorer``) inside :class:`learn_tasks.ops.live.LiveService`, which answers before any model exists (``/health`` says
-  what is missing) and swaps in each newly promoted *and* indexed model, so a pipeline run triggered in
-  the Airflow UI shows up in the explorer without a restart. Writes (``POST /items``) need the token in
+* **service**: the recommendation service (``learn serve``, :func:`learn_tasks.online.service.create_app`, with
+  the explorer at ``/explorer``), which answers before any model exists (popular items; ``/health`` says
+  ``degraded``, ``no model yet`` and why) and swaps in each new release (a model indexed and checked by
+  ``load_milvus``), so a pipeline run triggered in the Airflow UI shows up in the explorer without a restart. Writes (``POST /items``) need the token in
   ``$LEARN_API_TOKEN``, or else the one ``learn up`` generates into ``$LEARN_HOME/run/api_token``.
 * **evidently**: the Evidently UI over the monitoring workspace ``$LEARN_HOME/evidently``.
 
@@ -45,6 +46,7 @@ from learn_tasks.monitoring import dashboard
 from learn_tasks.online import milvus_server
 from learn_tasks.orchestration.airflow_env import airflow_env as embedded_airflow_env
 from learn_tasks.orchestration.airflow_env import is_migrated, mark_migrated
+from learn_tasks.orchestration.assets import MILVUS_POOL, MILVUS_POOL_DOC
 from learn_tasks.ops.supervisor import (log_file, members, open_log, pid_file, private_run_dir, read_record, run_dir,
                                         spawn, stop_record, stop_records, tail)
 from learn_tasks.processes import alive, http_json, port_open
@@ -171,8 +173,22 @@ def migrate_airflow_db(cfg: Settings, env: dict[str, str], timeout_s: float = 60
 
 
 def service_command(cfg: Settings, dataset: str) -> list[str]:
-    return [sys.executable, "-m", "learn_tasks.cli", "serve", "--follow", "--dataset", dataset,
+    return [sys.executable, "-m", "learn_tasks.cli", "serve", "--dataset", dataset,
             "--host", cfg.serve.host, "--port", str(cfg.serve.port)]
+
+
+def ensure_airflow_pool(cfg: Settings, env: dict[str, str], timeout_s: float = 120.0) -> None:
+    """Create the Milvus writers' pool (one slot) unless it exists; an operator's own size is kept."""
+    airflow = str(Path(sys.executable).parent / "airflow")
+    got = subprocess.run([airflow, "pools", "get", MILVUS_POOL, "--output", "json"], env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    if got.returncode == 0:
+        return
+    made = subprocess.run([airflow, "pools", "set", MILVUS_POOL, "1", MILVUS_POOL_DOC], env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    if made.returncode != 0:
+        raise StackError(f"`airflow pools set {MILVUS_POOL}` failed (exit {made.returncode}): "
+                         f"{(made.stderr or made.stdout)[-2000:]}")
 
 
 def api_token(cfg: Settings) -> tuple[str, str]:
@@ -209,8 +225,8 @@ def check_component(cfg: Settings, name: str) -> tuple[bool, str]:
         status = body.get("status")
         if status == "ok":
             return True, f"serving model {((body.get('checks') or {}).get('model') or {}).get('version')}"
-        if status == "waiting":  # up, no model to serve yet: the explorer says so too
-            return True, f"up, no model yet: {body.get('reason')}"
+        if status == "degraded" and code == 200:  # up, no release to serve yet: popular items answer
+            return True, f"up, {body.get('reason')}"
         return False, f"{status}: {body.get('reason') or body.get('checks')}"
     if name == "evidently":
         code, _ = http_json(f"{u['evidently']}/api/version")
@@ -279,6 +295,7 @@ def _start_component(cfg: Settings, name: str, env: dict[str, str], dataset: str
         _check_port(st.airflow_host, st.airflow_port, "airflow", "stack.airflow_port")
         aenv = airflow_env(cfg, env)
         migrate_airflow_db(cfg, aenv, timeout_s=max(cfg.stack.wait_s, 120.0))
+        ensure_airflow_pool(cfg, aenv, timeout_s=max(cfg.stack.wait_s, 120.0))
         # The api-server writes the generated admin password into this file; create it empty and private
         # first, so the password is never readable by others, not even for a moment.
         pw = airflow_password_file(cfg)

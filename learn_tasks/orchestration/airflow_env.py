@@ -1,5 +1,5 @@
 """The one place that says how this project's Airflow is configured: home, metadata DB, DAG folder,
-logs, and whether the metadata DB was migrated by this Airflow version.
+logs, whether the metadata DB was migrated by this Airflow version, and the pool of the Milvus writers.
 
 ``learn run`` (:mod:`learn_tasks.orchestration.runner`) and ``learn up`` (:mod:`learn_tasks.ops.stack`)
 both build on :func:`airflow_env`, so runs from either show up in the same UI.
@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from learn_tasks.config import REPO_ROOT
+from learn_tasks.orchestration.assets import MILVUS_POOL, MILVUS_POOL_DOC
 from learn_tasks.storage import write_text
 
 DAGS_FOLDER = REPO_ROOT / "dags"
@@ -72,3 +73,16 @@ def configure_airflow(home: Path, verbose: bool = False) -> Path:
         db.initdb()  # an existing DB made by another Airflow version: upgrade it
     mark_migrated(home)
     return db_file
+
+
+def ensure_pool() -> bool:
+    """Create the one-slot pool of the tasks that write the Milvus collection, unless it exists (an operator's
+    own size is kept). Returns whether it was created. Needs a configured metadata DB."""
+    from airflow.models import Pool
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if session.query(Pool).filter(Pool.pool == MILVUS_POOL).first() is not None:
+            return False
+        session.add(Pool(pool=MILVUS_POOL, slots=1, description=MILVUS_POOL_DOC, include_deferred=False))
+    return True

@@ -6,12 +6,21 @@ the stage's docstring as the task's documentation::
     land = stage_task("land_logs", "Move new log and item files into this interval's landing folder.")
     validated = stage_task("validate_logs", "...")()
     land() >> validated
+
+The assets and the pool the DAGs share are defined in :mod:`learn_tasks.orchestration.assets` (light as
+well) and re-exported here.
 """
 from __future__ import annotations
 
 import inspect
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
+
+from learn_tasks.orchestration.assets import (ITEM_LOG_ASSET, MILVUS_POOL, MILVUS_POOL_DOC, RELEASE_ALIAS,
+                                              RELEASE_ASSET, item_log_asset, release_alias, release_asset)
+
+__all__ = ["ITEM_LOG_ASSET", "MILVUS_POOL", "MILVUS_POOL_DOC", "RELEASE_ALIAS", "RELEASE_ASSET", "default_args",
+           "item_log_asset", "on_failure", "on_retry", "release_alias", "release_asset", "stage_task"]
 
 
 def _task_call(stage: str, *args: Any) -> Any:
@@ -47,7 +56,8 @@ def stage_task(stage: str, doc: str, inputs: Sequence[str] = (), decorator: Call
 
     ``inputs`` names the task's arguments (upstream results such as ``trained``, or the mapped ``shard``);
     they are passed on to the stage in that order. ``decorator`` is another TaskFlow decorator
-    (``task.short_circuit``); ``task_kwargs`` go to it (``max_active_tis_per_dagrun``, ...).
+    (``task.short_circuit``); ``task_kwargs`` go to it (``max_active_tis_per_dagrun``, ``outlets``,
+    ``pool``, ...).
     """
     # DAG files import airflow anyway; importing it here keeps this module importable without it.
     from airflow.sdk import task  # noqa: PLC0415

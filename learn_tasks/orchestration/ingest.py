@@ -2,8 +2,8 @@
 
 ``land_items`` (an empty result when no item file arrived, which short-circuits the run),
 ``validate_items`` (item suite; accepted rows upserted into the catalogue), ``encode_items`` (new or
-changed items only), ``upsert_items`` (the promoted model's item tower over the batch's items, upserted
-into the live Milvus collection: no retrain, no reload).
+changed items only), ``upsert_items`` (the released model's item tower over the batch's items, upserted
+into the released Milvus collection: no retrain, no reload; in the Milvus writers' pool).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import encode
 from learn_tasks.config import Settings
 from learn_tasks.data import raw
-from learn_tasks.online import index
+from learn_tasks.online import index, releases
 from learn_tasks.online.bundle import ModelBundle
 from learn_tasks.orchestration.landing import land, landed_files, landing_dir, validate_batch
 from learn_tasks.orchestration.release import indexable, item_rows, quiet_grpc_noise
@@ -46,7 +46,11 @@ def encode_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 
 
 def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
-    """Item tower of the serving model over the items of this batch -> upsert into the live collection."""
+    """Item tower of the released model over the items of this batch -> upsert into the released collection.
+
+    The release, not the promoted model: between a promotion and the load that releases it, the live
+    collection still holds the previous model's vectors, and the service still serves that model.
+    """
     a = _ingest(a)
     landed = landed_files(landing_dir(cfg, a), "items")
     quarantine = cfg.paths.quarantine_batch(a.dataset, a.key) / "items.parquet"  # this batch's bad item rows
@@ -60,16 +64,18 @@ def upsert_items(cfg: Settings, a: RunArgs) -> dict[str, Any]:
         bad_lines = set(zip(q[S.QUARANTINE_FILE], q[S.QUARANTINE_LINE]))
     ok = [(f, l) not in bad_lines for f, l in zip(raw_items[raw.FILE_COL], raw_items[raw.LINE_COL])]
     ids = np.unique(pd.to_numeric(raw_items.loc[ok, S.ITEM_ID]).astype("int64").to_numpy())
-    serving = registry.promoted(cfg, a.dataset)
+    rel = releases.current(cfg, a.dataset)
+    # Without a release record (a home indexed before they existed): the promoted model and the live alias.
+    serving = releases.model_dir(cfg, a.dataset, rel) if rel else registry.promoted(cfg, a.dataset)
     if serving is None or not len(ids):
-        return record(cfg, a, "upsert", {"upserted": 0, "reason": "no promoted model yet" if serving is None
+        return record(cfg, a, "upsert", {"upserted": 0, "reason": "no released model yet" if serving is None
                                          else "no valid new items"})
     bundle = ModelBundle.load(cfg, a.dataset, serving)
     ids, skipped = indexable(bundle, ids)
     rows = item_rows(cfg, a.dataset, bundle, ids)
     quiet_grpc_noise()
     try:
-        res = index.upsert(cfg, a.dataset, rows)
+        res = index.upsert(cfg, a.dataset, rows, target=rel["collection"] if rel else None)
     finally:
         index.close(cfg)
     return record(cfg, a, "upsert", {**res, "serving": str(serving), "item_ids": ids[:50].tolist(),

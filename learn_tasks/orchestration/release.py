@@ -1,5 +1,7 @@
 """Releasing a model to serving (stage 7, ``load_milvus``): the serving model's item tower over the
-catalogue into Milvus, behind the dataset's alias. Also used by ``item_ingest`` to upsert new items.
+catalogue into Milvus, behind the dataset's alias, then the release record the service follows
+(:mod:`learn_tasks.online.releases`), written only once the collection is complete, loaded and checked.
+Also used by ``item_ingest`` to upsert new items.
 """
 from __future__ import annotations
 
@@ -13,33 +15,47 @@ import pandas as pd
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import index
+from learn_tasks.online import index, releases
 from learn_tasks.online.bundle import ModelBundle
-from learn_tasks.orchestration.runs import RunArgs, record
+from learn_tasks.orchestration.assets import emit_release
+from learn_tasks.orchestration.runs import PIPELINE_DAG, RunArgs, record
 
 
-def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Index the catalogue with the serving model's item tower.
+def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None,
+                outlet_events: Any = None) -> dict[str, Any]:
+    """Index the catalogue with the serving model's item tower, then release it.
 
-    A newly promoted model gets a new collection, loaded, checked and then swapped in behind the alias
-    (``index.index_catalogue``). When the gate kept the current model, its collection is already live: rebuilding
-    it would mean serving from a half-filled collection, so the items it lacks (new since it was built)
-    or holds with an out-of-date vector (changed text) are upserted into it instead.
+    A newly promoted model gets a new collection, loaded, checked and then swapped in behind the alias and
+    released (``index.index_catalogue``). When the gate kept the current model, its collection is already
+    live: rebuilding it would mean serving from a half-filled collection, so the items it lacks (new since
+    it was built) or holds with an out-of-date vector (changed text) are upserted into it instead, and it
+    is released if it was not (a home indexed before release records existed).
+
+    When this run released a model (now, or in an earlier try of this task), the release asset event is
+    emitted through ``outlet_events`` (``learn_monitoring`` and other consumers run on it).
     """
     serving = (gate or {}).get("serving")
+    source = f"{PIPELINE_DAG} {a.key}"
     quiet_grpc_noise()
     try:
         live = index.current(cfg, a.dataset)
         version = Path(serving).name if serving else None
         if serving and live is not None and live == index.collection_name(a.dataset, version):
             res = refresh_live_collection(cfg, a.dataset, Path(serving), live)
+            index.release(cfg, a.dataset, live, source=source, run_key=a.key)  # no new record when released
         else:
-            res = index.index_catalogue(cfg, a.dataset, run_dir=serving)
+            res = index.index_catalogue(cfg, a.dataset, run_dir=serving, source=source, run_key=a.key)
     finally:
         index.close(cfg)  # Milvus Lite allows one process: let the next task (or the API) open it
+    rel = releases.current(cfg, a.dataset) or {}
+    released = rel.get("run_key") == a.key
+    if released and outlet_events is not None:
+        emit_release(outlet_events, rel)
     keep = ("collection", "alias", "rows", "version", "dim", "index_type", "index_recall_at_10", "reused",
             "previous", "dropped", "run_dir", "uri_kind", "upserted", "refreshed")
-    return record(cfg, a, "milvus", {k: res.get(k) for k in keep if k in res})
+    out = {k: res.get(k) for k in keep if k in res}
+    out.update({"release_id": rel.get("release_id"), "released": released})
+    return record(cfg, a, "milvus", out)
 
 
 def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):

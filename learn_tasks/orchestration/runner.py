@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from learn_tasks.config import Settings
-from learn_tasks.orchestration.airflow_env import DAGS_FOLDER, configure_airflow
+from learn_tasks.orchestration.airflow_env import DAGS_FOLDER, configure_airflow, ensure_pool
 from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, run_dir
 from learn_tasks.orchestration.summary import summarize
 from learn_tasks.schema import to_utc
@@ -52,6 +52,7 @@ def run_dag(cfg: Settings, dag_id: str, conf: Mapping[str, Any], logical_date: d
             raise PipelineError(f"another `learn run` is using {home} (lock {lock_path})")
         os.environ["LEARN_HOME"] = str(home)  # the tasks' load_settings() must find the same home
         configure_airflow(airflow_home or cfg.paths.airflow(), verbose)
+        ensure_pool()
         dag = load_dag(dag_id)
         t0 = time.perf_counter()
         dr = dag.test(logical_date=logical_date, run_conf=dict(conf))

@@ -106,9 +106,25 @@ class RunArgs:
         if end is None:
             dr = context.get("dag_run")
             end = getattr(dr, "run_after", None) or getattr(dr, "logical_date", None)
-        a = cls.from_params(cfg, context.get("params") or {}, start, end)
+        params = dict(context.get("params") or {})
+        if not params.get("dataset"):  # a run triggered by a release: the released dataset
+            params["dataset"] = released_dataset(context)
+        a = cls.from_params(cfg, params, start, end)
         dag_id = getattr(context.get("ti"), "dag_id", None) or getattr(context.get("dag"), "dag_id", None)
         return replace(a, mode=INGEST) if dag_id == ITEM_DAG else a
+
+
+def released_dataset(context: Mapping[str, Any]) -> str | None:
+    """The dataset named by the newest asset event that triggered this run (a release's ``extra``), if any."""
+    try:
+        events = context.get("triggering_asset_events") or {}
+        found = [e for evs in events.values() for e in evs if (getattr(e, "extra", None) or {}).get("dataset")]
+    except Exception:  # noqa: BLE001 - not an asset-triggered run, or an Airflow without the key
+        return None
+    if not found:
+        return None
+    newest = max(found, key=lambda e: str(getattr(e, "timestamp", "")))
+    return newest.extra["dataset"]
 
 
 def _opt(value: Any, kind: Callable[[Any], Any]) -> Any:

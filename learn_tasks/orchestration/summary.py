@@ -113,7 +113,10 @@ def render_summary(s: Mapping[str, Any]) -> str:
     m = s.get("milvus")
     if m:
         lines += ["## Milvus", "", f"- collection {m.get('collection')} behind alias {m.get('alias')}: "
-                  f"{m.get('rows')} items, index recall@10 {_f(m.get('index_recall_at_10'))}", ""]
+                  f"{m.get('rows')} items, index recall@10 {_f(m.get('index_recall_at_10'))}",
+                  f"- release {m.get('release_id')}: "
+                  + ("released by this run (the service swaps to it)" if m.get("released")
+                     else "unchanged (this run released nothing new)"), ""]
     mo = s.get("monitoring")
     if mo:
         lines += ["## Monitoring (Evidently)", "", f"- {mo.get('alert_count', 0)} alert(s); report {mo.get('report')}"]

@@ -51,11 +51,12 @@ def task_call(stage: str, *args: Any) -> Any:
     context = get_current_context()
     a = RunArgs.from_context(cfg, context)
     fn = STAGES[stage]
-    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert) or the Airflow run id
-    # gets them.
+    # A stage that takes the DAG's own params (learn_monitoring's window, fail_on_alert), the Airflow run id,
+    # or the task's outlet events (load_milvus: the release asset) gets them.
     wanted = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in (("params", dict(context.get("params") or {})), ("run_id", context.get("run_id")))
-              if k in wanted}
+    kwargs: dict[str, Any] = {k: v for k, v in (("params", dict(context.get("params") or {})),
+                                                ("run_id", context.get("run_id")),
+                                                ("outlet_events", context.get("outlet_events"))) if k in wanted}
     t0 = time.perf_counter()
     _progress(f"{stage} ...")
     try:
