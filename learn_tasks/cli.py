@@ -196,11 +196,12 @@ def features_cmd(
     force: bool = typer.Option(False, "--force", help="rebuild, re-apply and re-materialise even if up to date"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Feast: build the feature Parquet, apply feature_repo/, materialise the window (re-running changes nothing)."""
-    from learn_tasks.online import features
+    """Feast: build the feature Parquet, apply feature_repo/, materialise the window (re-running changes nothing),
+    then put the events logged since the last landing back on top."""
+    from learn_tasks.online import features, updates
 
     try:
-        emit(features.materialize_features(settings(ctx), dataset, start=start, end=end, force=force), as_json)
+        emit(updates.refresh_features(settings(ctx), dataset, start=start, end=end, force=force), as_json)
     except (ValueError, FileNotFoundError, features.FeaturesError) as exc:
         fail(str(exc))
 
