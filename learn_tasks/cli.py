@@ -289,6 +289,25 @@ def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, 
     emit(milvus_lite.status(settings(ctx)), as_json)
 
 
+eventlog_app = typer.Typer(help="The durable event log: events, items added online, served recommendations.",
+                           no_args_is_help=True)
+app.add_typer(eventlog_app, name="eventlog")
+
+
+@eventlog_app.command("status")
+def eventlog_status(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Records per stream, how far the pipeline has landed them, and the last landings."""
+    from learn_tasks.data import eventlog
+    from learn_tasks.data.eventlog_stores import open_log
+
+    try:
+        with open_log(settings(ctx)) as log:
+            emit({**log.status(dataset), "landings": log.landings(dataset)[-10:]}, as_json)
+    except eventlog.EventLogError as exc:
+        fail(str(exc))
+
+
 @app.command("serve")
 def serve_cmd(
     ctx: typer.Context,

@@ -209,6 +209,24 @@ def test_open_log_needs_a_url_for_postgres(settings: Settings) -> None:
         assert store.describe() == {"backend": "sqlite", "path": str(settings.paths.event_log())}
 
 
+def test_cli_eventlog_status(settings: Settings) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from learn_tasks import cli
+
+    with open_log(settings) as store:
+        store.append_events("synth", [ev("x"), ev("y", user=2)])
+        store.land("synth", L.EVENTS, "run-1")
+        store.append_events("synth", [ev("z", user=3)])
+    res = CliRunner().invoke(cli.app, ["eventlog", "status", "--dataset", "synth", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["events"] == {"records": 3, "last_seq": 3, "landed_upto": 2, "not_landed": 1}
+    assert [x["run_key"] for x in out["landings"]] == ["run-1"] and out["backend"] == "sqlite"
+
+
 # ------------------------------------------------------------------------------------------ kill -9
 CHILD = textwrap.dedent("""
     import sys

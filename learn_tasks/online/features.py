@@ -16,6 +16,10 @@ Why one row per (user, event time): Feast joins point-in-time on the row timesta
 example at time t reads exactly the history before t (``training_examples``), and materialising a
 window puts each user's latest state inside it into the online store.
 
+Online rows are stamped with the time they are written (:func:`write_stamp`), and the feature tables
+record the event log's landing watermark they were built at (``state.json``: ``tables.log_upto``), from
+which ``learn_tasks.online.updates`` puts the events logged later back on top of a rebuild.
+
 The production stack (Redis online store, SQL registry) uses the same definitions and data; it is
 selected by ``features.online_store`` / ``features.registry`` and connects with strings taken from the
 environment only (``LEARN_FEATURES__REDIS_URL``, ``LEARN_FEATURES__REGISTRY_URL``).
