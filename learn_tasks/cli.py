@@ -196,8 +196,7 @@ def features_cmd(
     force: bool = typer.Option(False, "--force", help="rebuild, re-apply and re-materialise even if up to date"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Feast: build the feature Parquet, apply feature_repo/, materialise the window (re-running changes nothing),
-    then put the events logged since the last landing back on top."""
+    """Feast: build the feature Parquet, apply feature_repo/, materialise the window, replay events not landed yet."""
     from learn_tasks.online import features, updates
 
     try:
@@ -289,8 +288,7 @@ def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, 
     emit(milvus_lite.status(settings(ctx)), as_json)
 
 
-eventlog_app = typer.Typer(help="The durable event log: events, items added online, served recommendations.",
-                           no_args_is_help=True)
+eventlog_app = typer.Typer(help="Durable event log: events, items added online, served recommendations.")
 app.add_typer(eventlog_app, name="eventlog")
 
 
@@ -298,12 +296,10 @@ app.add_typer(eventlog_app, name="eventlog")
 def eventlog_status(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
                     as_json: bool = typer.Option(False, "--json")) -> None:
     """Records per stream, how far the pipeline has landed them, and the last landings."""
-    from learn_tasks.data import eventlog
-    from learn_tasks.data.eventlog_stores import open_log
+    from learn_tasks.data import eventlog, eventlog_stores
 
     try:
-        with open_log(settings(ctx)) as log:
-            emit({**log.status(dataset), "landings": log.landings(dataset)[-10:]}, as_json)
+        emit(eventlog_stores.status_report(settings(ctx), dataset), as_json)
     except eventlog.EventLogError as exc:
         fail(str(exc))
 

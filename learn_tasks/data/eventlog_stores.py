@@ -209,3 +209,9 @@ def open_log(cfg: Settings) -> EventLog:
                                 "(e.g. postgresql://user:password@127.0.0.1:5432/learn) in the environment")
         return PostgresLog(cfg.eventlog.url, pool_size=cfg.eventlog.pool_size)
     return SqliteLog(cfg.paths.event_log())
+
+
+def status_report(cfg: Settings, dataset: str, landings: int = 10) -> dict[str, Any]:
+    """``learn eventlog status``: records per stream, the landed watermarks and the last landings."""
+    with open_log(cfg) as log:
+        return {**log.status(dataset), "landings": log.landings(dataset)[-landings:]}

@@ -200,11 +200,12 @@ def pending_items(cfg: Settings, dataset: str, event_log: eventlog.EventLog) -> 
 
 
 def encode_pending_items(cfg: Settings, dataset: str, event_log: eventlog.EventLog, text_encoder: Any = None,
-                         skip: Callable[[int], bool] | None = None) -> list[int]:
+                         skip: Callable[[int], bool] | None = None, with_content: bool = True) -> list[int]:
     """Encode the pending items (not ``skip``-ped) and store their parts; returns their ids.
 
     An item without any text cannot be encoded: it stays pending here, and validation quarantines it
-    when the pipeline lands it.
+    when the pipeline lands it. ``with_content=False`` (a model that reads no content) stores the parts
+    without encoding.
     """
     todo = pending_items(cfg, dataset, event_log)
     if skip is not None and len(todo):
@@ -212,9 +213,14 @@ def encode_pending_items(cfg: Settings, dataset: str, event_log: eventlog.EventL
     done = []
     if not len(todo):
         return done
-    text_encoder = text_encoder or encoder.load_encoder(cfg)
+    if with_content:
+        text_encoder = text_encoder or encoder.load_encoder(cfg)
     for _, row in todo.iterrows():
         record = {k: (None if pd.isna(v) else v) for k, v in row.items() if k in (S.ITEM_ID, *NEW_ITEM_FIELDS, S.PRICE)}
+        if not with_content:
+            save_new_item(cfg, dataset, record, np.zeros(0, np.float32))
+            done.append(int(record[S.ITEM_ID]))
+            continue
         try:
             content = encode.encode_items(pd.DataFrame([record]), cfg, text_encoder)
         except ValueError as exc:

@@ -238,12 +238,11 @@ class Recommender:
 
     def _recover_pending_items(self) -> None:
         """Items saved in the log but never encoded (a crash between saving and indexing): encode and index."""
-        if not self.bundle.uses_content:
-            return
-        if self.encoder is None:
+        if self.bundle.uses_content and self.encoder is None:
             return  # `learn index` or the pipeline picks them up
         try:
-            done = encode_pending_items(self.cfg, self.dataset, self.log, self.encoder, skip=self.bundle.knows)
+            done = encode_pending_items(self.cfg, self.dataset, self.log, self.encoder, skip=self.bundle.knows,
+                                        with_content=self.bundle.uses_content)
         except Exception as exc:  # noqa: BLE001 - serve anyway; the next `learn index` retries
             log.error("pending items not recovered: %s", exc)
             return
@@ -361,8 +360,7 @@ class Recommender:
             item_id = int(saved[S.ITEM_ID])
             record = {**record, S.ITEM_ID: item_id}
             self.pending.add(item_id)
-            if self.bundle.uses_content:
-                save_new_item(self.cfg, self.dataset, record, content[0])
+            save_new_item(self.cfg, self.dataset, record, content[0])
             rows = self._new_rows(np.array([item_id]), content, [str(record.get(S.TITLE) or "")])
             index.upsert(self.cfg, self.dataset, rows, target=self.collection, client=self.client)
             if self.replica is not None:
