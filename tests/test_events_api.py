@@ -234,6 +234,8 @@ def test_new_items_are_saved_in_the_log_with_sequence_ids(app) -> None:
     second = c.post("/items", json={"title": "Galaxy Rockets"}, headers=AUTH).json()
     assert second[S.ITEM_ID] > new[S.ITEM_ID]
     assert c.post("/items", json={"item_id": second[S.ITEM_ID], "title": "again"}, headers=AUTH).status_code == 409
+    # What the pipeline would quarantine when it lands the item is refused here.
+    assert c.post("/items", json={"title": "x" * 1001}, headers=AUTH).status_code == 422
     # Events on an item added online are accepted at once.
     e = c.post("/events", json={"user_id": 5, "item_id": second[S.ITEM_ID]}, headers=AUTH)
     assert e.status_code == 202 and e.json()["accepted"] == 1

@@ -212,6 +212,12 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
     @app.post("/items", status_code=201, dependencies=[Depends(require_token)],
               summary="Register a new item: saved, encoded, indexed and recommendable when this returns")
     def add_item(item: NewItem):
+        # The limits the pipeline's item validation applies when it lands the item from the log.
+        v = cfg.validate_
+        if len(item.title or "") > v.max_title_chars:
+            raise ServeError(f"title is longer than validate.max_title_chars = {v.max_title_chars}", 422)
+        if sum(len(getattr(item, f) or "") for f in NEW_ITEM_FIELDS) > v.max_text_chars:
+            raise ServeError(f"the item's text is longer than validate.max_text_chars = {v.max_text_chars}", 422)
         out = rec.add_item(item.model_dump())
         m_new_item.observe(out["time_to_recommendable_s"])
         # 200: this source_id was registered before, and the answer is that item
