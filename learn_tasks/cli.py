@@ -197,11 +197,11 @@ def features_cmd(
     force: bool = typer.Option(False, "--force", help="rebuild, re-apply and re-materialise even if up to date"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Feast: build the feature Parquet, apply feature_repo/, materialise the window (re-running changes nothing)."""
-    from learn_tasks.online import features
+    """Feast: build the feature Parquet, apply feature_repo/, materialise the window, replay events not landed yet."""
+    from learn_tasks.online import features, updates
 
     try:
-        emit(features.materialize_features(settings(ctx), dataset, start=start, end=end, force=force), as_json)
+        emit(updates.refresh_features(settings(ctx), dataset, start=start, end=end, force=force), as_json)
     except (ValueError, FileNotFoundError, features.FeaturesError) as exc:
         fail(str(exc))
 
@@ -291,6 +291,22 @@ def index_server_status(ctx: typer.Context, as_json: bool = typer.Option(False, 
     from learn_tasks.online import milvus_server
 
     emit(milvus_server.status(settings(ctx)), as_json)
+
+
+eventlog_app = typer.Typer(help="Durable event log: events, items added online, served recommendations.")
+app.add_typer(eventlog_app, name="eventlog")
+
+
+@eventlog_app.command("status")
+def eventlog_status(ctx: typer.Context, dataset: str = typer.Option(..., "--dataset"),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Records per stream, how far the pipeline has landed them, and the last landings."""
+    from learn_tasks.data import eventlog, eventlog_stores
+
+    try:
+        emit(eventlog_stores.status_report(settings(ctx), dataset), as_json)
+    except eventlog.EventLogError as exc:
+        fail(str(exc))
 
 
 @app.command("serve")

@@ -138,6 +138,19 @@ class FeaturesConfig(_Section):
     registry_url: str | None = Field(None, description="SQLAlchemy URL of the SQL registry")
 
 
+class EventLogConfig(_Section):
+    """The durable log of events, items added online and served recommendations (``learn_tasks/data/eventlog.py``)."""
+
+    backend: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite = embedded (WAL file under LEARN_HOME), postgres = production (PostgreSQL tables)")
+    # Connection string: set it through the environment only (LEARN_EVENTLOG__URL), never in a YAML file.
+    url: str | None = Field(None, description="PostgreSQL URL of the log (postgresql://user:password@host:5432/db)")
+    pool_size: int = Field(8, ge=1, description="postgres: most connections one process keeps open")
+    max_batch: int = Field(1000, ge=1, description="most events one POST /events takes")
+    served_sample: float = Field(1.0, ge=0.0, le=1.0, description="share of responses written to the served log")
+    served_flush_s: float = Field(0.5, gt=0, description="the service writes the served log in batches this often")
+
+
 class IndexConfig(_Section):
     """Milvus item index (``learn_tasks/online/index.py``)."""
 
@@ -285,6 +298,7 @@ class Settings(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     features: FeaturesConfig = FeaturesConfig()
+    eventlog: EventLogConfig = EventLogConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -382,6 +396,10 @@ class Paths:
     def release_history(self, dataset: str) -> Path:
         """Every release of the dataset, one JSON line each, oldest first."""
         return self.home / "serve" / dataset / "releases.jsonl"
+
+    def event_log(self) -> Path:
+        """The embedded event log (SQLite, WAL): events, items added online, served recommendations."""
+        return self.home / "eventlog" / "eventlog.db"
 
     def evidently(self) -> Path:
         return self.home / "evidently"

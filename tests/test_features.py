@@ -13,7 +13,7 @@ import pytest
 
 from learn_tasks import schema as S
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features
+from learn_tasks.online import features, updates
 from learn_tasks.config import Settings
 
 
@@ -62,10 +62,10 @@ def test_window_defaults_and_errors() -> None:
 
 
 def test_append_event_keeps_time_order_and_length() -> None:
-    assert features.append_event(None, None, 5, 10, recent=3) == ([5], [10])
-    assert features.append_event([1, 2, 3], [1, 2, 3], 9, 4, recent=3) == ([2, 3, 9], [2, 3, 4])
+    assert updates.append_event(None, None, 5, 10, recent=3) == ([5], [10])
+    assert updates.append_event([1, 2, 3], [1, 2, 3], 9, 4, recent=3) == ([2, 3, 9], [2, 3, 4])
     # a late event is placed by its time, then the oldest is dropped
-    assert features.append_event([1, 2, 3], [1, 5, 9], 7, 6, recent=3) == ([2, 7, 3], [5, 6, 9])
+    assert updates.append_event([1, 2, 3], [1, 5, 9], 7, 6, recent=3) == ([2, 7, 3], [5, 6, 9])
 
 
 def test_project_name_and_production_needs_both_and_env_only(settings: Settings) -> None:
@@ -119,7 +119,7 @@ def test_run_roundtrip_idempotent_and_point_in_time(settings: Settings, synth_da
 
     # An online push shows up in the next read.
     u = users[0]
-    new = features.push_event(store, u, 4242, datetime(2030, 1, 1, tzinfo=timezone.utc), recent=5,
+    new = updates.push_event(store, u, 4242, datetime(2030, 1, 1, tzinfo=timezone.utc), recent=5,
                               current=online[u])
     after = features.online_user_features(store, [u])[u]
     assert after[S.RECENT_ITEM_IDS] == new[S.RECENT_ITEM_IDS] == online[u][S.RECENT_ITEM_IDS][-4:] + [4242]

@@ -203,6 +203,8 @@ def test_production_profile_loads_against_the_compose_environment(tmp_path: Path
         assert cfg.index.index_type == "HNSW" and cfg.index.index_params["M"] >= 32
         assert cfg.index.search_params["ef"] >= 10
         assert cfg.serve.search == "milvus" and cfg.serve.token_env == "LEARN_API_TOKEN"
+        assert cfg.eventlog.backend == "postgres"
+        assert cfg.eventlog.url == f"postgresql://learn:{env['LEARN_DB_PASSWORD']}@postgres:5432/learn"
     api_env = service_env(compose, "learn-api", env)
     assert api_env["LEARN_API_TOKEN"] == env["LEARN_API_TOKEN"]
 
@@ -252,8 +254,10 @@ def stack_databases() -> Iterator[dict[str, str]]:
     admin = _pg_admin()
     tag = uuid.uuid4().hex[:8]
     names = {"AIRFLOW_DB_NAME": f"learn_t_af_{tag}", "AIRFLOW_DB_USER": f"learn_t_af_{tag}",
-             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}"}
-    secrets = {k: v for k, v in generated_env().items() if k in ("AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD")}
+             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}",
+             "LEARN_DB_NAME": f"learn_t_ev_{tag}", "LEARN_DB_USER": f"learn_t_ev_{tag}"}
+    secrets = {k: v for k, v in generated_env().items()
+               if k in ("AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD", "LEARN_DB_PASSWORD")}
     env = {**os.environ, **names, **secrets, "PGHOST": PG["host"], "PGPORT": str(PG["port"]),
            "POSTGRES_USER": PG["user"], "POSTGRES_DB": "postgres"}
     try:
@@ -262,9 +266,9 @@ def stack_databases() -> Iterator[dict[str, str]]:
         yield {**names, **secrets}
     finally:
         with admin.cursor() as cur:
-            for db in (names["AIRFLOW_DB_NAME"], names["FEAST_DB_NAME"]):
+            for db in (names["AIRFLOW_DB_NAME"], names["FEAST_DB_NAME"], names["LEARN_DB_NAME"]):
                 cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            for role in (names["AIRFLOW_DB_USER"], names["FEAST_DB_USER"]):
+            for role in (names["AIRFLOW_DB_USER"], names["FEAST_DB_USER"], names["LEARN_DB_USER"]):
                 cur.execute(f'DROP ROLE IF EXISTS "{role}"')
         admin.close()
 
@@ -327,9 +331,12 @@ def test_feast_sql_registry_and_redis_online_store_with_the_profile(stack_databa
 
     registry_url = (f"postgresql+psycopg2://{stack_databases['FEAST_DB_USER']}:{stack_databases['FEAST_DB_PASSWORD']}"
                     f"@127.0.0.1:5432/{stack_databases['FEAST_DB_NAME']}")
+    log_url = (f"postgresql://{stack_databases['LEARN_DB_USER']}:{stack_databases['LEARN_DB_PASSWORD']}"
+               f"@127.0.0.1:5432/{stack_databases['LEARN_DB_NAME']}")
     cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(tmp_path / "home"),
                                               "LEARN_FEATURES__REDIS_URL": "127.0.0.1:6379,db=0",
-                                              "LEARN_FEATURES__REGISTRY_URL": registry_url},
+                                              "LEARN_FEATURES__REGISTRY_URL": registry_url,
+                                              "LEARN_EVENTLOG__URL": log_url},
                         overrides=["features.recent_items=5"])
     assert (cfg.features.online_store, cfg.features.registry) == ("redis", "sql")
     dataset = f"prod_{uuid.uuid4().hex[:8]}"  # its own Feast project: its own Redis keys and registry rows
@@ -358,6 +365,29 @@ def test_feast_sql_registry_and_redis_online_store_with_the_profile(stack_databa
             assert cur.fetchone()[0] == len(features.TABLES)
     finally:
         features.teardown(cfg, dataset)
+
+
+@pytest.mark.production
+def test_event_log_in_the_stacks_database(stack_databases: dict[str, str], tmp_path: Path) -> None:
+    """The event log with the compose URL, in the database and role the init script made for it."""
+    from learn_tasks.data import eventlog
+    from learn_tasks.data.eventlog_stores import open_log
+
+    compose = load_compose()
+    env = {**generated_env(), **stack_databases}
+    url = _to_localhost(service_env(compose, "learn-api", env)["LEARN_EVENTLOG__URL"])
+    assert url.startswith(f"postgresql://{stack_databases['LEARN_DB_USER']}:")
+    cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(tmp_path / "home"), "LEARN_EVENTLOG__URL": url})
+    with open_log(cfg) as log:
+        assert log.describe()["backend"] == "postgres" and env["LEARN_DB_PASSWORD"] not in str(log.describe())
+        done = log.append_events("books", [eventlog.Event("e1", 1, 2, 3)])
+        assert not done[0].duplicate and log.land("books", eventlog.EVENTS, "k").rows == 1
+    import psycopg2
+
+    with psycopg2.connect(dbname=stack_databases["LEARN_DB_NAME"], user=stack_databases["LEARN_DB_USER"],
+                          host=PG["host"], port=PG["port"]) as c, c.cursor() as cur:
+        cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'learn_events'")
+        assert cur.fetchone()[0] == stack_databases["LEARN_DB_USER"]
 
 
 def _free_port() -> int:

@@ -5,8 +5,12 @@ was trained on (plus those of items added online), the ID vocabulary of its run 
 statistics. The index (``index.index_catalogue``) and the service (``recommender.Recommender``) both load
 one.
 
-Items added online (``POST /items``) are appended to ``$LEARN_HOME/serve/<dataset>/new_items/`` as small
-Parquet parts (``cfg.paths.new_items``), so a restart or a new index version keeps them.
+Items added online (``POST /items``) are saved in the event log's ``items`` stream before anything else
+(:mod:`learn_tasks.data.eventlog`); once encoded, their content embedding is appended to
+``$LEARN_HOME/serve/<dataset>/new_items/`` as a small Parquet part (``cfg.paths.new_items``), so a restart
+or a new index version reuses it. An item saved but not encoded yet (the process died in between) is
+*pending*: :func:`encode_pending_items` encodes it (the service at start-up, ``learn index``), and the
+pipeline lands it into the catalogue like any new item.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import numpy as np
 import pandas as pd
 
 from learn_tasks import schema as S
-from learn_tasks.ceg import store
+from learn_tasks.ceg import encode, encoder, store
 from learn_tasks.config import Settings
+from learn_tasks.data import eventlog
 from learn_tasks.pch import model as M
 from learn_tasks.storage import atomic_path, read_json
 
@@ -183,3 +188,44 @@ def load_new_items(cfg: Settings, dataset: str) -> tuple[pd.DataFrame, np.ndarra
     df = df.drop_duplicates(S.ITEM_ID, keep="last").sort_values(S.ITEM_ID).reset_index(drop=True)
     content = np.array([np.asarray(e, np.float32) for e in df.pop(S.EMBEDDING)], np.float32)
     return df, content
+
+
+def pending_items(cfg: Settings, dataset: str, event_log: eventlog.EventLog) -> pd.DataFrame:
+    """Items saved in the log whose content embedding is not stored yet (canonical item columns)."""
+    saved = event_log.items(dataset)
+    if not len(saved):
+        return saved
+    done = {int(i) for i in load_new_items(cfg, dataset)[0][S.ITEM_ID]}
+    return saved[~saved[S.ITEM_ID].isin(done)].reset_index(drop=True)
+
+
+def encode_pending_items(cfg: Settings, dataset: str, event_log: eventlog.EventLog, text_encoder: Any = None,
+                         skip: Callable[[int], bool] | None = None, with_content: bool = True) -> list[int]:
+    """Encode the pending items (not ``skip``-ped) and store their parts; returns their ids.
+
+    An item without any text cannot be encoded: it stays pending here, and validation quarantines it
+    when the pipeline lands it. ``with_content=False`` (a model that reads no content) stores the parts
+    without encoding.
+    """
+    todo = pending_items(cfg, dataset, event_log)
+    if skip is not None and len(todo):
+        todo = todo[[not skip(int(i)) for i in todo[S.ITEM_ID]]]
+    done = []
+    if not len(todo):
+        return done
+    if with_content:
+        text_encoder = text_encoder or encoder.load_encoder(cfg)
+    for _, row in todo.iterrows():
+        record = {k: (None if pd.isna(v) else v) for k, v in row.items() if k in (S.ITEM_ID, *NEW_ITEM_FIELDS, S.PRICE)}
+        if not with_content:
+            save_new_item(cfg, dataset, record, np.zeros(0, np.float32))
+            done.append(int(record[S.ITEM_ID]))
+            continue
+        try:
+            content = encode.encode_items(pd.DataFrame([record]), cfg, text_encoder)
+        except ValueError as exc:
+            log.warning("pending item %s cannot be encoded: %s", record[S.ITEM_ID], exc)
+            continue
+        save_new_item(cfg, dataset, record, content[0])
+        done.append(int(record[S.ITEM_ID]))
+    return done

@@ -16,6 +16,10 @@ Why one row per (user, event time): Feast joins point-in-time on the row timesta
 example at time t reads exactly the history before t (``training_examples``), and materialising a
 window puts each user's latest state inside it into the online store.
 
+Online rows are stamped with the time they are written (:func:`write_stamp`), and the feature tables
+record the event log's landing watermark they were built at (``state.json``: ``tables.log_upto``), from
+which ``learn_tasks.online.updates`` puts the events logged later back on top of a rebuild.
+
 The production stack (Redis online store, SQL registry) uses the same definitions and data; it is
 selected by ``features.online_store`` / ``features.registry`` and connects with strings taken from the
 environment only (``LEARN_FEATURES__REDIS_URL``, ``LEARN_FEATURES__REGISTRY_URL``).
@@ -28,6 +32,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +47,8 @@ import yaml
 from learn_tasks import schema as S
 from learn_tasks.config import REPO_ROOT, Settings
 from learn_tasks.data import datasets as data
+from learn_tasks.data import eventlog
+from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.splits import load_split
 from learn_tasks.pch.catalogue import item_slices
 from learn_tasks.storage import atomic_path, read_json, write_json, write_text
@@ -84,6 +91,24 @@ def epoch_seconds(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
     """Timezone-aware timestamps -> int64 seconds since 1970-01-01 UTC (floor)."""
     values = pd.DatetimeIndex(ts).tz_convert("UTC").tz_localize(None).to_numpy()
     return values.astype("datetime64[s]").astype(np.int64)
+
+
+_stamp_lock = threading.Lock()
+_last_stamp = [0]
+
+
+def write_stamp() -> pd.Timestamp:
+    """The row timestamp of an online write: the time of writing, strictly increasing in this process.
+
+    The feature *values* carry the event times (``recent_timestamps``, ``last_seen``); the online row's
+    own timestamp says when it was written. Stores that keep a row only when its timestamp is newer than
+    the stored one (Feast's Redis store) then take every write in the order it was made, so an event in
+    the same second as the previous one, or a late one, is never dropped.
+    """
+    with _stamp_lock:
+        us = max(time.time_ns() // 1000, _last_stamp[0] + 1)
+        _last_stamp[0] = us
+    return pd.Timestamp(us, unit="us", tz="UTC")
 
 
 # ==================================================================================================
@@ -409,6 +434,7 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
             for col in (S.RECENT_ITEM_IDS, S.RECENT_TIMESTAMPS):  # Feast wants Python lists for arrays
                 if col in frame:
                     frame[col] = [v.tolist() for v in frame[col]]
+            frame[S.EVENT_TIMESTAMP] = write_stamp()  # a rebuild replaces what the service wrote before it
             store.write_to_online_store(view, frame)
     state["materialized"] = key
     write_json(state, _state_path(cfg, dataset))
@@ -424,6 +450,8 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
     the whole history, or its last ``features.window_days`` days. Re-running with the same data and
     window rewrites nothing, re-applies nothing and re-materialises nothing (``force`` redoes all three).
     """
+    with open_log(cfg) as log:  # events landed so far: the published data holds them (or quarantined them)
+        log_upto = log.watermark(dataset, eventlog.EVENTS)
     inter = data.load_interactions(cfg, dataset) if interactions is None else interactions
     items = data.load_items(cfg, dataset)
     item_ids = items[S.ITEM_ID].to_numpy(np.int64)
@@ -437,7 +465,8 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
     rebuilt = force or state.get("tables", {}).get("fingerprint") != fp or not files_present
     if rebuilt:
         rows = write_tables(cfg, dataset, build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share))
-        state["tables"] = {"fingerprint": fp, "rows": rows, "recent_items": recent, "window": window.as_dict()}
+        state["tables"] = {"fingerprint": fp, "rows": rows, "recent_items": recent, "window": window.as_dict(),
+                           "log_upto": log_upto}
         write_json(state, _state_path(cfg, dataset))
     store = get_store(cfg, dataset)
     applied = apply(cfg, dataset, store, force=force)
@@ -447,7 +476,7 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
         "dataset": dataset, "store": str(root), "project": project_name(dataset),
         "online_store": cfg.features.online_store, "registry": cfg.features.registry,
         "fingerprint": fp, "window": window.as_dict(), "recent_items": recent,
-        "rows": state["tables"]["rows"], "rebuilt": rebuilt, "applied": applied, "materialized": materialized,
+        "rows": state["tables"]["rows"], "log_upto": state["tables"].get("log_upto"), "rebuilt": rebuilt, "applied": applied, "materialized": materialized,
         "feature_service": cfg.features.feature_service,
     }
 
@@ -496,50 +525,6 @@ def online_item_stats(store: "FeatureStore", item_ids: Iterable[int]) -> dict[in
     fs = store.get_feature_service(ITEM_STATS_SERVICE)
     rows = [{S.ITEM_ID: int(i)} for i in item_ids]
     return _rows_to_dicts(store.get_online_features(features=fs, entity_rows=rows).to_dict(), S.ITEM_ID)
-
-
-def append_event(recent_ids: list[int] | None, recent_ts: list[int] | None, item_id: int, ts: int,
-                 recent: int) -> tuple[list[int], list[int]]:
-    """A user's recent lists after one more event (kept in time order, trimmed to the last ``recent``)."""
-    ids, times = list(recent_ids or []), list(recent_ts or [])
-    pos = len(times)
-    while pos > 0 and times[pos - 1] > ts:  # a late event goes where its time puts it
-        pos -= 1
-    ids.insert(pos, int(item_id))
-    times.insert(pos, int(ts))
-    return ids[-recent:], times[-recent:]
-
-
-def push_event(store: "FeatureStore", user_id: int, item_id: int, when: datetime, recent: int,
-               current: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record one event in the online store (read, append, write) and return the user's new features.
-
-    The read-modify-write is not atomic across processes; the service serialises its own pushes.
-    """
-    when = S.to_utc(when)
-    ts = int(epoch_seconds(pd.DatetimeIndex([when]))[0])
-    if current is None:
-        current = online_user_features(store, [user_id]).get(int(user_id), {})
-    ids, times = append_event(current.get(S.RECENT_ITEM_IDS), current.get(S.RECENT_TIMESTAMPS), item_id, ts, recent)
-    previous_ids = current.get(S.RECENT_ITEM_IDS) or []
-    count = int(current.get(S.EVENT_COUNT) or 0) + 1
-    # Distinct items are exact while the history fits in L; beyond it, an item that left the window
-    # and comes back is counted again (the offline rebuild restores the exact value).
-    distinct = int(current.get(S.DISTINCT_ITEMS) or 0) + (int(item_id) not in previous_ids)
-    first = current.get(S.FIRST_SEEN)
-    first = ts if first is None else min(int(first), ts)
-    last = max(int(current.get(S.LAST_SEEN) or ts), ts)
-    stamp = pd.Timestamp(max(times[-1], last), unit="s", tz="UTC")
-    # write_to_online_store is what store.push(<push source>) ends in; called per view directly it skips
-    # the registry scan push does on every call (most of its latency).
-    store.write_to_online_store(USER_RECENT_VIEW, pd.DataFrame({
-        S.USER_ID: [int(user_id)], S.EVENT_TIMESTAMP: [stamp],
-        S.RECENT_ITEM_IDS: [ids], S.RECENT_TIMESTAMPS: [times]}))
-    store.write_to_online_store(USER_ACTIVITY_VIEW, pd.DataFrame({
-        S.USER_ID: [int(user_id)], S.EVENT_TIMESTAMP: [stamp], S.EVENT_COUNT: [count],
-        S.DISTINCT_ITEMS: [distinct], S.FIRST_SEEN: [first], S.LAST_SEEN: [last]}))
-    return {S.RECENT_ITEM_IDS: ids, S.RECENT_TIMESTAMPS: times, S.EVENT_COUNT: count,
-            S.DISTINCT_ITEMS: distinct, S.FIRST_SEEN: first, S.LAST_SEEN: last}
 
 
 def historical_features(cfg: Settings, dataset: str, entity_df: pd.DataFrame,

@@ -39,8 +39,9 @@ import pandas as pd
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
+from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.online import features, milvus_server, releases
-from learn_tasks.online.bundle import ModelBundle, load_new_items
+from learn_tasks.online.bundle import ModelBundle, encode_pending_items, load_new_items
 from learn_tasks.online.milvus_server import IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
 
@@ -551,6 +552,9 @@ def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = No
         raise IndexStoreError(f"no promoted model for {dataset}: train and promote one, or pass --run-dir")
     bundle = ModelBundle.load(cfg, dataset, run_dir)
     items = data.load_items(cfg, dataset)
+    if bundle.uses_content:  # items saved online but never encoded (the service stopped in between)
+        with open_log(cfg) as log:
+            encode_pending_items(cfg, dataset, log, skip=bundle.knows)
     new_items, new_content = load_new_items(cfg, dataset)
     if len(new_items) and bundle.uses_content:
         bundle.extra.update({int(i): c for i, c in zip(new_items[S.ITEM_ID], new_content)})

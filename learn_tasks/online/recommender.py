@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,8 +39,11 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import encode, encoder
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features, index, releases
-from learn_tasks.online.bundle import NEW_ITEM_FIELDS, ModelBundle, load_new_items, save_new_item, usable_history
+from learn_tasks.data import eventlog
+from learn_tasks.data.eventlog_stores import open_log
+from learn_tasks.online import events, features, index, releases, updates
+from learn_tasks.online.bundle import (NEW_ITEM_FIELDS, ModelBundle, encode_pending_items, load_new_items,
+                                       save_new_item, usable_history)
 from learn_tasks.online.replica import Replica
 from learn_tasks.pch import registry
 
@@ -135,6 +138,10 @@ class Recommender:
         self.feature_service = self.store.get_feature_service(cfg.features.feature_service)
         self.recent = features.recent_len(cfg)
         self.feast_lock = feast_lock or threading.Lock()  # one SQLite connection inside Feast; serialise its use
+        # The event log (events, items added online, served recommendations) and the lock that keeps
+        # its writers and the online rows in step (learn_tasks/online/updates.py).
+        self.log = open_log(cfg)
+        self.online_lock = updates.OnlineLock(cfg, self.dataset)
 
         # Milvus: the release's collection, or the one the alias points at now (it must be this model's).
         self.client = index.connect(cfg)
@@ -162,6 +169,12 @@ class Recommender:
                          S.IS_COLD_START: False, S.IS_LONG_TAIL: bool(t)}
                         for i, p, t in zip(warm.index[: cfg.serve.max_k + 1000], warm[S.POPULARITY],
                                            warm[S.IS_LONG_TAIL])]
+        self.sources: dict[str, int] = {}
+        if S.SOURCE_ID in items:
+            known_source = items[S.SOURCE_ID].notna()
+            self.sources = dict(zip(items.loc[known_source, S.SOURCE_ID].astype(str),
+                                    items.loc[known_source, S.ITEM_ID].astype(int)))
+        self.pending: set[int] = set()  # items saved in the log (by any replica) and not in the catalogue
         self.catalogue_max_id = int(max(self.titles, default=0))
         if self.replica is not None and len(self.replica):
             self.catalogue_max_id = max(self.catalogue_max_id, int(self.replica.ids.max()))
@@ -178,6 +191,15 @@ class Recommender:
             except Exception as exc:  # noqa: BLE001 - reads still work; POST /items reports it
                 self.encoder_error = f"{type(exc).__name__}: {exc}"
                 log.error("text encoder not loaded: %s", self.encoder_error)
+        self._recover_pending_items()
+        # Events logged since the feature tables were built: put them back into the online rows
+        # (a rebuild, or a crash between a log append and its online write, may have left them out).
+        try:
+            self.replayed: dict[str, Any] = updates.replay_tail(cfg, self.dataset, self.store, self.online_lock,
+                                                                self.log)
+        except Exception as exc:  # noqa: BLE001 - serve anyway; /health says what failed
+            self.replayed = {"error": f"{type(exc).__name__}: {exc}"}
+            log.error("online feature replay failed: %s", self.replayed["error"])
         self.write_lock = threading.Lock()
         self.retired = False  # set under write_lock when a newer release takes over
         self.replica_reloads = 0
@@ -188,6 +210,7 @@ class Recommender:
 
     def close(self) -> None:
         self._stop.set()
+        self.log.close()
 
     def retire(self) -> None:
         """A newer release takes over: writes that reach this one from now on are sent to it instead."""
@@ -224,6 +247,7 @@ class Recommender:
 
     # -------------------------------------------------------------------------------------- helpers
     def _restore_new_items(self) -> None:
+        self.pending = {int(i) for i in self.log.items(self.dataset)[S.ITEM_ID]}
         df, content = load_new_items(self.cfg, self.dataset)
         if not len(df):
             return
@@ -240,6 +264,30 @@ class Recommender:
                 self.replica.upsert(rows)
         self.new_items = len(ids)
         self.catalogue_max_id = max(self.catalogue_max_id, int(ids.max()))
+
+    def _recover_pending_items(self) -> None:
+        """Items saved in the log but never encoded (a crash between saving and indexing): encode and index."""
+        if self.bundle.uses_content and self.encoder is None:
+            return  # `learn index` or the pipeline picks them up
+        try:
+            done = encode_pending_items(self.cfg, self.dataset, self.log, self.encoder, skip=self.bundle.knows,
+                                        with_content=self.bundle.uses_content)
+        except Exception as exc:  # noqa: BLE001 - serve anyway; the next `learn index` retries
+            log.error("pending items not recovered: %s", exc)
+            return
+        if done:
+            log.info("indexed %d item(s) saved before a restart but not indexed: %s", len(done), done[:10])
+            self._restore_new_items()
+
+    def known_item(self, item_id: int) -> bool:
+        """An item events may refer to: in the catalogue, in the index, or saved online (here or elsewhere)."""
+        item_id = int(item_id)
+        if item_id in self.titles or item_id in self.pending or self.bundle.knows(item_id) or self._in_index(item_id):
+            return True
+        if self.log.item(self.dataset, item_id=item_id) is not None:  # added through another replica
+            self.pending.add(item_id)
+            return True
+        return False
 
     def _in_index(self, item_id: int) -> bool:
         if self.replica is not None:
@@ -307,58 +355,153 @@ class Recommender:
         }
 
     def add_item(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Encode, index and verify a new item; returns once a search finds it."""
+        """Save a new item in the log, encode, index and verify it; returns once a search finds it.
+
+        Its id: the caller's ``item_id``, the id its ``source_id`` got the first time (a retry answers with
+        that item, ``created`` False), or the next id of the log's sequence.
+        """
         t0 = time.perf_counter()
         if self.bundle.uses_content and self.encoder is None:
             raise ServeError(f"the text encoder is not available: {self.encoder_error}", 503)
         with self.write_lock:
             if self.retired:
                 raise Retired(self.bundle.version)
-            item_id = record.get(S.ITEM_ID)
-            if item_id is None:
-                item_id = self.catalogue_max_id + 1
-            item_id = int(item_id)
-            if item_id in self.titles or self._in_index(item_id):
-                raise ServeError(f"item_id {item_id} already exists", 409)
-            record = {**record, S.ITEM_ID: item_id}
-            frame = pd.DataFrame([{S.ITEM_ID: item_id, **{f: record.get(f) for f in NEW_ITEM_FIELDS},
-                                   S.PRICE: record.get(S.PRICE)}])
-            if self.bundle.uses_content:
-                try:
-                    content = encode.encode_items(frame, self.cfg, self.encoder)
-                except ValueError as exc:
-                    raise ServeError(f"item has no text to encode: {exc}", 422) from exc
-            else:
-                content = np.zeros((1, 0), np.float32)
+            explicit, source = record.get(S.ITEM_ID), record.get(S.SOURCE_ID) or None
+            if source is not None and source in self.sources:
+                raise ServeError(f"source_id {source} is catalogue item {self.sources[source]}", 409)
+            if explicit is not None and (int(explicit) in self.titles or int(explicit) in self.pending
+                                         or self._in_index(int(explicit))):
+                raise ServeError(f"item_id {int(explicit)} already exists", 409)
+            saved = self.log.item(self.dataset, source_id=source) if source is not None else None
+            if saved is not None:
+                if explicit is not None and int(explicit) != int(saved[S.ITEM_ID]):
+                    raise ServeError(f"source_id {source} is item {int(saved[S.ITEM_ID])}, not {int(explicit)}", 409)
+                record = {**record, **{k: v for k, v in saved.items() if v is not None}}
+                if self._in_index(int(saved[S.ITEM_ID])):  # a retry of an item already indexed
+                    return self._item_answer(int(saved[S.ITEM_ID]), source, created=False, t0=t0, t_enc=t0)
+            content = self._encode_new(record)
             t_enc = time.perf_counter()
+            created = False
+            if saved is None:  # durable before anything is indexed: a crash after this line loses nothing
+                try:
+                    out = self.log.save_item(self.dataset, record, item_id=explicit, floor=self.catalogue_max_id)
+                except eventlog.ItemExists as exc:
+                    raise ServeError(str(exc), 409) from exc
+                saved, created = out.record, out.created
+            item_id = int(saved[S.ITEM_ID])
+            record = {**record, S.ITEM_ID: item_id}
+            self.pending.add(item_id)
+            save_new_item(self.cfg, self.dataset, record, content[0])
             rows = self._new_rows(np.array([item_id]), content, [str(record.get(S.TITLE) or "")])
             index.upsert(self.cfg, self.dataset, rows, target=self.collection, client=self.client)
             if self.replica is not None:
                 self.replica.upsert(rows)
             if self.bundle.uses_content:
                 self.bundle.extra[item_id] = content[0]
-            save_new_item(self.cfg, self.dataset, record, content[0])
             self.titles[item_id] = str(record.get(S.TITLE) or "")
             self.catalogue_max_id = max(self.catalogue_max_id, item_id)
             self.new_items += 1
         # Recommendable = the serving search returns it for its own vector.
         found = any(h[S.ITEM_ID] == item_id for h in self._search(rows.vectors[0], 10, set()))
-        t_end = time.perf_counter()
         if not found:
-            raise ServeError(f"item {item_id} was upserted but a search does not return it yet", 503)
-        return {S.ITEM_ID: item_id, "collection": self.collection, "recommendable": True,
-                "encode_s": t_enc - t0, "time_to_recommendable_s": t_end - t0, S.IS_COLD_START: True}
+            raise ServeError(f"item {item_id} was saved and upserted but a search does not return it yet", 503)
+        return self._item_answer(item_id, source, created=created, t0=t0, t_enc=t_enc)
 
-    def record_event(self, user_id: int, item_id: int, when: datetime | None) -> dict[str, Any]:
-        if not (item_id in self.titles or self.bundle.knows(item_id) or self._in_index(item_id)):
-            raise ServeError(f"item_id {item_id} is not in the catalogue", 404)
-        when = when or datetime.now(timezone.utc)
-        with self.feast_lock:
-            current = features.online_user_features(self.store, [user_id], feature_service=self.feature_service)[
-                int(user_id)]
-            new = features.push_event(self.store, user_id, item_id, when, self.recent, current=current)
-        return {S.USER_ID: int(user_id), S.ITEM_ID: int(item_id), "recorded": True,
-                "history_length": len(new[S.RECENT_ITEM_IDS]), S.EVENT_COUNT: new[S.EVENT_COUNT]}
+    def _encode_new(self, record: dict[str, Any]) -> np.ndarray:
+        if not self.bundle.uses_content:
+            return np.zeros((1, 0), np.float32)
+        frame = pd.DataFrame([{S.ITEM_ID: int(record.get(S.ITEM_ID) or 0), **{f: record.get(f) for f in NEW_ITEM_FIELDS},
+                               S.PRICE: record.get(S.PRICE)}])
+        try:
+            return encode.encode_items(frame, self.cfg, self.encoder)
+        except ValueError as exc:
+            raise ServeError(f"item has no text to encode: {exc}", 422) from exc
+
+    def _item_answer(self, item_id: int, source: str | None, created: bool, t0: float, t_enc: float) -> dict[str, Any]:
+        t_end = time.perf_counter()
+        return {S.ITEM_ID: item_id, S.SOURCE_ID: source, "created": created, "collection": self.collection,
+                "recommendable": True, "encode_s": t_enc - t0, "time_to_recommendable_s": t_end - t0,
+                S.IS_COLD_START: True}
+
+    def check_events(self, raw_events: Sequence[Any]) -> list[eventlog.Event | events.Rejected]:
+        """Each raw event as a log record, or why it is rejected (:func:`events.check_event`)."""
+        now, tolerance = eventlog.now_us(), self.cfg.validate_.future_tolerance_s
+        return [events.check_event(i, raw, now, tolerance, self.known_item) for i, raw in enumerate(raw_events)]
+
+    def record_events(self, raw_events: Sequence[Any]) -> dict[str, Any]:
+        """Check, log and apply a batch of events (``POST /events``); see :meth:`store_events`."""
+        return self.store_events(self.check_events(raw_events))
+
+    def store_events(self, checked: Sequence[eventlog.Event | events.Rejected]) -> dict[str, Any]:
+        """Log the checked events, then add them to the users' online rows.
+
+        The valid ones are appended to the event log in one durable transaction and only then added to
+        the online rows, all under the online lock (``updates.OnlineLock``). An event_id logged before is
+        a duplicate: acknowledged again, not stored or applied twice. Returns ``accepted``, ``duplicates``,
+        ``rejected`` ([{index, reason}]), ``event_ids`` (of the accepted and duplicate events, in input
+        order), ``results`` (per input) and ``features`` (the users' new online rows).
+        """
+        valid = [c for c in checked if isinstance(c, eventlog.Event)]
+        results: list[Any] = list(checked)
+        applied: dict[int, dict[str, Any]] = {}
+        warning = None
+        with self.online_lock():
+            appended = self.log.append_events(self.dataset, valid) if valid else []
+            new = []
+            it = iter(appended)
+            for i, c in enumerate(checked):
+                if isinstance(c, eventlog.Event):
+                    a = next(it)
+                    if a.conflict:
+                        results[i] = events.Rejected(i, a.conflict, "conflict")
+                    else:
+                        results[i] = a
+                        if not a.duplicate:
+                            new.append((c.user_id, c.item_id, c.event_us // 1_000_000))
+            if new:
+                try:
+                    with self.feast_lock:
+                        applied = updates.push_events(self.store, new, self.recent, feature_service=self.feature_service)
+                except Exception as exc:  # noqa: BLE001 - logged already: the next replay puts them online
+                    warning = f"events logged, online features not updated yet: {type(exc).__name__}: {exc}"
+                    log.error(warning)
+        rejected = [r for r in results if isinstance(r, events.Rejected)]
+        stored = [r for r in results if isinstance(r, eventlog.Appended)]
+        out = {"accepted": sum(not r.duplicate for r in stored), "duplicates": sum(r.duplicate for r in stored),
+               "rejected": [r.as_dict() for r in rejected], "event_ids": [r.event_id for r in stored],
+               "results": results, "features": applied}
+        if warning:
+            out["warning"] = warning
+        return out
+
+    def record_event(self, user_id: int, item_id: int, when: datetime | None = None,
+                     event_id: str | None = None) -> dict[str, Any]:
+        """One event (see :meth:`record_events`); a rejected one raises ``ServeError`` (404: unknown item)."""
+        raw = {S.USER_ID: int(user_id), S.ITEM_ID: int(item_id)}
+        if when is not None:
+            raw[S.EVENT_TIMESTAMP] = S.to_utc(when).isoformat()
+        if event_id is not None:
+            raw["event_id"] = event_id
+        out = self.record_events([raw])
+        res = out["results"][0]
+        if isinstance(res, events.Rejected):
+            raise ServeError(res.reason, {events.UNKNOWN_ITEM: 404, "conflict": 409}.get(res.kind, 422))
+        return self.single_event_answer(out, raw)
+
+    def single_event_answer(self, out: dict[str, Any], raw: Any) -> dict[str, Any]:
+        """The answer to a one-event POST /events: the batch answer plus that event's user features."""
+        res = out["results"][0]
+        user = int(raw[S.USER_ID])
+        feats = out["features"].get(user)
+        if feats is None:
+            feats = self.online_features(user)
+        answer = {k: out[k] for k in ("accepted", "duplicates", "rejected", "event_ids")}
+        answer.update({S.USER_ID: user, S.ITEM_ID: int(raw[S.ITEM_ID]), "event_id": res.event_id, "recorded": True,
+                       "duplicate": res.duplicate, "history_length": len(feats.get(S.RECENT_ITEM_IDS) or []),
+                       S.EVENT_COUNT: int(feats.get(S.EVENT_COUNT) or 0)})
+        if "warning" in out:
+            answer["warning"] = out["warning"]
+        return answer
 
     def health(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}
@@ -376,9 +519,15 @@ class Recommender:
                                "replica_rows": len(self.replica) if self.replica is not None else None}
         except Exception as exc:  # noqa: BLE001
             checks["milvus"] = f"error: {exc}"
+        try:
+            checks["eventlog"] = {**self.log.describe(), "landed_upto": self.log.watermark(self.dataset),
+                                  "status": "ok"}
+        except Exception as exc:  # noqa: BLE001
+            checks["eventlog"] = {"status": f"error: {exc}"}
+        checks["replay"] = self.replayed
         checks["model"] = {"version": self.bundle.version, "kind": self.bundle.kind, "status": "ok"}
         checks["encoder"] = "ok" if self.encoder is not None else (self.encoder_error or "not needed")
-        ok = checks["feast"] == "ok" and checks["milvus"] == "ok"
+        ok = checks["feast"] == "ok" and checks["milvus"] == "ok" and checks["eventlog"]["status"] == "ok"
         return {"status": "ok" if ok else "degraded", "dataset": self.dataset, "search": self.cfg.serve.search,
                 "new_items": self.new_items, "replica_reloads": self.replica_reloads, "startup_s": self.started_s,
                 "checks": checks}

@@ -17,11 +17,15 @@ Users the online store does not know, or whose history has no usable item, get a
 ``content_based_seed`` when ``seed_item`` is given (nearest items to that item), else ``popular``; the
 response says which strategy answered and why.
 
-``POST /items`` (Bearer token) encodes a new item with the frozen LLM and the item tower, upserts it into
-the released collection (and the replica) and checks that a search finds it before answering, so it is
-recommendable when the response arrives; it is also appended to ``$LEARN_HOME/serve/<dataset>/new_items/``
-so a restart or a new index version keeps it. ``POST /events`` (Bearer token) appends an event to the
-user's online features. ``/health`` checks the release, model, Feast and Milvus; ``/metrics`` is Prometheus text.
+``POST /items`` (Bearer token) saves a new item in the event log (its id from the log's sequence, the
+caller's ``item_id``, or the id its ``source_id`` got before), encodes it with the frozen LLM and the
+item tower, upserts it into the released collection (and the replica) and checks that a search finds it
+before answering, so it is recommendable when the response arrives. ``POST /events`` (Bearer token)
+takes one event or ``{"events": [...]}``: each is checked, the valid ones are appended to the durable
+event log, then added to the users' online features, and only then does the service answer with the
+ids it accepted and why it rejected the others. Every recommendation response (or a sample) is written
+to the served-recommendation log. ``/health`` checks the release, model, Feast, Milvus and the event
+log; ``/metrics`` is Prometheus text.
 """
 from __future__ import annotations
 
@@ -29,13 +33,16 @@ import contextlib
 import hmac
 import os
 import time
-from datetime import datetime
-from typing import TYPE_CHECKING
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learn_tasks.config import Settings
-from learn_tasks.online import explorer
+from learn_tasks.data import eventlog
+from learn_tasks.data.eventlog_stores import open_log
+from learn_tasks.data.validation import SOURCE_ID_REGEX
+from learn_tasks.online import events, explorer
 from learn_tasks.online.bundle import NEW_ITEM_FIELDS
 from learn_tasks.online.follow import ReleaseFollower
 from learn_tasks.online.recommender import Recommender, Retired, ServeError
@@ -73,7 +80,9 @@ class NewItem(BaseModel):
     """Body of POST /items: the item's text fields (what the encode template reads)."""
 
     model_config = ConfigDict(extra="forbid")
-    item_id: int | None = Field(None, ge=0, le=INT64_MAX, description="omit to get the next free id")
+    item_id: int | None = Field(None, ge=0, le=INT64_MAX, description="omit to get the next id of the sequence")
+    source_id: str | None = Field(None, max_length=200, pattern=SOURCE_ID_REGEX,
+                                  description="your own id of the item: posting it again answers with the same item")
     title: str | None = Field(None, max_length=2000)
     category: str | None = Field(None, max_length=2000)
     brand: str | None = Field(None, max_length=500)
@@ -89,18 +98,28 @@ class NewItem(BaseModel):
 
 
 class Event(BaseModel):
-    """Body of POST /events: one user event."""
+    """One event of POST /events (documentation: the service checks each event itself and rejects bad ones
+    with a reason)."""
 
-    model_config = ConfigDict(extra="forbid")
     user_id: int = Field(..., ge=0, le=INT64_MAX)
-    item_id: int = Field(..., ge=0, le=INT64_MAX)
-    event_timestamp: datetime | None = Field(None, description="ISO 8601; default: now (UTC)")
+    item_id: int = Field(..., ge=0, le=INT64_MAX, description="a catalogue item or one added online")
+    event_timestamp: str | float | None = Field(None, description="ISO 8601 or unix seconds; default: now (UTC); "
+                                                                  "at most validate.future_tolerance_s ahead")
+    event_id: str | None = Field(None, description="your id of the event (1-128 of A-Za-z0-9_.:-): sending it "
+                                                   "again is a duplicate, never a second event; default: a new id")
+
+
+class EventsAnswer(BaseModel):
+    accepted: int = Field(description="events stored now")
+    duplicates: int = Field(description="events whose event_id was stored before (acknowledged, not stored again)")
+    rejected: list[dict[str, Any]] = Field(description="[{index, reason}] of the events not stored")
+    event_ids: list[str] = Field(description="ids of the accepted and duplicate events, in input order")
 
 
 def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommender | None = None) -> "FastAPI":
     """The FastAPI app. The current release (if any) is loaded here; the app then follows the release record
     (from start-up to shutdown). A given ``recommender`` is served as it is, without following."""
-    from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
+    from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -110,6 +129,16 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
         follower = ReleaseFollower(cfg, dataset)
         follower.check()  # the current release now, or the catalogue fallback with the reason
     serving = (lambda: recommender) if follower is None else (lambda: follower.serving)
+    served_dataset = recommender.dataset if follower is None else follower.dataset
+    opened: list[eventlog.EventLog] = []  # the app's own handle on the log, for the served records
+
+    def open_served_log() -> eventlog.EventLog:
+        if not opened:
+            opened.append(open_log(cfg))
+        return opened[0]
+
+    served_log = events.ServedLog(lambda: (open_served_log(), served_dataset), cfg.eventlog.served_sample,
+                                  cfg.eventlog.served_flush_s)
     token = os.environ.get(cfg.serve.token_env) or None
     metrics = CollectorRegistry()  # per app: several apps (tests) never share counters
     m_requests = Counter("learn_http_requests_total", "HTTP requests", ["endpoint", "status"], registry=metrics)
@@ -119,6 +148,8 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
                          registry=metrics)
     m_new_item = Histogram("learn_new_item_seconds", "New item: request to recommendable", registry=metrics,
                            buckets=(.01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
+    m_events = Counter("learn_events_total", "Events received by POST /events, by outcome", ["outcome"],
+                       registry=metrics)
     m_items = Gauge("learn_index_items", "Rows of the serving index", registry=metrics)
     m_items.set_function(lambda: len(r.replica) if getattr(r := serving(), "replica", None) is not None
                          else float("nan"))
@@ -133,6 +164,9 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
         if follower is not None:
             follower.start()
         yield
+        served_log.close()
+        for handle in opened:
+            handle.close()
         if follower is not None:
             follower.stop()
         else:
@@ -144,6 +178,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
     # The explorer reads the recommender being served (None while none is) and the follower's state.
     app.state.recommender = recommender if follower is None else follower.recommender
     app.state.live = follower
+    app.state.served_log = served_log
     if follower is not None:
         follower.listeners.append(lambda rec: setattr(app.state, "recommender", rec))
     app.include_router(explorer.router)  # the /explorer page (learn_tasks/online/explorer.py)
@@ -196,14 +231,25 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
     async def recommendations(user_id: int = PathParam(..., ge=0, le=INT64_MAX),
                         k: int = Query(cfg.serve.default_k, ge=1, le=cfg.serve.max_k),
                         seed_item: int | None = Query(None, ge=0, le=INT64_MAX,
-                                                      description="fallback seed for users without history")):
+                                                      description="fallback seed for users without history"),
+                        x_request_id: str | None = Header(None, description="your request id (else a new one); "
+                                                                             "echoed and kept in the served log")):
         out = serving().recommend(user_id, k, seed_item)  # read once: a swap meanwhile does not affect it
         m_strategy.labels(out["strategy"]).inc()
-        return JSONResponse(out)  # plain dicts of JSON types: skip FastAPI's generic re-encoding
+        out["request_id"] = request_id(x_request_id)
+        served_log.record(out, out["request_id"])
+        # plain dicts of JSON types: skip FastAPI's generic re-encoding
+        return JSONResponse(out, headers={"X-Request-ID": out["request_id"]})
 
     @app.post("/items", status_code=201, dependencies=[Depends(require_token)],
-              summary="Register a new item: encoded, indexed and recommendable when this returns")
+              summary="Register a new item: saved, encoded, indexed and recommendable when this returns")
     def add_item(item: NewItem):
+        # The limits the pipeline's item validation applies when it lands the item from the log.
+        v = cfg.validate_
+        if len(item.title or "") > v.max_title_chars:
+            raise ServeError(f"title is longer than validate.max_title_chars = {v.max_title_chars}", 422)
+        if sum(len(getattr(item, f) or "") for f in NEW_ITEM_FIELDS) > v.max_text_chars:
+            raise ServeError(f"the item's text is longer than validate.max_text_chars = {v.max_text_chars}", 422)
         for attempt in range(3):
             try:
                 out = serving().add_item(item.model_dump())
@@ -212,12 +258,51 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
                 if attempt == 2:
                     raise
         m_new_item.observe(out["time_to_recommendable_s"])
-        return out
+        # 200: this source_id was registered before, and the answer is that item
+        return out if out["created"] else JSONResponse(out, status_code=200)
 
-    @app.post("/events", status_code=202, dependencies=[Depends(require_token)],
-              summary="Record a user event in the online features")
-    def add_event(event: Event):
-        return serving().record_event(event.user_id, event.item_id, event.event_timestamp)
+    @app.post("/events", status_code=202, dependencies=[Depends(require_token)], response_model=None,
+              summary="Record user events: checked, appended to the durable event log, then to the online features",
+              responses={202: {"model": EventsAnswer}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "oneOf": [Event.model_json_schema(), {
+                      "title": "EventBatch", "type": "object", "required": ["events"], "additionalProperties": False,
+                      "properties": {"events": {"type": "array", "items": Event.model_json_schema(),
+                                                "maxItems": cfg.eventlog.max_batch}}}]}}}}})
+    def add_events(payload: Any = Body(..., openapi_examples=EVENT_EXAMPLES)):
+        rec = serving()  # one release for the whole request
+        if not isinstance(rec, Recommender):
+            raise ServeError(f"{rec.reason()}: events are recorded once a release is served", 503)
+
+        def known(item_id: int) -> bool:
+            return rec.known_item(item_id)
+
+        now, tolerance = eventlog.now_us(), cfg.validate_.future_tolerance_s
+        if isinstance(payload, dict) and "events" in payload:
+            if set(payload) != {"events"} or not isinstance(payload["events"], list):
+                raise ServeError('a batch is {"events": [event, ...]}', 422)
+            if len(payload["events"]) > cfg.eventlog.max_batch:
+                raise ServeError(f"{len(payload['events'])} events in one request; at most eventlog.max_batch = "
+                                 f"{cfg.eventlog.max_batch}", 413)
+            out = rec.store_events([events.check_event(i, raw, now, tolerance, known)
+                                    for i, raw in enumerate(payload["events"])])
+            m_events.labels("accepted").inc(out["accepted"])
+            m_events.labels("duplicate").inc(out["duplicates"])
+            m_events.labels("rejected").inc(len(out["rejected"]))
+            return JSONResponse({k: v for k, v in out.items() if k not in ("results", "features")}, status_code=202)
+        # One event: a rejected one keeps its 4xx (422 malformed, 404 unknown item, 409 reused event_id).
+        checked = events.check_event(0, payload, now, tolerance, known)
+        res = checked
+        if isinstance(checked, eventlog.Event):
+            out = rec.store_events([checked])
+            res = out["results"][0]
+        if isinstance(res, events.Rejected):
+            m_events.labels("rejected").inc()
+            status = {events.UNKNOWN_ITEM: 404, "conflict": 409}.get(res.kind, 422)
+            return JSONResponse({"detail": res.reason, "accepted": 0, "duplicates": 0, "rejected": [res.as_dict()],
+                                 "event_ids": []}, status_code=status)
+        m_events.labels("duplicate" if res.duplicate else "accepted").inc()
+        return JSONResponse(rec.single_event_answer(out, payload), status_code=202)
 
     @app.get("/health", summary="Release, model, Feast and Milvus checks")
     def health():
@@ -232,6 +317,21 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
         return PlainTextResponse(generate_latest(metrics).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+EVENT_EXAMPLES = {
+    "one": {"summary": "one event", "value": {"user_id": 1234, "item_id": 38620}},
+    "batch": {"summary": "a batch, with client event ids", "value": {"events": [
+        {"user_id": 1234, "item_id": 38620, "event_timestamp": "2024-05-01T12:00:00Z", "event_id": "app-1-0001"},
+        {"user_id": 1234, "item_id": 20417, "event_id": "app-1-0002"}]}},
+}
+
+
+def request_id(given: str | None) -> str:
+    """The caller's X-Request-ID (when it is a sane token), else a new one."""
+    if given and len(given) <= 128 and given.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return given
+    return uuid.uuid4().hex
 
 
 def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None, port: int | None = None) -> None:

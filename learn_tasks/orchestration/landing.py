@@ -2,8 +2,12 @@
 
 1. ``land_logs``: new files in ``$LEARN_HOME/incoming/<dataset>/`` (``interactions*``/``events*`` and
    ``items*`` as CSV or Parquet, or the ``interactions/`` and ``items/`` sub-folders) are *moved* into the
-   run's landing folder, so each file belongs to exactly one interval. A full run also snapshots the
-   prepared dataset (the whole history) the first time it lands, so re-running it validates the same rows.
+   run's landing folder, so each file belongs to exactly one interval; the event log's new records
+   (events logged before the interval's end, items added online) are claimed for the run key with the
+   log's watermark in one transaction (:meth:`learn_tasks.data.eventlog.EventLog.land`) and written there
+   as one Parquet file per stream, so each record lands exactly once and a re-run lands the same ones. A
+   full run also snapshots the prepared dataset (the whole history) the first time it lands, so
+   re-running it validates the same rows.
 2. ``validate_logs``: Great Expectations suites (:mod:`learn_tasks.data.validation`); bad rows are
    quarantined, the task fails over ``validate.max_failed_share``; accepted rows are published into the
    dataset (a full run replaces it, an incremental run merges: events de-duplicated, items upserted). An
@@ -23,8 +27,9 @@ import pandas as pd
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.data import public, raw, readers
+from learn_tasks.data import eventlog, public, raw, readers
 from learn_tasks.data import validation as V
+from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.orchestration.runs import FULL, INGEST, PipelineError, RunArgs, dataset_lock, record
 from learn_tasks.storage import write_json, write_parquet
 from learn_tasks.data import datasets as data
@@ -73,6 +78,36 @@ def _claim_incoming(cfg: Settings, dataset: str, dest: Path, kinds: Sequence[str
     return moved
 
 
+LOG_STREAMS = {"interactions": eventlog.EVENTS, "items": eventlog.ITEMS}
+
+
+def _log_has_new(cfg: Settings, dataset: str, kinds: Sequence[str]) -> bool:
+    with open_log(cfg) as log:
+        return any(log.high_water(dataset, LOG_STREAMS[k]) > log.watermark(dataset, LOG_STREAMS[k]) for k in kinds)
+
+
+def _land_log(cfg: Settings, a: RunArgs, dest: Path, kinds: Sequence[str]) -> dict[str, Any]:
+    """Claim the log's new records of ``kinds`` for this run key; write each stream's as one Parquet file.
+
+    Events logged at or after the interval's end are left for a later interval. A re-run gets the range
+    it claimed before (and rewrites the file if a crash lost it), so nothing lands twice or never.
+    """
+    out: dict[str, Any] = {}
+    with open_log(cfg) as log:
+        for kind in kinds:
+            stream = LOG_STREAMS[kind]
+            got = log.land(a.dataset, stream, a.key, cutoff=a.end if stream == eventlog.EVENTS else None)
+            out[stream] = {"after": got.after, "upto": got.upto, "rows": got.rows, "new": got.new}
+            if not got.rows:
+                continue
+            target = dest / "raw" / kind / f"{eventlog.LOG_FILE}-{stream}-{got.after:012d}-{got.upto:012d}.parquet"
+            if not target.exists():
+                records = log.read(a.dataset, stream, got.after, got.upto)
+                write_parquet(eventlog.landed_frame(stream, records, a.dataset), target)
+            out[stream]["file"] = str(target.relative_to(dest))
+    return out
+
+
 def landed_files(dest: Path, kind: str) -> list[Path]:
     folder = dest / "raw" / kind
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.exists() else []
@@ -82,10 +117,12 @@ def land(cfg: Settings, a: RunArgs, kinds: Sequence[str] = ("interactions", "ite
     """Land the run's batch: claim new incoming files and (full mode) snapshot the prepared dataset."""
     ensure_dataset(cfg, a.dataset)
     dest = landing_dir(cfg, a)
-    if a.mode == INGEST and not (dest / "manifest.json").exists() and not _incoming_files(cfg, a.dataset, kinds):
+    if (a.mode == INGEST and not (dest / "manifest.json").exists() and not _incoming_files(cfg, a.dataset, kinds)
+            and not _log_has_new(cfg, a.dataset, kinds)):
         return {}  # nothing arrived: an empty (falsy) result lets item_ingest skip its other tasks
     dest.mkdir(parents=True, exist_ok=True)
     moved = _claim_incoming(cfg, a.dataset, dest, kinds)
+    from_log = _land_log(cfg, a, dest, kinds)
     base = dest / "base"
     if a.mode == FULL and not (base / "manifest.json").exists():
         # Snapshot once: re-running this interval validates exactly the same history.
@@ -106,6 +143,7 @@ def land(cfg: Settings, a: RunArgs, kinds: Sequence[str] = ("interactions", "ite
             n += _count_rows(base / f"{kind}.parquet")
         counts[kind] = n
     result = {"dataset": a.dataset, "key": a.key, "mode": a.mode, "landing": str(dest), "new_files": moved,
+              "event_log": from_log,
               "files": {k: [p.name for p in landed_files(dest, k)] for k in kinds},
               "base_snapshot": (base / "manifest.json").exists(), "rows": counts}
     write_json(result, dest / "manifest.json")
@@ -148,7 +186,11 @@ def validate_batch(cfg: Settings, a: RunArgs, kinds: Sequence[str] = ("interacti
     if inter_raw is None and "interactions" in kinds:
         inter_raw = raw.empty_raw("interactions")
     # A full run's batch carries the whole catalogue; an incremental one is checked against the dataset's.
-    catalogue = None if a.mode == FULL else data.load_items(cfg, a.dataset)[S.ITEM_ID].to_numpy(np.int64)
+    # Items added online count as known too: another run (item_ingest) may land and publish them.
+    with open_log(cfg) as log:
+        online = log.items(a.dataset)[S.ITEM_ID].to_numpy(np.int64)
+    catalogue = online if a.mode == FULL else np.union1d(
+        data.load_items(cfg, a.dataset)[S.ITEM_ID].to_numpy(np.int64), online)
     try:
         outcome = V.validate_tables(cfg, a.dataset, inter_raw, items_raw, catalogue_ids=catalogue,
                                     start=a.accept_from, end=a.end, key=a.key)

@@ -22,7 +22,7 @@ from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
 from learn_tasks.evaluation import harness
 from learn_tasks.monitoring import monitor, rules
-from learn_tasks.online import features
+from learn_tasks.online import updates
 from learn_tasks.orchestration.runs import (FULL, INCREMENTAL, PipelineError, RunArgs, data_fingerprint, record,
                                             recorded, why_again)
 from learn_tasks.pch import registry
@@ -32,8 +32,9 @@ log = logging.getLogger("learn.pipeline")
 
 
 def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
-    """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent)."""
-    res = features.materialize_features(cfg, a.dataset)
+    """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent); then the
+    events logged after the landing go back on top of the users' online rows (``updates.replay_tail``)."""
+    res = updates.refresh_features(cfg, a.dataset)
     return record(cfg, a, "features", res)
 
 
