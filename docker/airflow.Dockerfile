@@ -1,38 +1,47 @@
-# Airflow 3 with the learn package installed: the image of every Airflow service in docker-compose.yml
-# (api-server, scheduler, dag-processor, triggerer, Celery workers). The official image already carries
-# the Celery, FAB, PostgreSQL and Redis providers the stack uses.
+# Airflow 3 with the learn package: the image of every Airflow service in docker-compose.yml (init,
+# api-server, scheduler, dag-processor, triggerer, Celery workers).
 #
 #   docker build -f docker/airflow.Dockerfile -t learn-airflow:3.3.2 .
-FROM apache/airflow:3.3.2-python3.11
+#
+# Built like the service image, from a plain Python base and `pip install -c constraints.txt`: every
+# package, Airflow, its Celery and FAB providers included, is the version the test suite ran with
+# (tests/test_compose_stack.py runs these services' compose commands against those versions). The
+# official apache/airflow image carries another set of providers and pins, which is not what was tested.
+FROM python:3.11-slim-bookworm
 
-ARG AIRFLOW_VERSION=3.3.2
-# CPU wheels by default; point at a CUDA index to train on GPUs inside the workers.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-ENV HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    AIRFLOW_HOME=/opt/airflow \
     LEARN_HOME=/opt/learn/home \
     LEARN_CONFIG=/opt/learn/src/configs/production.yaml \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/learn/src/dags \
     AIRFLOW__CORE__LOAD_EXAMPLES=false
 
-USER root
-RUN mkdir -p /opt/learn/home /opt/learn/src && chown -R airflow:0 /opt/learn && chmod -R g+rwX /opt/learn
-USER airflow
+# uid 50000, group 0: the owner of the shared LEARN_HOME volume (AIRFLOW_UID in .env)
+RUN useradd --uid 50000 --gid 0 --home-dir /opt/airflow --create-home --shell /bin/bash airflow \
+ && mkdir -p /opt/learn/home /opt/learn/src /opt/airflow/logs \
+ && chown -R airflow:0 /opt/learn /opt/airflow && chmod -R g+rwX /opt/learn /opt/airflow
 
+WORKDIR /opt/learn/src
 # torch first, from the CPU index, so the project's requirement never pulls a CUDA build.
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-
-COPY --chown=airflow:0 pyproject.toml README.md constraints.txt /opt/learn/src/
-COPY --chown=airflow:0 learn_tasks /opt/learn/src/learn_tasks
+COPY pyproject.toml README.md constraints.txt ./
+COPY learn_tasks ./learn_tasks
 # Editable: the package reads configs/, feature_repo/, monitoring/ and dags/ beside itself (REPO_ROOT).
-# Pinning apache-airflow to the image's version keeps pip from changing Airflow itself
-# (the documented way to extend the official image).
-RUN pip install "apache-airflow==${AIRFLOW_VERSION}" -e /opt/learn/src
+RUN pip install -c constraints.txt -e .
+COPY configs ./configs
+COPY feature_repo ./feature_repo
+COPY monitoring ./monitoring
+COPY dags ./dags
 
-COPY --chown=airflow:0 configs /opt/learn/src/configs
-COPY --chown=airflow:0 feature_repo /opt/learn/src/feature_repo
-COPY --chown=airflow:0 monitoring /opt/learn/src/monitoring
-COPY --chown=airflow:0 dags /opt/learn/src/dags
+USER airflow
 WORKDIR /opt/airflow
+# `command: scheduler` in docker-compose.yml runs `airflow scheduler`
+ENTRYPOINT ["airflow"]
+CMD ["version"]

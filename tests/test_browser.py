@@ -294,7 +294,7 @@ def test_explorer_recommends_and_takes_a_new_item(local_stack, browser, capsys) 
     ensure_pipeline_ran(local_stack)
     d = browser
     d.get(local_stack["urls"]["service"] + "/explorer")
-    # The service swaps in the model the run promoted and indexed (within stack.reload_poll_s).
+    # The service swaps in the release the run wrote (within serve.release_poll_s).
     wait(d, 240, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true",
          "the explorer never showed a served model")
     users = wait(d, 60, lambda d: len(Select(d.find_element(By.ID, "user-select")).options) > 2

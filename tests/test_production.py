@@ -3,104 +3,38 @@ loaded against it, and that profile run for real on PostgreSQL (Airflow metadata
 Redis (Feast online store) and a Milvus server URI.
 
 No Docker engine runs here, so the compose file is checked by the specification's JSON schema (vendored
-in tests/data, see compose-spec.NOTICE.md) and by interpolating it the way `docker compose` does; the
-services it points at are exercised with the same settings against the local PostgreSQL and Redis.
+in tests/data, see compose-spec.NOTICE.md) and by interpolating it the way `docker compose` does
+(tests/compose_local.py); the services it points at are exercised with the same settings against the
+local PostgreSQL and Redis. tests/test_compose_stack.py runs the services themselves.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import shlex
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import jsonschema
 import numpy as np
 import pytest
 import yaml
 
+from compose_local import (COMPOSE, SECRET_VARS, env_example, generated_env, interpolate, load_compose, read_image,
+                           service_env, stack_databases as make_stack_databases, variables)
 from learn_tasks.config import REPO_ROOT, load_settings
 
-COMPOSE = REPO_ROOT / "docker-compose.yml"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 PROFILE = REPO_ROOT / "configs" / "production.yaml"
-ENV_EXAMPLE = REPO_ROOT / ".env.example"
-INIT_SQL = REPO_ROOT / "docker" / "postgres" / "init-databases.sh"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 LONG_RUNNING = {"postgres", "redis", "etcd", "minio", "milvus", "airflow-apiserver", "airflow-scheduler",
                 "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "learn-api", "evidently-ui"}
-
-
-# ==================================================================================================
-# Helpers: the compose file as `docker compose` reads it
-# ==================================================================================================
-def load_compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))  # anchors and `<<` merges resolved
-
-
-_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose variable interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
-    def repl(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        expr = m.group("braced") if m.group("braced") is not None else m.group("plain")
-        name, op, arg = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:?[-?])?(.*)", expr).groups()
-        value = env.get(name)
-        if op in (":-", ":?"):
-            missing = not value
-        else:
-            missing = value is None
-        if op in (":-", "-"):
-            return arg if missing else value
-        if op in (":?", "?"):
-            if missing:
-                raise KeyError(f"required variable {name} is missing: {arg}")
-            return value
-        return value or ""
-
-    return _VAR.sub(repl, text)
-
-
-def variables(text: str) -> set[str]:
-    names = set()
-    for m in _VAR.finditer(text):
-        expr = m.group("braced") or m.group("plain")
-        if expr:
-            names.add(re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0))
-    return names
-
-
-def env_example() -> dict[str, str]:
-    out = {}
-    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
-
-
-def generated_env() -> dict[str, str]:
-    """What `python docker/gen_env.py` would write to .env, as a dict."""
-    spec = importlib.util.spec_from_file_location("gen_env", REPO_ROOT / "docker" / "gen_env.py")
-    gen_env = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_env)
-    text, _ = gen_env.render(ENV_EXAMPLE.read_text(encoding="utf-8"))
-    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
-
-
-def service_env(compose: dict, service: str, env: dict[str, str]) -> dict[str, str]:
-    raw = compose["services"][service].get("environment", {})
-    return {k: interpolate(str(v), env) for k, v in raw.items()}
 
 
 # ==================================================================================================
@@ -140,14 +74,22 @@ def test_stack_services_health_checks_and_volumes() -> None:
                 assert source in named_volumes, f"{name} mounts undeclared volume {source}"
         image = interpolate(svc.get("image", ""), {})
         assert image and not image.endswith(":latest") and ":" in image, f"{name}: pin the image ({image!r})"
-    # Airflow runs on its official image with the project installed, on Celery, metadata in PostgreSQL.
-    dockerfile = (REPO_ROOT / "docker" / "airflow.Dockerfile").read_text(encoding="utf-8")
-    assert re.search(r"^FROM apache/airflow:3\.3\.2-python3\.11$", dockerfile, re.M)
+    # What is deployed is what was tested: both images install the project, Airflow and its providers
+    # included, with the constraints file the test suite runs with, on the same Python.
+    for name in ("airflow.Dockerfile", "service.Dockerfile"):
+        text = (REPO_ROOT / "docker" / name).read_text(encoding="utf-8")
+        assert re.search(r"^FROM python:3\.11-slim-bookworm$", text, re.M), name
+        assert re.search(r"^RUN pip install -c constraints\.txt -e \.$", text, re.M), name
+    assert read_image(REPO_ROOT / "docker" / "airflow.Dockerfile").entrypoint == ["airflow"]
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
                  "airflow-worker", "airflow-init"):
         assert services[name]["build"]["dockerfile"] == "docker/airflow.Dockerfile"
-        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("fab_auth_manager.FabAuthManager")
     assert services["airflow-worker"]["command"] == "celery worker"
+    # PostgreSQL is healthy only once it answers over TCP (not on the socket the init scripts use).
+    assert services["postgres"]["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
     # Only the front doors are published, and on a configurable (loopback by default) address.
     published = {n for n, s in services.items() if s.get("ports")}
     assert published == {"airflow-apiserver", "learn-api", "evidently-ui"}
@@ -167,6 +109,54 @@ def test_images_carry_the_files_the_package_reads_beside_itself() -> None:
         assert re.search(r"pip install [^\n]*-e ", text), f"{name}: install the package editable"
         for folder in used:
             assert re.search(rf"^COPY (--chown=\S+ )?{folder} ", text, re.M), f"{name} does not copy {folder}/"
+
+
+def test_milvus_server_major_is_the_client_major() -> None:
+    """The Milvus server the stack runs speaks the protocol of the pymilvus the code is tested with."""
+    from importlib.metadata import version
+
+    client_major = version("pymilvus").split(".")[0]
+    image = interpolate(load_compose()["services"]["milvus"]["image"], {})
+    for tag in (image, env_example()["MILVUS_IMAGE"]):
+        m = re.fullmatch(r"milvusdb/milvus:v(\d+)\.(\d+)\.(\d+)", tag)
+        assert m and m.group(1) == client_major, f"{tag} vs pymilvus {version('pymilvus')}"
+    # and its etcd and MinIO are pinned, from registries that still serve them
+    services = load_compose()["services"]
+    assert services["etcd"]["image"] == "quay.io/coreos/etcd:v3.5.25"
+    assert services["minio"]["image"].startswith("quay.io/minio/minio:RELEASE.")
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+
+
+def test_no_secret_is_written_on_a_command_line() -> None:
+    """`ps` shows command lines to every user: secrets reach processes through the environment only."""
+    compose, env = load_compose(), generated_env()
+    assert set(SECRET_VARS) == {k for k, v in env_example().items() if v == ""}  # every generated secret
+    secrets = [env[k] for k in SECRET_VARS]
+    assert all(secrets)
+    for name, svc in compose["services"].items():
+        for key in ("command", "entrypoint"):
+            value = svc.get(key)
+            argv = shlex.split(value) if isinstance(value, str) else list(value or [])
+            text = interpolate(json.dumps(argv), env)
+            assert not any(s in text for s in secrets), f"{name}: a secret in its {key}"
+        test = svc.get("healthcheck", {}).get("test", [])
+        text = interpolate(json.dumps(test), env)
+        assert not any(s in text for s in secrets), f"{name}: a secret in its health check"
+
+
+def test_airflow_settings_in_the_compose_file_are_airflow_3_options() -> None:
+    """Every AIRFLOW__SECTION__KEY the compose file sets is an option of Airflow 3.3 or its providers
+    (2.x's [webserver] expose_config, say, would silently do nothing)."""
+    from airflow.configuration import conf
+
+    options = conf.configuration_description  # Airflow's own options and every installed provider's
+    names = set()
+    for svc in load_compose()["services"].values():
+        names |= {k for k in (svc.get("environment") or {}) if k.startswith("AIRFLOW__")}
+    assert "AIRFLOW__API__EXPOSE_CONFIG" in names and not any(n.startswith("AIRFLOW__WEBSERVER__") for n in names)
+    for name in sorted(names):
+        section, key = name[len("AIRFLOW__"):].lower().split("__", 1)
+        assert key in options.get(section, {}).get("options", {}), f"{name}: Airflow has no option [{section}] {key}"
 
 
 def test_every_compose_variable_is_in_env_example() -> None:
@@ -251,26 +241,11 @@ def _pg_admin():
 @pytest.fixture
 def stack_databases() -> Iterator[dict[str, str]]:
     """Fresh Airflow and Feast databases and roles, made by the stack's own init script, dropped after."""
-    admin = _pg_admin()
-    tag = uuid.uuid4().hex[:8]
-    names = {"AIRFLOW_DB_NAME": f"learn_t_af_{tag}", "AIRFLOW_DB_USER": f"learn_t_af_{tag}",
-             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}",
-             "LEARN_DB_NAME": f"learn_t_ev_{tag}", "LEARN_DB_USER": f"learn_t_ev_{tag}"}
+    _pg_admin().close()
     secrets = {k: v for k, v in generated_env().items()
                if k in ("AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD", "LEARN_DB_PASSWORD")}
-    env = {**os.environ, **names, **secrets, "PGHOST": PG["host"], "PGPORT": str(PG["port"]),
-           "POSTGRES_USER": PG["user"], "POSTGRES_DB": "postgres"}
-    try:
-        done = subprocess.run(["bash", str(INIT_SQL)], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
+    with make_stack_databases(secrets, uuid.uuid4().hex[:8], PG) as names:
         yield {**names, **secrets}
-    finally:
-        with admin.cursor() as cur:
-            for db in (names["AIRFLOW_DB_NAME"], names["FEAST_DB_NAME"], names["LEARN_DB_NAME"]):
-                cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            for role in (names["AIRFLOW_DB_USER"], names["FEAST_DB_USER"], names["LEARN_DB_USER"]):
-                cur.execute(f'DROP ROLE IF EXISTS "{role}"')
-        admin.close()
 
 
 def _to_localhost(value: str) -> str:
@@ -292,16 +267,12 @@ def test_airflow_metadata_db_migrates_on_postgresql(stack_databases: dict[str, s
     assert re.fullmatch(r"redis://:[A-Za-z0-9_-]{16,}@127\.0\.0\.1:6379/1", broker)  # password, db 1
     redis = pytest.importorskip("redis")
     redis.Redis.from_url(re.sub(r"//:[^@]*@", "//", broker), socket_connect_timeout=3).ping()  # (no AUTH here)
-    if importlib.util.find_spec("airflow.providers.fab") is None:
-        # The FAB auth manager ships in the Airflow image, not in this test environment.
-        af_env["AIRFLOW__CORE__AUTH_MANAGER"] = (
-            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
     run_env.update(af_env, AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__DAGS_FOLDER=str(tmp_path / "dags"))
-    airflow = shutil.which("airflow", path=str(Path(sys.executable).parent)) or "airflow"
-    done = subprocess.run([airflow, "db", "migrate"], env=run_env, capture_output=True, text=True, timeout=300)
+    airflow = [sys.executable, "-m", "airflow"]  # this environment's Airflow
+    done = subprocess.run([*airflow, "db", "migrate"], env=run_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check = subprocess.run([airflow, "db", "check"], env=run_env, capture_output=True, text=True, timeout=120)
+    check = subprocess.run([*airflow, "db", "check"], env=run_env, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
 
     import psycopg2

@@ -212,7 +212,7 @@ def test_env_example_has_no_secret_values() -> None:
 
 def test_compose_secrets_are_required_and_never_defaulted() -> None:
     text = (REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8")
-    uses = re.findall(r"\$\{([A-Z0-9_]+)([^}]*)\}", text)
+    uses = re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)([^}]*)\}", text)  # $${VAR} is the container shell's, not compose's
     secret_uses = [(name, rest) for name, rest in uses if SECRET_NAME.search(name)]
     assert secret_uses
     for name, rest in secret_uses:
@@ -224,9 +224,10 @@ def test_compose_secrets_are_required_and_never_defaulted() -> None:
         for key, value in env.items():
             if SECRET_NAME.search(key) or re.search(r"PASSWORD|SECRET", key):
                 assert "${" in str(value), f"{svc_name}.{key} is a literal"
-    # The Airflow admin user is created with the generated password, not the image's airflow/airflow.
-    init_env = compose["services"]["airflow-init"]["environment"]
-    assert init_env["_AIRFLOW_WWW_USER_PASSWORD"].startswith("${AIRFLOW_ADMIN_PASSWORD:?")
+    # The Airflow admin user gets the generated password (on stdin of the Airflow CLI), never a default.
+    init = compose["services"]["airflow-init"]
+    assert init["environment"]["AIRFLOW_ADMIN_PASSWORD"].startswith("${AIRFLOW_ADMIN_PASSWORD:?")
+    assert '"$${AIRFLOW_ADMIN_PASSWORD}" | airflow users create' in init["command"][1]
 
 
 def test_generated_env_has_strong_unique_secrets(tmp_path: Path) -> None:
