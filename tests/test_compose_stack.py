@@ -80,7 +80,7 @@ def _prerequisites() -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    from learn_tasks.online import milvus_lite
+    from learn_tasks.online import milvus_server
 
     uts = _prerequisites()
     root = tmp_path_factory.mktemp("compose")
@@ -96,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     with stack_databases(dotenv, tag, PG) as made:
         assert made == names
         try:
-            server = milvus_lite.start(lite, port=free_port())
+            server = milvus_server.start(lite, port=free_port())
             standins = {"postgres:5432": f"{PG['host']}:{PG['port']}", "milvus:19530": server["uri"].split("//")[1]}
             local = LocalStack(root, dotenv, standins, LISTENS, extra_env=SMALL, uts=uts)
             t0 = time.monotonic()
@@ -118,7 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         finally:
             if local is not None:
                 local.down()
-            milvus_lite.stop(lite)
+            milvus_server.stop(lite)
 
 
 # ==================================================================================================

@@ -129,7 +129,6 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
         follower = ReleaseFollower(cfg, dataset)
         follower.check()  # the current release now, or the catalogue fallback with the reason
     serving = (lambda: recommender) if follower is None else (lambda: follower.serving)
-    served_dataset = recommender.dataset if follower is None else follower.dataset
     opened: list[eventlog.EventLog] = []  # the app's own handle on the log, for the served records
 
     def open_served_log() -> eventlog.EventLog:
@@ -137,7 +136,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
             opened.append(open_log(cfg))
         return opened[0]
 
-    served_log = events.ServedLog(lambda: (open_served_log(), served_dataset), cfg.eventlog.served_sample,
+    served_log = events.ServedLog(lambda: (open_served_log(), serving().dataset), cfg.eventlog.served_sample,
                                   cfg.eventlog.served_flush_s)
     token = os.environ.get(cfg.serve.token_env) or None
     metrics = CollectorRegistry()  # per app: several apps (tests) never share counters
