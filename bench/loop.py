@@ -168,6 +168,7 @@ class EventDriver:
         self.ack_ms: list[float] = []
         self.lock = threading.Lock()
         self.n = 0
+        self.resent = 0  # batches sent again after a transport error or a 503 (the kill -9)
 
     def _next(self) -> list[dict]:
         with self.lock:
@@ -186,6 +187,8 @@ class EventDriver:
             try:
                 r = client.post("/events", json={"events": events}, headers=self.headers)
             except httpx.HTTPError:
+                with self.lock:
+                    self.resent += 1
                 time.sleep(0.2)  # the service is down (killed): resend the same ids
                 continue
             if r.status_code == 202:
@@ -195,6 +198,8 @@ class EventDriver:
                     self.acked.update(body["event_ids"])
                     self.rejected.extend(body["rejected"])
                 return
+            with self.lock:
+                self.resent += 1
             time.sleep(0.2)  # 503 while starting: resend
         return
 
@@ -361,7 +366,7 @@ def main() -> None:
         proc = start_service(work, env, port, token)
         driver = EventDriver(base, token, users, items[S.ITEM_ID].tolist())
         log(f"events, 8 threads, {seconds / 2:.0f} s; then kill -9 of the service")
-        wall1 = driver.drive(seconds / 2, 8, n_events // 2)
+        wall1 = driver.drive(seconds / 2, 8, n_events // 3)
         killer_done = threading.Event()
 
         def killer() -> None:
@@ -372,7 +377,7 @@ def main() -> None:
 
         k = threading.Thread(target=killer)
         k.start()
-        during = threading.Thread(target=driver.drive, args=(3.0, 8, n_events))
+        during = threading.Thread(target=driver.drive, args=(3.0, 8, 2 * n_events // 3))
         during.start()
         k.join()
         proc = start_service(work, env, port, token)
@@ -407,7 +412,7 @@ def main() -> None:
         "release_switch_s": sw["release_switch_s"], "failed_requests_during_switch": sw["failed_requests_during_switch"],
         "new_item_hits": hits, "new_item_total": len(seeds),
     }
-    details = {"profile": args.profile, "quick": args.quick, "kills": 1, "rejected": len(driver.rejected),
+    details = {"profile": args.profile, "quick": args.quick, "kills": 1, "resent_batches": driver.resent, "rejected": len(driver.rejected),
                "rejected_without_reason": sum(1 for r in driver.rejected if not r.get("reason")),
                "landing": landed, "switch": sw, "prepared": {k: v for k, v in prep.items() if k != "second"},
                "wall_s": time.perf_counter() - t_start, "machine": platform.platform(),
