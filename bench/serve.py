@@ -119,7 +119,7 @@ def index_check(cfg, dataset: str, n_queries: int, n_latency: int) -> dict:
         exact_ms.append(1000 * (time.perf_counter() - t0))
     index.close(cfg)  # release Milvus Lite for the service process
     return {"index_recall_at_10": rec["recall_at_10"], "recall_queries": rec["queries"], "index_rows": len(everything),
-            "index_type": cfg.index.index_type, "index_search_ms_p50": pct(milvus_ms, 50),
+            "index_type": index.index_type_for(cfg, len(everything)), "index_search_ms_p50": pct(milvus_ms, 50),
             "index_search_ms_p99": pct(milvus_ms, 99), "exact_numpy_search_ms_p50": pct(exact_ms, 50),
             "exact_numpy_search_ms_p99": pct(exact_ms, 99), "latency_queries": len(milvus_ms)}
 

@@ -160,6 +160,9 @@ class IndexConfig(_Section):
     alias: str = Field("items", description="stable alias prefix; the alias of a dataset is <alias>__<dataset>")
     keep_versions: int = Field(3, description="collections kept per dataset (rollback targets)")
     index_type: str = Field("HNSW", description="FLAT | HNSW | IVF_FLAT ...")
+    flat_max_rows: int | None = Field(100_000, ge=0, description="a collection of at most this many items is FLAT "
+                                                                 "(exact search) whatever index_type says; None = "
+                                                                 "always index_type")
     metric: str = "IP"
     index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
     search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 128})
@@ -227,6 +230,21 @@ class MonitorConfig(_Section):
     long_tail_exposure_min: float | None = Field(
         None, description="alert when long-tail items hold less than this share of the top-K recommendations")
     exposure_k: int = Field(10, ge=1, description="K of the exposure and coverage series")
+    # --- live traffic (the served and event logs of the last online_window_h hours)
+    online_window_h: float = Field(24.0, gt=0, description="hours of live traffic a run reports (log time)")
+    online_fallback_share_max: float | None = Field(
+        0.5, description="alert when more served responses than this are fallbacks (popular, seeded)")
+    online_latency_p99_ms_max: float | None = Field(
+        250.0, description="alert when the served responses' p99 latency (the service's own time) is above this")
+    online_new_item_first_impression_s_max: float | None = Field(
+        86400.0, description="alert when an item added online waited longer than this for its first impression")
+    online_hit_rate_min: float | None = Field(
+        None, description="alert when fewer served responses than this share led to a consumed item (off: "
+                          "depends on the product)")
+    online_cold_start_exposure_min: float | None = Field(
+        None, description="alert when cold-start items hold less than this share of the served item slots")
+    online_long_tail_exposure_min: float | None = Field(
+        None, description="alert when long-tail items hold less than this share of the served item slots")
     min_current_events: int | None = Field(1, description="alert when the current window has fewer events")
     min_rows: int = Field(30, ge=1, description="fewest events / users / warm-item events behind a share or "
                                                "drift alert (smaller windows are reported, not alerted on)")
@@ -239,8 +257,9 @@ class MonitorConfig(_Section):
     embedding_report_components: int = Field(5, ge=1, description="principal components shown in the content report")
     seed: int = 0
     # --- where results go
-    eval_model: str | None = Field(None, description="model kind whose evaluation is tracked; None = the promoted "
-                                                     "model's kind, else pipeline.model")
+    eval_model: str | None = Field(None, description="model kind whose evaluation is tracked; None = the released "
+                                                     "model's (what serves), else the promoted model's kind, else "
+                                                     "pipeline.model")
     project: str = Field("learn monitoring: {dataset}", description="Evidently workspace project name")
     dashboard_file: str | None = Field(None, description="dashboard definition (default monitoring/dashboard.yaml)")
     ui_host: str = Field("127.0.0.1", description="Evidently UI host (loopback)")

@@ -56,7 +56,8 @@ def test_item_rows_validation_and_names() -> None:
 # ------------------------------------------------------------------------------------- Milvus Lite
 @pytest.mark.integration
 def test_alias_swap_keep_versions_rollback_upsert(settings: Settings) -> None:
-    cfg = settings.with_overrides(index={"keep_versions": 2, "index_type": "HNSW", "recall_queries": 64})
+    cfg = settings.with_overrides(index={"keep_versions": 2, "index_type": "HNSW", "flat_max_rows": None,
+                                            "recall_queries": 64})
     try:
         first = index.build(cfg, "books", "v1", rows(seed=1))
         assert first["previous"] is None and index.current(cfg, "books") == index.collection_name("books", "v1")

@@ -161,7 +161,7 @@ def test_dashboard_definition_builds_named_panels() -> None:
     limits = rules.thresholds(mc)
     model = dashboard.dashboard_model(dashboard.load_dashboard_spec(), limits, mc)
     titles = [p.title for p in model.panels]
-    assert [t.title for t in model.tabs] == ["Overview", "Cold-start", "Long-tail"]
+    assert [t.title for t in model.tabs] == ["Overview", "Cold-start", "Long-tail", "Live traffic"]
     assert any(t.startswith("Cold-start: share of events") for t in titles)
     assert any(t.startswith("Long-tail: share of warm-item events") for t in titles)
     assert "Cold-start: exposure in the top-10" in titles
@@ -169,7 +169,8 @@ def test_dashboard_definition_builds_named_panels() -> None:
     assert "cold_start.event_share.max = 0.45" in text.subtitle
     columns = {v.metric_labels["column"] for p in model.panels for v in p.values}
     assert {"cold_start.event_share", "cold_start.event_share.max", "long_tail.event_share",
-            "long_tail.event_share.min", "cold_start.embedding_drift"} <= columns
+            "long_tail.event_share.min", "cold_start.embedding_drift", "online.fallback_share",
+            "online.fallback_share.max", "online.latency_ms_p99", "online.hit_rate"} <= columns
 
 
 # --------------------------------------------------------------------------------------------------

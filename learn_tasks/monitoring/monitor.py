@@ -65,12 +65,13 @@ from learn_tasks.monitoring.quality import eval_values, latest_eval
 from learn_tasks.monitoring.reports import (SUMMARY_TAG, content_report, drift_name, embedding_drift, evidently_dataset,
                                             evidently_env, interactions_report, principal_components, snapshot_values,
                                             summary_report, users_report)
-from learn_tasks.monitoring.rules import SLICE_NEW_USERS, check_thresholds, finite, fmt, raise_for_alerts, thresholds
+from learn_tasks.monitoring import online
+from learn_tasks.monitoring.rules import SLICE_NEW_USERS, SLICE_ONLINE, check_thresholds, finite, fmt, raise_for_alerts, thresholds
 from learn_tasks.storage import atomic_dir, write_json
 
 log = logging.getLogger("learn.monitor")
 
-SECTIONS = ("interactions", "users", "content")
+SECTIONS = ("interactions", "users", "content", "online")
 
 
 # ==================================================================================================
@@ -123,16 +124,39 @@ def _users_section(w: Windows, cfg: Settings, evaluate_section, values: dict[str
 # ==================================================================================================
 # Entry point
 # ==================================================================================================
+def _online_section(cfg: Settings, dataset: str, start: Any, end: Any, evaluate_section, values: dict[str, float],
+                    thin: set[str], notes: list[str]) -> dict[str, str]:
+    """Live traffic of the served and event logs (:mod:`learn_tasks.monitoring.online`); returns its window."""
+    try:
+        t = online.traffic_window(cfg, dataset, start, end)
+    except Exception as exc:  # noqa: BLE001 - a log that cannot be read is a note, the offline report goes on
+        notes.append(f"live traffic: the event log could not be read ({exc}); online values left out")
+        return {}
+    frame = online.served_frame(t)
+    report_values = evaluate_section("online", online.online_report(), frame, None) if len(frame) else None
+    values.update(online.online_values(t, report_values))
+    if t.served.empty:
+        notes.append(f"live traffic: no served response logged in [{t.start}, {t.end})")
+    if len(t.served) < cfg.monitor.min_rows:
+        if len(t.served):
+            notes.append(f"live traffic: only {len(t.served)} served response(s): reported, no alert on its shares "
+                         f"and latency (fewer than monitor.min_rows = {cfg.monitor.min_rows})")
+        thin.update(f"{SLICE_ONLINE}.{m}" for m in ("fallback_share", "latency_ms_p99", "hit_rate",
+                                                     "cold_start_exposure", "long_tail_exposure"))
+    return {"online": [str(t.start), str(t.end)]}
+
+
 def monitor_window(cfg: Settings, dataset: str, current_start: str | None = None, current_end: str | None = None,
                    *, run_id: str | None = None, run_date: str | None = None,
                    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
-                   fail_on_alert: bool = False) -> dict[str, Any]:
+                   fail_on_alert: bool = False, online_start: Any = None, online_end: Any = None) -> dict[str, Any]:
     """Monitor ``dataset``: reports, workspace snapshots and alerts (see the module docstring).
 
     ``current_start`` / ``current_end``: ISO times of the current window ``[start, end)`` (default: the
     temporal split's test window). ``run_id`` names the run (default: a new one); re-running an id replaces
     its outputs. ``run_date`` (``YYYY-MM-DD``, default today in UTC) names the report folder.
-    ``embeddings`` = ``(item_ids, vectors)`` instead of the CEG store. With ``fail_on_alert`` a run with
+    ``embeddings`` = ``(item_ids, vectors)`` instead of the CEG store. ``online_start`` / ``online_end``: the
+    live-traffic window in log time (default: the ``monitor.online_window_h`` hours before now). With ``fail_on_alert`` a run with
     alerts raises :class:`MonitoringAlert` after writing everything.
 
     Returns ``{"dataset", "run_id", "alerts": [{slice, metric, value, threshold, kind, message}], "report"
@@ -190,6 +214,9 @@ def monitor_window(cfg: Settings, dataset: str, current_start: str | None = None
             values[f"{S.SLICE_COLD_START}.embedding_drift"] = score
             values[f"{S.SLICE_COLD_START}.items_encoded"] = float(len(cur_e))
 
+    # --- live traffic: the served and event logs
+    online_window = _online_section(cfg, dataset, online_start, online_end, evaluate_section, values, thin, notes)
+
     # --- recommendation behaviour from the newest evaluation
     eval_path, metrics, note = latest_eval(cfg, dataset)
     if note:
@@ -213,7 +240,7 @@ def monitor_window(cfg: Settings, dataset: str, current_start: str | None = None
     # --- files
     out = cfg.paths.reports("monitoring") / run_date / dataset
     window = {"reference": [str(w.reference[S.EVENT_TIMESTAMP].min()), str(w.reference_end)],
-              "current": [str(w.start), str(w.end)], "activity_reference": [str(w.recent_start), str(w.reference_end)]}
+              "current": [str(w.start), str(w.end)], "activity_reference": [str(w.recent_start), str(w.reference_end)], **online_window}
     result: dict[str, Any] = {
         "dataset": dataset, "run_id": run_id, "run_date": run_date, "created": now.isoformat(),
         "alerts": alerts, "report": str(out / "report.html"), "summary": str(out / "summary.json"),

@@ -1,8 +1,10 @@
 """Recommendation behaviour per slice, read from the newest offline evaluation of the tracked model kind.
 
-The tracked kind is ``monitor.eval_model``; when that is None it is the kind of the dataset's promoted model
-(what serves), else ``pipeline.model`` (what the pipeline trains); ``""`` tracks any kind. Evaluations are
-``$LEARN_HOME/reports/eval/<dataset>/*/metrics.json``; only test-stage ones count.
+The tracked kind is ``monitor.eval_model``; when that is None it is the kind of the model the service
+serves (the dataset's current release, :func:`learn_tasks.online.releases.current`), else of the promoted
+model, else ``pipeline.model`` (what the pipeline trains); ``""`` tracks any kind. Evaluations are
+``$LEARN_HOME/reports/eval/<dataset>/*/metrics.json``; only test-stage ones count, and when the released run
+has one of its own, that one is read (not a newer evaluation of another run of the same kind).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.monitoring.rules import finite
+from learn_tasks.online import releases
 from learn_tasks.pch import registry
 from learn_tasks.storage import read_json
 
@@ -22,10 +25,20 @@ log = logging.getLogger("learn.monitor")
 _QUALITY = re.compile(r"^(recall|ndcg|hr)@\d+$|^mrr$")
 
 
+def served_run(cfg: Settings, dataset: str) -> Path | None:
+    """The model run folder of the dataset's current release (None before the first release)."""
+    rel = releases.current(cfg, dataset)
+    return releases.model_dir(cfg, dataset, rel) if rel else None
+
+
 def tracked_model(cfg: Settings, dataset: str) -> str:
     """The model kind whose evaluation monitoring tracks (see the module docstring)."""
     if cfg.monitor.eval_model is not None:
         return cfg.monitor.eval_model
+    served = served_run(cfg, dataset)
+    kind = registry.run_kind(served) if served is not None else None
+    if kind:
+        return kind
     run_dir = registry.promoted(cfg, dataset)
     if run_dir is not None:
         kind = registry.run_kind(run_dir)
@@ -56,8 +69,15 @@ def latest_eval(cfg: Settings, dataset: str) -> tuple[Path | None, dict[str, Any
         which = f"model {want!r}" if want else "any model"
         return None, None, (f"no evaluation of {which} for dataset {dataset!r} under {root}; recommendation "
                             f"metrics are left out (run `learn evaluate --dataset {dataset}`)")
-    _, path, m = max(found, key=lambda t: (t[0], t[1].stat().st_mtime))
+    served = served_run(cfg, dataset) if cfg.monitor.eval_model is None else None
+    own = [f for f in found if served is not None and _run_name(f[2]) == served.name]
+    _, path, m = max(own or found, key=lambda t: (t[0], t[1].stat().st_mtime))
     return path, m, None
+
+
+def _run_name(metrics: dict[str, Any]) -> str | None:
+    run_dir = (metrics.get("meta") or {}).get("run_dir")
+    return Path(run_dir).name if run_dir else None
 
 
 def eval_values(metrics: dict[str, Any], k: int) -> dict[str, float]:

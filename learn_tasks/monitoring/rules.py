@@ -16,6 +16,7 @@ from learn_tasks import schema as S
 from learn_tasks.config import MonitorConfig
 
 SLICE_NEW_USERS = "new_users"  # users with no training event (a subset of schema.SLICE_COLD_USERS)
+SLICE_ONLINE = "online"  # live traffic from the served and event logs (learn_tasks.monitoring.online)
 
 
 class MonitoringAlert(RuntimeError):
@@ -53,6 +54,12 @@ def rules(mc: MonitorConfig) -> list[Rule]:
         Rule(S.SLICE_COLD_START, "embedding_drift", "max", "embedding_drift_max"),
         Rule(S.SLICE_COLD_START, f"exposure@{k}", "min", "cold_start_exposure_min"),
         Rule(S.SLICE_LONG_TAIL, f"exposure@{k}", "min", "long_tail_exposure_min"),
+        Rule(SLICE_ONLINE, "fallback_share", "max", "online_fallback_share_max"),
+        Rule(SLICE_ONLINE, "latency_ms_p99", "max", "online_latency_p99_ms_max"),
+        Rule(SLICE_ONLINE, "new_item_first_impression_s_max", "max", "online_new_item_first_impression_s_max"),
+        Rule(SLICE_ONLINE, "hit_rate", "min", "online_hit_rate_min"),
+        Rule(SLICE_ONLINE, "cold_start_exposure", "min", "online_cold_start_exposure_min"),
+        Rule(SLICE_ONLINE, "long_tail_exposure", "min", "online_long_tail_exposure_min"),
     ]
 
 

@@ -132,6 +132,14 @@ class ModelBundle:
             idx = torch.zeros(len(content), dtype=torch.long)
             return self.net.encode_items(c, idx).float().numpy()
 
+    def seed_query(self, vector: np.ndarray) -> np.ndarray:
+        """The query of a seeded search from a stored item vector (the vector itself unless evidence
+        weighting stores ``[w v, (1 - w) v']``; see :func:`learn_tasks.pch.model.seed_query`)."""
+        c = self.net.config
+        if c.mix_k > 0 and np.shape(vector)[-1] == 2 * c.out_dim:
+            return M.seed_query(vector, c.out_dim)
+        return np.asarray(vector, np.float32)
+
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """User-tower embeddings [B, out] of item-id histories (oldest first, every id known, non-empty)."""
         import torch

@@ -186,10 +186,20 @@ def _schema(dim: int):
     return schema
 
 
-def _index_params(client: "MilvusClient", cfg: Settings):
+def index_type_for(cfg: Settings, n_rows: int) -> str:
+    """The index type of a collection of ``n_rows`` items: FLAT (exact) up to ``index.flat_max_rows``, where a
+    brute-force search costs about a millisecond and a graph index only loses recall (the evidence-weighted
+    vectors of ``learn_hybrid`` are not unit length, which inner-product HNSW handles worst), else
+    ``index.index_type``."""
+    limit = cfg.index.flat_max_rows
+    return "FLAT" if limit is not None and n_rows <= limit else cfg.index.index_type
+
+
+def _index_params(client: "MilvusClient", cfg: Settings, n_rows: int):
+    kind = index_type_for(cfg, n_rows)
     params = client.prepare_index_params()
-    params.add_index(field_name=VECTOR, index_type=cfg.index.index_type, metric_type=cfg.index.metric,
-                     params=dict(cfg.index.index_params) if cfg.index.index_type != "FLAT" else {})
+    params.add_index(field_name=VECTOR, index_type=kind, metric_type=cfg.index.metric,
+                     params=dict(cfg.index.index_params) if kind != "FLAT" else {})
     return params
 
 
@@ -355,7 +365,7 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
                 raise IndexStoreError(f"{name} is live behind {alias} but incomplete; roll back first")
             client.drop_collection(name)
     if not reused:
-        client.create_collection(name, schema=_schema(rows.vectors.shape[1]), index_params=_index_params(client, cfg),
+        client.create_collection(name, schema=_schema(rows.vectors.shape[1]), index_params=_index_params(client, cfg, len(rows)),
                                  consistency_level="Strong")
         _set_properties(client, name, dataset=dataset, version=version, complete="0",
                         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
@@ -381,7 +391,7 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
         swap_alias(client, alias, name)
     dropped = prune(cfg, dataset, client) if swap else []
     return {"dataset": dataset, "version": version, "collection": name, "alias": alias, "rows": len(rows),
-            "dim": int(rows.vectors.shape[1]), "index_type": cfg.index.index_type, "metric": cfg.index.metric,
+            "dim": int(rows.vectors.shape[1]), "index_type": index_type_for(cfg, len(rows)), "metric": cfg.index.metric,
             "index_recall_at_10": check["recall_at_10"], "recall_queries": check["queries"],
             "search_ms_per_query": check["search_ms_per_query"], "load_s": load_s, "reused": reused,
             "previous": previous, "swapped": swap, "dropped": dropped, "uri_kind": resolve_uri(cfg)[2]}

@@ -341,7 +341,7 @@ class Recommender:
                 if vec is None:
                     raise ServeError(f"seed_item {seed_item} is not in the index", 404)
                 exclude |= {int(seed_item)}
-                items = rank(self._search(vec, k + len(exclude), exclude), exclude, k)
+                items = rank(self._search(self.bundle.seed_query(vec), k + len(exclude), exclude), exclude, k)
                 strategy = STRATEGY_SEED
             else:
                 items, strategy = popular_fallback(self.popular, exclude, k), STRATEGY_POPULAR

@@ -25,7 +25,12 @@ vectors use the item IDs, the primed ones use the unknown-item row for every ite
 the ID dropout trains), and ``w_i = n_i / (n_i + k)`` with ``n_i`` the item's training events (the
 ``id_count`` buffer): a cold item is scored from content alone, a popular one almost only with its ID.
 The towers then return the concatenation ``[u, u']`` and ``[w v, (1 - w) v']`` (``2 * out_dim`` wide), so
-the mixed score is still one inner product for Milvus.
+the mixed score is still one inner product for Milvus. A stored item vector is an *item* side, never a query:
+searching with it (the ``content_based_seed`` strategy) would weight the seed's content half by its own
+``1 - w``, which is near 0 for a popular seed, so an item with the seed's text but no evidence would score
+about 0. :func:`seed_query` turns a stored item vector back into the query ``[v, v']`` (what the user tower
+gives for a one-item history with item tower ``a``): then an item with the seed's text scores
+``<v', v'_new>``, about 1.
 
 Every item is encoded alone, in training and at serving, so an item embedding depends only on that item
 (its text, plus its ID for the hybrid): an item with zero interactions has one, and there is no train/serve
@@ -275,6 +280,23 @@ class PCH(nn.Module):
         states = self.user_states(self.embed_items(content, item_idx))  # [B, L, out]
         last = (mask.sum(1) - 1).clamp(min=0)
         return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+def seed_query(vectors, out_dim: int):
+    """Stored evidence-weighted item vectors ``[w v, (1 - w) v']`` -> seed queries ``[v, v']`` (numpy, [..., 2 out_dim]).
+
+    Each half is re-normalised; a half that is 0 (``w`` = 0 for an item without training evidence, whose ID
+    pathway is then the unknown row, so ``v = v'``) takes the other half.
+    """
+    import numpy as np
+
+    x = np.asarray(vectors, np.float32)
+    a, b = x[..., :out_dim], x[..., out_dim:]
+    na, nb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
+    eps = 1e-12
+    ua = np.where(na > eps, a / np.maximum(na, eps), b / np.maximum(nb, eps))
+    ub = np.where(nb > eps, b / np.maximum(nb, eps), ua)
+    return np.concatenate([ua, ub], -1).astype(np.float32)
 
 
 def left_align(content: Tensor | None, mask: Tensor, item_idx: Tensor | None) -> tuple:
