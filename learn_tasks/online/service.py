@@ -269,12 +269,19 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
                       "properties": {"events": {"type": "array", "items": Event.model_json_schema(),
                                                 "maxItems": cfg.eventlog.max_batch}}}]}}}}})
     def add_events(payload: Any = Body(..., openapi_examples=EVENT_EXAMPLES)):
-        rec = serving()  # one release for the whole request
-        if not isinstance(rec, Recommender):
-            raise ServeError(f"{rec.reason()}: events are recorded once a release is served", 503)
+        chosen: list[Recommender] = []
+
+        def rec() -> Recommender:
+            """The release serving this request, read once (only when the events are well-formed)."""
+            if not chosen:
+                current = serving()
+                if not isinstance(current, Recommender):
+                    raise ServeError(f"{current.reason()}: events are recorded once a release is served", 503)
+                chosen.append(current)
+            return chosen[0]
 
         def known(item_id: int) -> bool:
-            return rec.known_item(item_id)
+            return rec().known_item(item_id)
 
         now, tolerance = eventlog.now_us(), cfg.validate_.future_tolerance_s
         if isinstance(payload, dict) and "events" in payload:
@@ -283,7 +290,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
             if len(payload["events"]) > cfg.eventlog.max_batch:
                 raise ServeError(f"{len(payload['events'])} events in one request; at most eventlog.max_batch = "
                                  f"{cfg.eventlog.max_batch}", 413)
-            out = rec.store_events([events.check_event(i, raw, now, tolerance, known)
+            out = rec().store_events([events.check_event(i, raw, now, tolerance, known)
                                     for i, raw in enumerate(payload["events"])])
             m_events.labels("accepted").inc(out["accepted"])
             m_events.labels("duplicate").inc(out["duplicates"])
@@ -293,7 +300,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
         checked = events.check_event(0, payload, now, tolerance, known)
         res = checked
         if isinstance(checked, eventlog.Event):
-            out = rec.store_events([checked])
+            out = rec().store_events([checked])
             res = out["results"][0]
         if isinstance(res, events.Rejected):
             m_events.labels("rejected").inc()
@@ -301,7 +308,7 @@ def create_app(cfg: Settings, dataset: str | None = None, recommender: Recommend
             return JSONResponse({"detail": res.reason, "accepted": 0, "duplicates": 0, "rejected": [res.as_dict()],
                                  "event_ids": []}, status_code=status)
         m_events.labels("duplicate" if res.duplicate else "accepted").inc()
-        return JSONResponse(rec.single_event_answer(out, payload), status_code=202)
+        return JSONResponse(rec().single_event_answer(out, payload), status_code=202)
 
     @app.get("/health", summary="Release, model, Feast and Milvus checks")
     def health():
