@@ -86,7 +86,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("compose")
     tag = uuid.uuid4().hex[:8]
     names = {"AIRFLOW_DB_NAME": f"learn_t_af_{tag}", "AIRFLOW_DB_USER": f"learn_t_af_{tag}",
-             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}"}
+             "FEAST_DB_NAME": f"learn_t_fe_{tag}", "FEAST_DB_USER": f"learn_t_fe_{tag}",
+             "LEARN_DB_NAME": f"learn_t_ev_{tag}", "LEARN_DB_USER": f"learn_t_ev_{tag}"}
     dotenv = write_dotenv(root / ".env", {**names, "LEARN_DATA_DIR": str(root / "data"),
                                           "LEARN_INCOMING_DIR": str(root / "incoming"),
                                           "AIRFLOW_WORKER_CONCURRENCY": "1"})
