@@ -196,7 +196,7 @@ def test_speed_settings_give_the_same_embeddings(settings: Settings):
     np.testing.assert_allclose(one_batch.encode_texts(texts), many, atol=2e-5)
 
 
-def test_onednn_swap_takes_plain_fp32_linear_layers_only():
+def test_onednn_swap_takes_plain_linear_layers_only():
     import torch
 
     if not kernels.onednn_linear_available():
@@ -213,7 +213,13 @@ def test_onednn_swap_takes_plain_fp32_linear_layers_only():
     weight = model[0].weight
     with torch.inference_mode():
         want = model(x)
-        assert kernels.use_onednn_linear(model) == 2 and kernels.use_onednn_linear(torch.nn.Sequential(half)) == 0
+        assert kernels.use_onednn_linear(model) == 2
+        bf16_too = kernels.native_bf16() and kernels.onednn_linear_available("bf16")
+        halves = torch.nn.Sequential(half)
+        xb = torch.randn(2, 4).to(torch.bfloat16)
+        want_b = halves(xb)
+        assert kernels.use_onednn_linear(halves) == int(bf16_too)  # bf16 only where the CPU computes it natively
+        torch.testing.assert_close(halves(xb), want_b, atol=2e-2, rtol=2e-2)
         assert isinstance(model[0], kernels.onednn_linear_type()) and type(model[2]) is Custom
         assert isinstance(model[3][0], kernels.onednn_linear_type())
         assert model[0].weight is weight  # the same tensor: no copy of the weights

@@ -189,7 +189,7 @@ class Encoder:
         model = model.to(self.device).eval().requires_grad_(False)
         if ecfg.quantize == "int8":
             model = _quantize_int8(model)
-        # The Linear layers quantisation left in fp32 (all of them without it) run through oneDNN on a CPU.
+        # On a CPU the Linear layers that quantisation left as they were run through oneDNN (see kernels).
         self.onednn_layers = kernels.use_onednn_linear(model) if ecfg.onednn and self.device == "cpu" else 0
         if self.device == "cpu" and ecfg.dtype != "fp32" and not kernels.native_bf16():
             log.warning("encode.dtype=%s on a CPU without native bf16 arithmetic is emulated and slower than "
