@@ -8,7 +8,7 @@ configurable layer and are pooled by mean over the attention mask (LEARN's choic
 or first token. Texts are tokenised once in bulk (the fast tokenizer), sorted by token length and cut
 into batches by a token budget, which keeps padding (wasted compute) near zero and each batch's
 activations small enough to stay in cache. Attention runs through PyTorch's SDPA kernel; on a CPU the
-fp32 Linear layers run through oneDNN (:mod:`learn_tasks.ceg.kernels`). Over-long text is truncated at
+Linear layers run through oneDNN (:mod:`learn_tasks.ceg.kernels`). Over-long text is truncated at
 ``encode.max_tokens`` tokens and flagged.
 
 The encoder's fingerprint covers everything that changes an embedding (model id, weights hash,
@@ -191,9 +191,9 @@ class Encoder:
             model = _quantize_int8(model)
         # On a CPU the Linear layers that quantisation left as they were run through oneDNN (see kernels).
         self.onednn_layers = kernels.use_onednn_linear(model) if ecfg.onednn and self.device == "cpu" else 0
-        if self.device == "cpu" and ecfg.dtype != "fp32" and not kernels.native_bf16():
-            log.warning("encode.dtype=%s on a CPU without native bf16 arithmetic is emulated and slower than "
-                        "fp32; use it on a GPU or a CPU with AVX512-BF16/AMX", ecfg.dtype)
+        if self.device == "cpu" and ecfg.dtype == "bf16" and not kernels.native_bf16():
+            log.warning("encode.dtype=bf16 on a CPU without native bf16 arithmetic is emulated and slower than "
+                        "fp32; use it on a GPU or a CPU with AVX512-BF16/AMX")
         self.model = model
         # Decoder-only LLMs often have no pad token; any id works because padded positions are masked
         # out of pooling and, with right padding and causal attention, never seen by real tokens.
