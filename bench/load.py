@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
 RESULTS = ROOT / "bench" / "results" / "load.json"
 
 
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=200_000, help="upper bound on requests")
     ap.add_argument("--train-budget-s", type=float, default=120.0, help="only when no model is promoted")
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
+    hygiene.add_arguments(ap)
     args = ap.parse_args()
     duration = args.duration or (20.0 if args.quick else 60.0)
 
@@ -203,6 +206,7 @@ def main() -> None:
     items = catalogue[S.ITEM_ID].to_numpy()[:50_000].tolist()
     titles = catalogue[S.TITLE].astype(str).to_numpy()[:1000].tolist()
 
+    run = hygiene.begin(args, say=log)  # the measured part: the service under load (after preparation)
     port, token = sb.free_port(), secrets.token_hex(16)
     log(f"starting the service on 127.0.0.1:{port} (search={args.search})")
     proc = sb.start_service(str(work), args.dataset, port, token, args.search, args.startup_timeout_s)
@@ -238,6 +242,7 @@ def main() -> None:
         "total_s": time.perf_counter() - t_start,
         "notes": "loopback only; driver and service share this machine's CPUs (driver = this process).",
     }
+    result.update(run.finish())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, RESULTS)
     log(f"wrote {RESULTS}")

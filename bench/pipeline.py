@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
 
 SOURCE = "amazon-books-2014-sample"
 DATASET = "amazon-books-bench"
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--phase", choices=["full", "incremental"], help=argparse.SUPPRESS)
     ap.add_argument("--day", help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
+    hygiene.add_arguments(ap)
     args = ap.parse_args()
     if args.phase:
         phase(args.home, args.phase, args.day, args.quick, args.phase_out)
@@ -141,6 +144,7 @@ def main() -> None:
     info = carve(home, args.quick)
     print(f"base: {info['base_events']} events, {info['base_items']} items; increment: {info['new_events']} events "
           f"on {info['last_day']}, {info['new_items']} new items  (LEARN_HOME {home})", flush=True)
+    run = hygiene.begin(args)  # the measured part: both pipeline runs
     runs = {}
     for mode, day in (("full", info["full_day"]), ("incremental", info["last_day"])):
         out = home / f"bench_{mode}.json"
@@ -148,8 +152,10 @@ def main() -> None:
         if args.quick:
             cmd.append("--quick")
         print(f"{mode} run ...", flush=True)
+        before = hygiene.Snapshot.take()
         subprocess.run(cmd, check=True, env={**os.environ, "LEARN_PROGRESS": "1"})
         runs[mode] = json.loads(out.read_text())
+        runs[mode]["others"] = hygiene.other_cpu(before, hygiene.Snapshot.take())  # other processes' CPU meanwhile
         print(f"{mode}: {runs[mode]['wall_s']} s, peak RSS {runs[mode]['peak_rss_mb']} MB, ok={runs[mode]['ok']}",
               flush=True)
     full, inc = runs["full"]["wall_s"], runs["incremental"]["wall_s"]
@@ -164,6 +170,7 @@ def main() -> None:
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),
         "learn_home": str(home),
     }
+    result.update(run.finish())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"full {full} s, incremental {inc} s, ratio {result['ratio']}, peak RSS {result['peak_rss_mb']} MB "

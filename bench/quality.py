@@ -35,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
 
 from learn_tasks import schema as S  # noqa: E402
 from learn_tasks.config import BASELINE_KINDS, MODEL_KINDS, load_settings  # noqa: E402
@@ -238,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation-only", action="store_true",
                     help="only the LEARN ablation, next to the `learn` results of the existing output (implies --merge)")
     ap.add_argument("--output", type=Path, default=RESULT)
+    hygiene.add_arguments(ap)
     args = ap.parse_args(argv)
+    run = hygiene.begin(args)
 
     full = not args.quick
     if args.ablation_only:  # the other phases and models come from the existing output
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and args.output.exists():  # the earlier run's meta stays; this run's goes beside it
         result[f"meta_{'ablation' if args.ablation_only else 'update'}"] = result.pop("meta")
         result = deep_merge(json.loads(args.output.read_text(encoding="utf-8")), result)
+    earlier_noisy = bool(result.get("noisy"))  # a merged file is only as clean as its noisiest run
+    result.update(run.finish())
+    result["noisy"] = result["noisy"] or earlier_noisy
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 TARGETS = {"p99_ms": 50.0, "errors": 0, "new_item_s": 1.0}
 
@@ -262,6 +264,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="seconds per concurrency level (upper bound)")
     ap.add_argument("--train-budget-s", type=float, default=120.0)
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
+    hygiene.add_arguments(ap)
     args = ap.parse_args()
     n_req = args.requests or (300 if args.quick else 2000)
     duration = args.duration or (40.0 if args.quick else 120.0)
@@ -296,6 +299,7 @@ def main() -> None:
     seeds = [(int(i), str(titles.get(i, f"item {i}"))) for i in rng.choice(popular, size=3 if args.quick else 10,
                                                                            replace=False)]
 
+    run = hygiene.begin(args, say=log)  # the measured part: start-up and requests (after training/indexing)
     port, token = free_port(), secrets.token_hex(16)
     log(f"starting the service on 127.0.0.1:{port} (search={args.search})")
     t0 = time.perf_counter()
@@ -341,6 +345,7 @@ def main() -> None:
         "total_s": time.perf_counter() - t_start,
         "notes": "service and driver share this machine's CPUs; the driver is a separate process (this one).",
     }
+    result.update(run.finish())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from learn_tasks.storage import write_json
 

@@ -65,9 +65,12 @@ class EncodeConfig(_Section):
     normalize: bool = Field(True, description="L2-normalise each embedding")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="model weights/compute dtype (bf16/fp16 for GPUs)")
     quantize: Literal["none", "int8"] = Field("none", description="dynamic int8 Linear layers (CPU fast mode)")
-    batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward batch")
+    batch_tokens: int = Field(2048, ge=1, description="padded tokens per forward batch (CPU: small batches stay in "
+                                                       "cache; raise it on a GPU)")
     max_batch: int = Field(128, ge=1, description="texts per forward batch at most")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    onednn: bool = Field(True, description="CPU: Linear layers through oneDNN (AVX-512 where MKL uses AVX2; bf16 "
+                                           "on CPUs with native bf16); same embeddings up to float rounding")
     shard_items: int = Field(4096, ge=1, description="items per committed part file (the resume unit)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder (Baichuan-style)")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learn_tasks.ceg import encode, encoder, store, text
+from learn_tasks.ceg import encode, encoder, kernels, store, text
 from learn_tasks import schema as S
 from learn_tasks.data import synth
 from learn_tasks.config import EncodeConfig, Settings
@@ -170,6 +170,60 @@ def test_int8_fast_mode_stays_close_to_fp32(settings: Settings):
     int8 = encoder.load_encoder(settings.with_overrides(encode={"quantize": "int8"}))
     assert int8.fingerprint != fp32.fingerprint
     assert float((int8.encode_texts(TEXTS) * fp32.encode_texts(TEXTS)).sum(1).min()) > 0.99
+
+
+def test_bf16_fast_mode_is_its_own_version_close_to_fp32(settings: Settings):
+    fp32 = encoder.load_encoder(settings)
+    bf16 = encoder.load_encoder(settings.with_overrides(encode={"dtype": "bf16"}))
+    assert bf16.fingerprint != fp32.fingerprint and bf16.describe()["dtype"] == "bf16"
+    a, b = bf16.encode_texts(TEXTS), fp32.encode_texts(TEXTS)
+    assert a.dtype == np.float32 and float((a * b).sum(1).min()) > 0.99
+
+
+def test_speed_settings_give_the_same_embeddings(settings: Settings):
+    """oneDNN Linear layers, SDPA attention and any batch size: the exact fp32 embeddings, one fingerprint."""
+    texts = TEXTS + [f"Volume {i}: " + "a tale of two cities " * (i % 5) for i in range(20)]
+    fast = encoder.load_encoder(settings)
+    assert fast.describe()["attention"] == "sdpa"
+    plain = encoder.load_encoder(settings.with_overrides(encode={"onednn": False, "batch_tokens": 64}))
+    assert plain.onednn_layers == 0 and plain.fingerprint == fast.fingerprint
+    if kernels.onednn_linear_available():  # every Linear of MiniLM (6 layers x 6, and the pooler) is swapped
+        assert fast.onednn_layers == 37
+    one_batch = encoder.load_encoder(settings.with_overrides(encode={"batch_tokens": 100_000, "max_batch": 1000}))
+    assert len(one_batch.batches(np.array([len(x) for x in one_batch.tokenize(texts)[0]]))) == 1
+    many = plain.encode_texts(texts)
+    np.testing.assert_allclose(fast.encode_texts(texts), many, atol=2e-5)
+    np.testing.assert_allclose(one_batch.encode_texts(texts), many, atol=2e-5)
+
+
+def test_onednn_swap_takes_plain_linear_layers_only():
+    import torch
+
+    if not kernels.onednn_linear_available():
+        pytest.skip("oneDNN's linear kernel is not available in this torch build")
+
+    class Custom(torch.nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), Custom(16, 16),
+                                torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False)))
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    x = torch.randn(3, 5, 8)
+    weight = model[0].weight
+    with torch.inference_mode():
+        want = model(x)
+        assert kernels.use_onednn_linear(model) == 2
+        bf16_too = kernels.native_bf16() and kernels.onednn_linear_available("bf16")
+        halves = torch.nn.Sequential(half)
+        xb = torch.randn(2, 4).to(torch.bfloat16)
+        want_b = halves(xb)
+        assert kernels.use_onednn_linear(halves) == int(bf16_too)  # bf16 only where the CPU computes it natively
+        torch.testing.assert_close(halves(xb), want_b, atol=2e-2, rtol=2e-2)
+        assert isinstance(model[0], kernels.onednn_linear_type()) and type(model[2]) is Custom
+        assert isinstance(model[3][0], kernels.onednn_linear_type())
+        assert model[0].weight is weight  # the same tensor: no copy of the weights
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_truncation_at_the_token_budget(settings: Settings):

