@@ -11,7 +11,8 @@ small budget, reload Milvus). Each run executes in its own process through Airfl
     python bench/pipeline.py --quick    # 20% of the users (and the items they touched), short budgets
 
 Writes ``bench/results/pipeline.json`` (``--quick``: ``pipeline.json`` as well, flagged ``"quick": true``)
-with at least ``full_s``, ``incremental_s``, ``ratio`` (incremental / full) and ``peak_rss_mb``.
+with at least ``full_s``, ``incremental_s``, ``ratio`` (incremental / full), ``peak_rss_mb``, per-task seconds
+(``tasks.full``, ``tasks.incremental``), ``load_avg`` and ``noisy`` (load average over 1.3 before or after).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _load import LoadWatch  # noqa: E402
 
 SOURCE = "amazon-books-2014-sample"
 DATASET = "amazon-books-bench"
@@ -137,6 +141,7 @@ def main() -> None:
 
     home = args.home or Path(tempfile.mkdtemp(prefix="learn-bench-pipeline-"))
     home.mkdir(parents=True, exist_ok=True)
+    watch = LoadWatch()
     t0 = time.perf_counter()
     info = carve(home, args.quick)
     print(f"base: {info['base_events']} events, {info['base_items']} items; increment: {info['new_events']} events "
@@ -159,6 +164,7 @@ def main() -> None:
         "peak_rss_mb": max(runs["full"]["peak_rss_mb"], runs["incremental"]["peak_rss_mb"]),
         "full_peak_rss_mb": runs["full"]["peak_rss_mb"], "incremental_peak_rss_mb": runs["incremental"]["peak_rss_mb"],
         "all_ok": runs["full"]["ok"] and runs["incremental"]["ok"],
+        "tasks": {mode: runs[mode]["tasks"] for mode in runs}, **watch.result(),
         "full": runs["full"], "incremental": runs["incremental"],
         "total_s": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),

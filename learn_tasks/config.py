@@ -181,6 +181,8 @@ class ServeConfig(_Section):
                                "step with every upsert; milvus = a Milvus search per request")
     token_env: str = Field("LEARN_API_TOKEN", description="environment variable holding the write token")
     threads: int = Field(1, description="torch threads for the user tower (1 keeps tail latency flat)")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes of `learn serve` (they share only the stores; "
+                                              "with Milvus Lite its local server is started)")
     replica_refresh_s: float = Field(30.0, description="replica: reload it when the collection's row count "
                                                        "changed (items upserted by other processes); 0 = never")
     release_poll_s: float = Field(2.0, ge=0, description="how often the service looks at the release record and "
@@ -367,6 +369,10 @@ class Paths:
     def pipeline_run(self, key: str) -> Path:
         """What each stage of one pipeline run recorded (``<stage>.json``)."""
         return self.home / "pipeline" / key
+
+    def gate_sample(self, dataset: str) -> Path:
+        """The promotion gate's fixed validation sample of a dataset and the scores cached on it."""
+        return self.home / "pipeline" / "_gate" / dataset
 
     def incoming(self, dataset: str) -> Path:
         return self.home / "incoming" / dataset

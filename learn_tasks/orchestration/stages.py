@@ -20,7 +20,7 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import encode, store
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.evaluation import harness
+from learn_tasks.evaluation import gate_sample, harness
 from learn_tasks.monitoring import monitor, rules
 from learn_tasks.online import updates
 from learn_tasks.orchestration.runs import (FULL, INCREMENTAL, PipelineError, RunArgs, data_fingerprint, record,
@@ -33,8 +33,9 @@ log = logging.getLogger("learn.pipeline")
 
 def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent); then the
-    events logged after the landing go back on top of the users' online rows (``updates.replay_tail``)."""
-    res = updates.refresh_features(cfg, a.dataset)
+    events logged after the landing go back on top of the users' online rows (``updates.replay_tail``).
+    An incremental run writes online only the rows the increment changed (same values as writing all)."""
+    res = updates.refresh_features(cfg, a.dataset, incremental=a.mode == INCREMENTAL)
     return record(cfg, a, "features", res)
 
 
@@ -128,25 +129,28 @@ def _table(metrics: Mapping[str, Any], ks: Sequence[int]) -> dict[str, dict[str,
 
 
 def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) -> dict[str, Any]:
-    """The candidate on the test split (report table with slices) and on the validation split (gate)."""
+    """The candidate on the test split (report table with slices) and on the gate's fixed validation
+    sample (:mod:`learn_tasks.evaluation.gate_sample`; a full run draws a new one)."""
     p = cfg.pipeline
     # A daily incremental run reports on a user sample: scoring every user every day costs more than
     # the rest of the increment, and the gate has its own fixed sample.
     users = p.eval_users if a.mode == FULL else p.incremental_eval_users
+    sample = gate_sample.ensure_sample(cfg, a.dataset, p.protocol, p.gate_users, cfg.train.seed,
+                                       redraw_for=a.key if a.mode == FULL else None)
     inputs = {"run_dir": trained["run_dir"], "data": data_fingerprint(cfg, a.dataset),
-              "eval_users": users, "gate_users": p.gate_users, "evaluate": cfg.evaluate.model_dump()}
+              "eval_users": users, "gate_users": p.gate_users, "gate_sample": sample.digest,
+              "evaluate": cfg.evaluate.model_dump()}
     done = recorded(cfg, a, "evaluate", inputs)
     if done:
         return done
     test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
                                 run_dir=trained["run_dir"], stage=S.TEST)
-    valid = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
-                                 run_dir=trained["run_dir"], stage=S.VALID)
+    valid = gate_sample.score(cfg, a.dataset, p.protocol, a.kind(cfg), trained["run_dir"], sample)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
                     "coverage": test.get("coverage"), "report": test["meta"].get("report")},
-           "valid": {"users": valid["meta"]["users"], p.gate_metric: gate_metric_of(valid, p.gate_metric),
-                     "report": valid["meta"].get("report")}}
+           "valid": {"users": valid["users"], p.gate_metric: gate_metric_of({S.SLICE_ALL: valid}, p.gate_metric),
+                     "sample": sample.digest, "report": None}}
     return record(cfg, a, "evaluate", res, inputs)
 
 
