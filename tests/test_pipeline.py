@@ -138,6 +138,25 @@ def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchang
     assert third["previous"] == str(run_a) and third["previous_score_cached"] is False
 
 
+def test_incremental_fine_tune_trains_the_days_users_and_a_replay_sample(settings: Settings,
+                                                                         synth_dataset: str) -> None:
+    import numpy as np
+
+    from learn_tasks.data import datasets as data
+
+    inter = data.load_interactions(settings, synth_dataset)
+    end = inter[S.EVENT_TIMESTAMP].max().floor("D") + pd.Timedelta(days=1)
+    a = runs.RunArgs(synth_dataset, "incremental", end - pd.Timedelta(days=1), end, window_days=3)
+    day_users = set(inter.loc[inter[S.EVENT_TIMESTAMP] >= a.accept_from, S.USER_ID].astype(int))
+    assert day_users
+    cfg = settings.with_overrides(pipeline={"incremental_replay_users": 20})
+    users = stages.fine_tune_users(cfg, a)
+    assert day_users <= set(users.tolist()) and len(users) == len(day_users) + 20
+    np.testing.assert_array_equal(users, stages.fine_tune_users(cfg, a))  # a re-run trains the same users
+    assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": None}), a) is None
+    assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": 10**6}), a) is None
+
+
 # ------------------------------------------------------------------------------ retrain across kinds
 def test_incremental_retrain_warm_starts_only_from_a_promoted_model_of_the_same_kind(
         settings: Settings, synth_dataset: str) -> None:

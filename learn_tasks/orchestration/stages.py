@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from learn_tasks import schema as S
 from learn_tasks.ceg import encode, store
@@ -41,8 +44,14 @@ def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
 
 def plan_encode_shards(cfg: Settings, a: RunArgs) -> list[list[int]]:
     """Shards ``[[i, n], ...]`` for the mapped encode tasks: one per ``encode.shard_items`` items, at most
-    ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads)."""
-    n_items = len(data.load_items(cfg, a.dataset))
+    ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads). An incremental
+    run counts the items it published (added or changed): the rest have their embedding already, and
+    each shard loads the encoder and hashes its part of the catalogue whatever it has to encode."""
+    published = (recorded(cfg, a, "validate") or {}).get("published") or {}
+    if a.mode == INCREMENTAL and "items_added" in published:
+        n_items = int(published.get("items_added") or 0) + int(published.get("items_updated") or 0)
+    else:
+        n_items = len(data.load_items(cfg, a.dataset))
     n = max(1, min(cfg.pipeline.encode_shards, math.ceil(n_items / max(cfg.encode.shard_items, 1))))
     return [[i, n] for i in range(n)]
 
@@ -82,20 +91,40 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         log.warning("promoted model %s is a %r, the candidate a %r: training from scratch", warm.name,
                     registry.run_kind(warm), kind)
         warm = None
+    users = None
     if a.mode == INCREMENTAL and warm is not None:
         epochs = a.epochs if a.epochs is not None else p.incremental_epochs
         budget = a.budget_s if a.budget_s is not None else p.incremental_budget_s
+        users = fine_tune_users(cfg, a)
     else:
         epochs = a.epochs if a.epochs is not None else p.epochs
         budget = a.budget_s if a.budget_s is not None else p.budget_s
     res = train.train_model(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
-                            warm_start=warm)
+                            warm_start=warm, users=users)
     keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
             "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
     small = {k: res.get(k) for k in keep}
     small.update({"warm_start": str(warm) if warm else None, "epochs_limit": epochs, "budget_s": budget,
-                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why})
+                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why,
+                  "fine_tune_users": None if users is None else len(users)})
     return record(cfg, a, "train", small, inputs)
+
+
+def fine_tune_users(cfg: Settings, a: RunArgs) -> np.ndarray | None:
+    """Users an incremental warm start trains on: those with events in the run's window (what is new) and
+    ``pipeline.incremental_replay_users`` others drawn at random, so the model does not drift towards
+    the day's users; None (every user) when replay is None or covers everyone."""
+    replay = cfg.pipeline.incremental_replay_users
+    if replay is None:
+        return None
+    inter = data.load_interactions(cfg, a.dataset)
+    ts = inter[S.EVENT_TIMESTAMP]
+    new = np.unique(inter.loc[(ts >= a.accept_from) & (ts < a.end), S.USER_ID].to_numpy(np.int64))
+    others = np.setdiff1d(np.unique(inter[S.USER_ID].to_numpy(np.int64)), new)
+    if len(others) <= replay:
+        return None
+    rng = np.random.default_rng([cfg.train.seed, zlib.crc32(a.key.encode())])  # another replay set each day
+    return np.union1d(new, rng.choice(others, size=replay, replace=False))
 
 
 def _encode_totals(encoded: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:

@@ -199,13 +199,16 @@ def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: 
 
 def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str | None = None,
                 epochs: int | None = None, budget_s: float | None = None, warm_start: str | Path | None = None,
-                embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+                embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+                users: np.ndarray | None = None) -> dict[str, Any]:
     """Train one model kind on a dataset's split; write a complete run folder and return its summary.
 
     Settings come from :func:`learn_tasks.pch.kinds.resolve` (``configs/models/<kind>.yaml``, then
     ``train.per_model``). ``embeddings`` = (item ids, vectors) replaces the CEG store (tests, experiments);
     by default the current embedding version of ``dataset`` is read with
-    :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``.
+    :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``. ``users``
+    limits the training sequences to those users (an incremental fine-tune of a warm start); the
+    catalogue, its popularity and the validation cases stay those of the whole split.
     """
     model = model or cfg.pipeline.model
     if model not in MODEL_KINDS:
@@ -225,7 +228,8 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     train_df = split[split[S.SPLIT] == S.TRAIN]
     cat = _catalogue(cfg, dataset, split, needs_content=model != "sasrec", embeddings=embeddings)
     ids, content, item_idx, pop, fp = cat.item_ids, cat.content, cat.item_idx, cat.popularity, cat.fingerprint
-    seqs, skipped = build_sequences(train_df, cat)
+    seqs, skipped = build_sequences(train_df if users is None else
+                                    train_df[train_df[S.USER_ID].isin(np.asarray(users, np.int64))], cat)
     if not len(seqs):
         raise ValueError(f"dataset {dataset!r} ({protocol}) has no training user with 2 or more events")
     val_cases = sample_cases(build_cases(split, cat, protocol, S.VALID), tc.val_users, tc.seed)
