@@ -96,10 +96,11 @@ def phase(home: Path, mode: str, day: str, quick: bool, out: Path) -> None:
     """One pipeline run in this process (called in a child process by :func:`main`)."""
     cfg = _settings(home)
     if quick:
+        # The incremental report samples as many test users as the full run's (3000, not the default 5000).
         cfg = cfg.with_overrides(pipeline={"budget_s": 45.0, "incremental_budget_s": 10.0, "eval_users": 3000,
-                                           "gate_users": 2000})
+                                           "incremental_eval_users": 3000, "gate_users": 2000})
         for key, value in {"BUDGET_S": "45", "INCREMENTAL_BUDGET_S": "10", "EVAL_USERS": "3000",
-                           "GATE_USERS": "2000"}.items():
+                           "INCREMENTAL_EVAL_USERS": "3000", "GATE_USERS": "2000"}.items():
             os.environ[f"LEARN_PIPELINE__{key}"] = value  # the in-process tasks load settings themselves
     from learn_tasks.orchestration import runner
 

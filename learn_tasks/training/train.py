@@ -208,7 +208,8 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     by default the current embedding version of ``dataset`` is read with
     :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``. ``users``
     limits the training sequences to those users (an incremental fine-tune of a warm start); the
-    catalogue, its popularity and the validation cases stay those of the whole split.
+    catalogue, its popularity and the validation cases stay those of the whole split. A ``warm_start``
+    run validates once, after its last epoch (and keeps that epoch).
     """
     model = model or cfg.pipeline.model
     if model not in MODEL_KINDS:
@@ -307,7 +308,11 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
             if best_val < 0:
                 best_state = epoch_state
             break
-        val = validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device) if len(val_cases) else {}
+        # A warm-started fine-tune validates once, after its last epoch: the promotion gate scores it
+        # anyway, and validating each of its few epochs costs about as much as training them.
+        last = epoch == epochs or stopped == "budget"
+        val = (validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device)
+               if len(val_cases) and (not warm_start or last) else {})
         n_seq = int(D.sum_across(n_seq))  # all ranks
         line = {"epoch": epoch, "step": step, "loss": D.mean_across(float(np.mean(losses)) if losses else float("nan")),
                 "sequences_per_s": n_seq / max(epoch_time, 1e-9), "lr": opt.param_groups[0]["lr"],
