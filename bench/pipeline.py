@@ -11,7 +11,8 @@ small budget, reload Milvus). Each run executes in its own process through Airfl
     python bench/pipeline.py --quick    # 20% of the users (and the items they touched), short budgets
 
 Writes ``bench/results/pipeline.json`` (``--quick``: ``pipeline.json`` as well, flagged ``"quick": true``)
-with at least ``full_s``, ``incremental_s``, ``ratio`` (incremental / full) and ``peak_rss_mb``.
+with at least ``full_s``, ``incremental_s``, ``ratio`` (incremental / full), ``peak_rss_mb``, per-task seconds
+(``tasks.full``, ``tasks.incremental``), ``load_avg`` and ``noisy`` (load average over 1.3 before or after).
 """
 from __future__ import annotations
 
@@ -94,10 +95,11 @@ def phase(home: Path, mode: str, day: str, quick: bool, out: Path) -> None:
     """One pipeline run in this process (called in a child process by :func:`main`)."""
     cfg = _settings(home)
     if quick:
+        # The incremental report samples as many test users as the full run's (3000, not the default 5000).
         cfg = cfg.with_overrides(pipeline={"budget_s": 45.0, "incremental_budget_s": 10.0, "eval_users": 3000,
-                                           "gate_users": 2000})
+                                           "incremental_eval_users": 3000, "gate_users": 2000})
         for key, value in {"BUDGET_S": "45", "INCREMENTAL_BUDGET_S": "10", "EVAL_USERS": "3000",
-                           "GATE_USERS": "2000"}.items():
+                           "INCREMENTAL_EVAL_USERS": "3000", "GATE_USERS": "2000"}.items():
             os.environ[f"LEARN_PIPELINE__{key}"] = value  # the in-process tasks load settings themselves
     from learn_tasks.orchestration import runner
 
@@ -165,6 +167,7 @@ def main() -> None:
         "peak_rss_mb": max(runs["full"]["peak_rss_mb"], runs["incremental"]["peak_rss_mb"]),
         "full_peak_rss_mb": runs["full"]["peak_rss_mb"], "incremental_peak_rss_mb": runs["incremental"]["peak_rss_mb"],
         "all_ok": runs["full"]["ok"] and runs["incremental"]["ok"],
+        "tasks": {mode: runs[mode]["tasks"] for mode in runs},
         "full": runs["full"], "incremental": runs["incremental"],
         "total_s": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),

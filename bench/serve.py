@@ -127,10 +127,11 @@ def index_check(cfg, dataset: str, n_queries: int, n_latency: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- service
-def start_service(home: str, dataset: str, port: int, token: str, search: str, timeout_s: float) -> subprocess.Popen:
+def start_service(home: str, dataset: str, port: int, token: str, search: str, timeout_s: float,
+                  workers: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "LEARN_HOME": home, "LEARN_API_TOKEN": token}
     cmd = [sys.executable, "-m", "learn_tasks.cli", "serve", "--dataset", dataset, "--host", "127.0.0.1",
-           "--port", str(port), "--search", search]
+           "--port", str(port), "--search", search] + (["--workers", str(workers)] if workers else [])
     logf = open(Path(home) / "bench-serve.log", "ab")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
     import httpx
@@ -260,6 +261,7 @@ def main() -> None:
     ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"))
     ap.add_argument("--dataset", default="amazon-books-2014-sample")
     ap.add_argument("--search", default="replica", choices=["replica", "milvus"])
+    ap.add_argument("--workers", type=int, default=None, help="service worker processes (default serve.workers)")
     ap.add_argument("--requests", type=int, default=None, help="requests per concurrency level")
     ap.add_argument("--duration", type=float, default=None, help="seconds per concurrency level (upper bound)")
     ap.add_argument("--train-budget-s", type=float, default=120.0)
@@ -303,7 +305,7 @@ def main() -> None:
     port, token = free_port(), secrets.token_hex(16)
     log(f"starting the service on 127.0.0.1:{port} (search={args.search})")
     t0 = time.perf_counter()
-    proc = start_service(str(work), args.dataset, port, token, args.search, args.startup_timeout_s)
+    proc = start_service(str(work), args.dataset, port, token, args.search, args.startup_timeout_s, args.workers)
     startup_s = time.perf_counter() - t0
     base = f"http://127.0.0.1:{port}"
     try:
@@ -322,6 +324,10 @@ def main() -> None:
         ev = event_times(base, token, [(int(u), int(i)) for u, i in zip(users[:20], popular[:20])])
     finally:
         stop_service(proc)
+        from learn_tasks.online import milvus_server
+
+        if milvus_server.status(cfg)["running"]:  # a multi-worker service left the local server up
+            milvus_server.stop(cfg)
 
     result = {
         "p50_ms": c1["p50_ms"], "p95_ms": c1["p95_ms"], "p99_ms": c1["p99_ms"], "rps_c1": c1["rps"],
@@ -342,7 +348,7 @@ def main() -> None:
                           "new_item_s": (new["new_item_s"] or 1e9) < TARGETS["new_item_s"]},
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0], "python": platform.python_version(),
                     "platform": platform.platform()},
-        "total_s": time.perf_counter() - t_start,
+        "total_s": time.perf_counter() - t_start, "workers": args.workers or cfg.serve.workers,
         "notes": "service and driver share this machine's CPUs; the driver is a separate process (this one).",
     }
     result.update(run.finish())

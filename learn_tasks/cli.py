@@ -316,6 +316,7 @@ def serve_cmd(
     host: Optional[str] = typer.Option(None, "--host", help="bind address (default serve.host)"),
     port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port)"),
     search: Optional[str] = typer.Option(None, "--search", help="replica | milvus (default serve.search)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="worker processes (default serve.workers)"),
     follow: bool = typer.Option(False, "--follow", help="kept for older scripts: the service always follows the "
                                 "releases (it starts without one and swaps in each new one without a restart)"),
 ) -> None:
@@ -329,7 +330,7 @@ def serve_cmd(
     from learn_tasks.online import service as serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    serve.serve_api(settings(ctx, serve__search=search), dataset, host=host, port=port)
+    serve.serve_api(settings(ctx, serve__search=search, serve__workers=workers), dataset, host=host, port=port)
 
 
 # ------------------------------------------------------------------------------------------ validate

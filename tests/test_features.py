@@ -176,3 +176,45 @@ def test_production_stack_redis_and_sql_registry(settings: Settings, synth_datas
         assert features.online_user_features(store, [u])[u] == got
     finally:
         features.teardown(cfg, name)
+
+
+@pytest.mark.integration
+def test_incremental_refresh_writes_only_changed_rows_and_ends_like_a_full_rebuild(
+        settings: Settings, synth_dataset: str) -> None:
+    """After an increment (new events of two users, one of them on a new item), the incremental refresh
+    writes only the rows that changed, yet the online store holds exactly what a full rebuild writes."""
+    from learn_tasks.storage import write_parquet
+
+    cfg = settings.with_overrides(features={"recent_items": 5})
+    first = features.materialize_features(cfg, synth_dataset)
+    assert first["written"]["changed_only"] is False
+    inter = data.load_interactions(cfg, synth_dataset)
+    items = data.load_items(cfg, synth_dataset)
+    users = inter[S.USER_ID].drop_duplicates().head(2).tolist()
+    new_item = int(items[S.ITEM_ID].max()) + 1
+    when = inter[S.EVENT_TIMESTAMP].max() + pd.Timedelta(hours=1)
+    added = pd.DataFrame({S.USER_ID: users, S.ITEM_ID: [int(inter[S.ITEM_ID].iloc[0]), new_item],
+                          S.EVENT_TIMESTAMP: [when, when + pd.Timedelta(minutes=1)]})
+    for col in inter.columns.difference(added.columns):
+        added[col] = inter[col].iloc[0]
+    base = cfg.paths.dataset(synth_dataset)
+    write_parquet(pd.concat([inter, added[inter.columns]], ignore_index=True), base / "interactions.parquet")
+    new_items = pd.concat([items, items.tail(1).assign(**{S.ITEM_ID: new_item})], ignore_index=True)
+    write_parquet(new_items, base / "items.parquet")
+
+    inc = features.materialize_features(cfg, synth_dataset, incremental=True)
+    assert inc["rebuilt"] and inc["materialized"] and inc["written"]["changed_only"]
+    n_users = inter[S.USER_ID].nunique()
+    written = inc["written"]["rows"]
+    assert written[features.USER_RECENT_VIEW] == written[features.USER_ACTIVITY_VIEW] == 2  # the two users
+    assert 1 <= written[features.ITEM_STATS_VIEW] < len(new_items)  # the new item, the touched ones, slice moves
+    store = features.get_store(cfg, synth_dataset)
+    all_users = inter[S.USER_ID].unique().tolist()
+    all_items = new_items[S.ITEM_ID].tolist()
+    after_inc = (features.online_user_features(store, all_users), features.online_item_stats(store, all_items))
+    assert after_inc[0][users[1]][S.RECENT_ITEM_IDS][-1] == new_item
+
+    full = features.materialize_features(cfg, synth_dataset, force=True)
+    assert full["written"]["rows"][features.USER_RECENT_VIEW] == n_users  # a full rebuild writes every row
+    store = features.get_store(cfg, synth_dataset)
+    assert (features.online_user_features(store, all_users), features.online_item_stats(store, all_items)) == after_inc

@@ -78,19 +78,83 @@ def test_gate_scores_the_promoted_model_as_the_kind_it_is(settings: Settings, tm
     candidate.mkdir(parents=True)
     scored: list[tuple[str, str]] = []
 
-    def fake_evaluate_run(cfg, dataset, protocol, model, run_dir, stage, write_report=True):
-        scored.append((model, str(run_dir)))
-        return {S.SLICE_ALL: {settings.pipeline.gate_metric: 0.5}}
+    def fake_score(cfg, dataset, protocol, kind, run_dir, sample):
+        scored.append((kind, str(run_dir)))
+        return {settings.pipeline.gate_metric: 0.5, "cached": False}
 
     monkeypatch.setattr(gate.registry, "promoted", lambda cfg, dataset: promoted)
     monkeypatch.setattr(gate.registry, "promote", lambda *args, **kwargs: None)
-    monkeypatch.setattr(gate.harness, "evaluate_run", fake_evaluate_run)
+    monkeypatch.setattr(gate.gate_sample, "load_sample", lambda cfg, dataset: SimpleNamespace(digest="s1"))
+    monkeypatch.setattr(gate.gate_sample, "score", fake_score)
     cfg = settings.with_overrides(home=str(tmp_path))
     a = runs.RunArgs.from_params(cfg, {"dataset": "synth", "model": "learn_hybrid"}, None, "2021-01-02")
     res = gate.promotion_gate(cfg, a, {"run_dir": str(candidate)},
-                              {"valid": {cfg.pipeline.gate_metric: 0.1}})
+                              {"valid": {cfg.pipeline.gate_metric: 0.1, "sample": "s1"}})
     assert scored == [("sasrec", str(promoted))]
     assert res["previous_score"] == 0.5 and res["promoted"] is False  # 0.1 is far below 0.5
+
+
+# ------------------------------------------------------------------------------ gate sample and cache
+def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchanged(
+        settings: Settings, synth_dataset: str) -> None:
+    """The promoted model was scored on the fixed sample as the candidate of the run that promoted it;
+    the next run's gate reuses that score. A new sample (or another model) is scored afresh, and a
+    score is the same whether computed or reused."""
+    from learn_tasks.evaluation import gate_sample
+    from learn_tasks.pch import registry
+    from learn_tasks.training import train
+
+    cfg = settings.with_overrides(
+        model={"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 10},
+        train={"batch_size": 64, "n_random_negatives": 16, "val_users": 50, "threads": 1},
+        pipeline={"model": "sasrec", "protocol": "loo", "gate_users": 80, "incremental_eval_users": 50})
+    day = pd.Timestamp("2021-01-01", tz="UTC")
+    full = runs.RunArgs(synth_dataset, "full", day, day + pd.Timedelta(days=1))
+    inc = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2))
+    run_a = train.train_model(cfg, synth_dataset, model="sasrec", epochs=1)["run_dir"]
+    ev_a = stages.evaluate_candidate(cfg, full, {"run_dir": run_a})
+    sample = gate_sample.load_sample(cfg, synth_dataset)
+    assert ev_a["valid"]["users"] == len(sample) == 80 and ev_a["valid"]["sample"] == sample.digest
+    first = gate.promotion_gate(cfg, full, {"run_dir": run_a}, ev_a)
+    assert first["promoted"] and first["previous"] is None
+
+    run_b = train.train_model(cfg, synth_dataset, model="sasrec", epochs=1, warm_start=run_a)["run_dir"]
+    ev_b = stages.evaluate_candidate(cfg, inc, {"run_dir": run_b})
+    assert ev_b["valid"]["sample"] == sample.digest  # an incremental run keeps the sample
+    second = gate.promotion_gate(cfg, inc, {"run_dir": run_b}, ev_b)
+    assert second["previous"] == str(run_a)
+    assert second["previous_score_cached"] is True
+    assert second["previous_score"] == ev_a["valid"][cfg.pipeline.gate_metric]
+    fresh = gate_sample.score(cfg, synth_dataset, "loo", "sasrec", run_a, sample, use_cache=False)
+    assert fresh["cached"] is False and fresh[cfg.pipeline.gate_metric] == second["previous_score"]
+
+    # Another sample size is another sample: nothing cached applies to it.
+    other = cfg.with_overrides(pipeline={"gate_users": 60})
+    inc2 = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=2), day + pd.Timedelta(days=3))
+    registry.promote(other, synth_dataset, run_a, reason="test")
+    ev_c = stages.evaluate_candidate(other, inc2, {"run_dir": run_b})
+    assert ev_c["valid"]["sample"] != sample.digest and ev_c["valid"]["users"] == 60
+    third = gate.promotion_gate(other, inc2, {"run_dir": run_b}, ev_c)
+    assert third["previous"] == str(run_a) and third["previous_score_cached"] is False
+
+
+def test_incremental_fine_tune_trains_the_days_users_and_a_replay_sample(settings: Settings,
+                                                                         synth_dataset: str) -> None:
+    import numpy as np
+
+    from learn_tasks.data import datasets as data
+
+    inter = data.load_interactions(settings, synth_dataset)
+    end = inter[S.EVENT_TIMESTAMP].max().floor("D") + pd.Timedelta(days=1)
+    a = runs.RunArgs(synth_dataset, "incremental", end - pd.Timedelta(days=1), end, window_days=3)
+    day_users = set(inter.loc[inter[S.EVENT_TIMESTAMP] >= a.accept_from, S.USER_ID].astype(int))
+    assert day_users
+    cfg = settings.with_overrides(pipeline={"incremental_replay_users": 20})
+    users = stages.fine_tune_users(cfg, a)
+    assert day_users <= set(users.tolist()) and len(users) == len(day_users) + 20
+    np.testing.assert_array_equal(users, stages.fine_tune_users(cfg, a))  # a re-run trains the same users
+    assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": None}), a) is None
+    assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": 10**6}), a) is None
 
 
 # ------------------------------------------------------------------------------ retrain across kinds

@@ -92,8 +92,12 @@ def embedding_drift(cur: pd.DataFrame, ref: pd.DataFrame, mc: MonitorConfig) -> 
 def principal_components(cur: np.ndarray, ref: np.ndarray, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Both sets projected on the catalogue's (reference's) leading ``n`` principal directions."""
     mean = ref.mean(axis=0)
-    _, _, vt = np.linalg.svd(ref - mean, full_matrices=False)
-    basis = vt[: max(1, min(n, vt.shape[0]))].T
+    # The eigenvectors of the d x d covariance are the right singular vectors of the centred catalogue,
+    # at a fraction of the cost of its SVD (tens of thousands of rows, a few hundred dimensions).
+    centred = np.asarray(ref - mean, np.float64)
+    w, v = np.linalg.eigh(centred.T @ centred)
+    basis = v[:, np.argsort(-w, kind="stable")][:, : max(1, min(n, len(w), len(ref)))]
+    basis = basis * np.where(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])] < 0, -1.0, 1.0)
     cols = [f"pc{i + 1}" for i in range(basis.shape[1])]
     return (pd.DataFrame((cur - mean) @ basis, columns=cols), pd.DataFrame((ref - mean) @ basis, columns=cols))
 

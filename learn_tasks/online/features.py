@@ -50,6 +50,7 @@ from learn_tasks.data import datasets as data
 from learn_tasks.data import eventlog
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.splits import load_split
+from learn_tasks.online import feature_delta
 from learn_tasks.pch.catalogue import item_slices
 from learn_tasks.storage import atomic_path, read_json, write_json, write_text
 
@@ -412,13 +413,17 @@ def latest_in_window(table: pa.Table, key: str, window: Window) -> pa.Table:
 
 
 def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
-                store: "FeatureStore | None" = None, force: bool = False, batch: int = 10_000) -> bool:
+                store: "FeatureStore | None" = None, force: bool = False, batch: int = 10_000,
+                previous: dict[str, pa.Table] | None = None, touched_users: np.ndarray | None = None) -> bool:
     """Put the latest row of every entity inside ``window`` into the online store (True when it ran).
 
     This is what ``feast materialize`` does, written through Feast's online write API: the file
     offline store (dask) hashes object columns row by row and takes minutes on array features of a few
     hundred thousand rows, while reading the Parquet with Arrow takes a second. Skipped when the same
     window of the same data was already written to the same stores.
+
+    ``previous`` (per view, the rows written last time) limits the write to new or changed rows plus
+    ``touched_users`` (landed events): the online values end the same as after writing every row.
     """
     store = store or get_store(cfg, dataset)
     state = _load_state(cfg, dataset)
@@ -426,9 +431,17 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
     if not force and state.get("materialized") == key:
         return False
     data_dir = store_dir(cfg, dataset) / "data"
+    written: dict[str, int] = {}
     for view, table_name in TABLES.items():
         entity = S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID
         latest = latest_in_window(pq.read_table(data_dir / f"{table_name}.parquet"), entity, window)
+        if previous is not None and view in previous:
+            features_of = [c for c in latest.column_names if c not in (entity, S.EVENT_TIMESTAMP)]
+            keep = feature_delta.changed_rows(latest, previous[view], entity, features_of)
+            if entity == S.USER_ID and touched_users is not None and len(touched_users):
+                keep |= np.isin(latest.column(entity).to_numpy(), touched_users)
+            latest = latest.filter(pa.array(keep))
+        written[view] = latest.num_rows
         for lo in range(0, latest.num_rows, batch):
             frame = latest.slice(lo, batch).to_pandas()
             for col in (S.RECENT_ITEM_IDS, S.RECENT_TIMESTAMPS):  # Feast wants Python lists for arrays
@@ -437,18 +450,34 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
             frame[S.EVENT_TIMESTAMP] = write_stamp()  # a rebuild replaces what the service wrote before it
             store.write_to_online_store(view, frame)
     state["materialized"] = key
+    state["written"] = {"rows": written, "changed_only": previous is not None}
     write_json(state, _state_path(cfg, dataset))
     return True
 
 
+def _previous_latest(cfg: Settings, dataset: str, state: dict[str, Any]) -> dict[str, pa.Table] | None:
+    """The rows the last materialisation wrote, when the tables and stores are still those; else None."""
+    done = state.get("materialized") or {}
+    data_dir = store_dir(cfg, dataset) / "data"
+    if (done.get("stores") != _store_identity(cfg, dataset) or (state.get("tables") or {}).get("fingerprint")
+            != done.get("fingerprint") or not all((data_dir / f"{t}.parquet").exists() for t in TABLES.values())):
+        return None
+    w = Window(pd.Timestamp(done["window"]["start"]), pd.Timestamp(done["window"]["end"]))
+    return {view: latest_in_window(pq.read_table(data_dir / f"{t}.parquet"),
+                                   S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID, w)
+            for view, t in TABLES.items()}
+
+
 def materialize_features(cfg: Settings, dataset: str, start: str | datetime | None = None,
                          end: str | datetime | None = None, force: bool = False,
-                         interactions: pd.DataFrame | None = None) -> dict[str, Any]:
+                         interactions: pd.DataFrame | None = None, incremental: bool = False) -> dict[str, Any]:
     """Build the feature Parquet, apply the repo and materialise the window. Idempotent.
 
     ``interactions`` defaults to the dataset's prepared (validated) interactions; the window defaults to
     the whole history, or its last ``features.window_days`` days. Re-running with the same data and
     window rewrites nothing, re-applies nothing and re-materialises nothing (``force`` redoes all three).
+    ``incremental``: write online only the rows that differ from the last materialisation (see
+    :func:`materialize`); the online values end the same.
     """
     with open_log(cfg) as log:  # events landed so far: the published data holds them (or quarantined them)
         log_upto = log.watermark(dataset, eventlog.EVENTS)
@@ -463,6 +492,14 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
 
     files_present = all((root / "data" / f"{t}.parquet").exists() for t in TABLES.values())
     rebuilt = force or state.get("tables", {}).get("fingerprint") != fp or not files_present
+    previous, touched = None, None
+    old_upto = (state.get("tables") or {}).get("log_upto")
+    if rebuilt and not force and incremental and old_upto is not None:
+        # An increment: write only the rows it changes (and the users whose events landed since).
+        previous = _previous_latest(cfg, dataset, state)
+        with open_log(cfg) as log:
+            landed = log.read(dataset, eventlog.EVENTS, after=int(old_upto), upto=log_upto)
+        touched = landed[S.USER_ID].to_numpy(np.int64) if len(landed) else np.zeros(0, np.int64)
     if rebuilt:
         rows = write_tables(cfg, dataset, build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share))
         state["tables"] = {"fingerprint": fp, "rows": rows, "recent_items": recent, "window": window.as_dict(),
@@ -470,13 +507,14 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
         write_json(state, _state_path(cfg, dataset))
     store = get_store(cfg, dataset)
     applied = apply(cfg, dataset, store, force=force)
-    materialized = materialize(cfg, dataset, window, fp, store, force=force)
+    materialized = materialize(cfg, dataset, window, fp, store, force=force, previous=previous, touched_users=touched)
     state = _load_state(cfg, dataset)
     return {
         "dataset": dataset, "store": str(root), "project": project_name(dataset),
         "online_store": cfg.features.online_store, "registry": cfg.features.registry,
         "fingerprint": fp, "window": window.as_dict(), "recent_items": recent,
         "rows": state["tables"]["rows"], "log_upto": state["tables"].get("log_upto"), "rebuilt": rebuilt, "applied": applied, "materialized": materialized,
+        "written": state.get("written") if materialized else None,
         "feature_service": cfg.features.feature_service,
     }
 

@@ -490,8 +490,9 @@ def upsert(cfg: Settings, dataset: str, rows: ItemRows, target: str | None = Non
     return {"collection": target, "upserted": len(rows)}
 
 
-def fetch_all(client: "MilvusClient", target: str, batch: int = 4096) -> ItemRows:
-    """Every row of a collection (vectors included), sorted by item id."""
+def fetch_all(client: "MilvusClient", target: str, batch: int = 4096, vectors_only: bool = False) -> ItemRows:
+    """Every row of a collection (vectors included), sorted by item id; ``vectors_only``: ids and vectors
+    (the other columns get their defaults), a fraction of the transfer."""
     ensure_loaded(client, target)
     # Milvus Lite lacks the timestamp RPC the iterator tries first; it falls back by itself, so keep
     # its error and warning out of the logs.
@@ -500,15 +501,15 @@ def fetch_all(client: "MilvusClient", target: str, batch: int = 4096) -> ItemRow
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     try:
-        return _fetch_all(client, target, batch)
+        return _fetch_all(client, target, batch, vectors_only)
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
 
 
-def _fetch_all(client: "MilvusClient", target: str, batch: int) -> ItemRows:
+def _fetch_all(client: "MilvusClient", target: str, batch: int, vectors_only: bool = False) -> ItemRows:
     it = client.query_iterator(target, batch_size=batch, filter=f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}",
-                               output_fields=[S.ITEM_ID, VECTOR, *SCALARS])
+                               output_fields=[S.ITEM_ID, VECTOR, *(() if vectors_only else SCALARS)])
     recs: list[dict] = []
     try:
         while True:
@@ -520,6 +521,9 @@ def _fetch_all(client: "MilvusClient", target: str, batch: int) -> ItemRows:
         it.close()
     recs.sort(key=lambda r: r[S.ITEM_ID])
     dim = len(recs[0][VECTOR]) if recs else 0
+    if vectors_only:
+        return ItemRows(item_ids=np.array([r[S.ITEM_ID] for r in recs], np.int64),
+                        vectors=np.array([r[VECTOR] for r in recs], np.float32).reshape(len(recs), dim))
     return ItemRows(item_ids=np.array([r[S.ITEM_ID] for r in recs], np.int64),
                     vectors=np.array([r[VECTOR] for r in recs], np.float32).reshape(len(recs), dim),
                     popularity=np.array([r[S.POPULARITY] for r in recs], np.int64),

@@ -206,6 +206,8 @@ class Recommender:
         self._stop = threading.Event()
         if self.replica is not None and cfg.serve.replica_refresh_s > 0:
             threading.Thread(target=self._watch_replica, name="replica-refresh", daemon=True).start()
+        if self.replica is not None and cfg.serve.items_poll_s > 0:
+            threading.Thread(target=self._watch_new_items, name="new-items", daemon=True).start()
         self.started_s = time.perf_counter() - t0
 
     def close(self) -> None:
@@ -228,6 +230,23 @@ class Recommender:
                 self.refresh_replica()
             except Exception as exc:  # noqa: BLE001 - keep serving from the copy we have
                 log.warning("replica refresh failed: %s", exc)
+
+    def _watch_new_items(self) -> None:
+        """Items another process of the service added online (``serve.workers`` > 1, or replicas): the log's
+        item stream grows, and they are read from the new-item store into this replica within
+        ``serve.items_poll_s``. A high-water mark counts as seen once every logged item is indexed here
+        (the writer logs an item before it stores its content). Each poll is one read of the log."""
+        seen = -1
+        while not self._stop.wait(self.cfg.serve.items_poll_s):
+            try:
+                logged = self.log.items(self.dataset)[S.ITEM_ID]
+                if len(logged) == seen:
+                    continue
+                self.catch_up()
+                if all(self._in_index(int(i)) for i in logged):
+                    seen = len(logged)
+            except Exception as exc:  # noqa: BLE001 - keep serving; the next poll tries again
+                log.warning("new-item poll failed: %s", exc)
 
     def refresh_replica(self) -> bool:
         """Reload the replica when the collection's row count differs from it (True when reloaded).

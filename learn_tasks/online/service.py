@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import os
 import time
 import uuid
@@ -42,7 +43,7 @@ from learn_tasks.config import Settings
 from learn_tasks.data import eventlog
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.validation import SOURCE_ID_REGEX
-from learn_tasks.online import events, explorer
+from learn_tasks.online import events, explorer, milvus_server
 from learn_tasks.online.bundle import NEW_ITEM_FIELDS
 from learn_tasks.online.follow import ReleaseFollower
 from learn_tasks.online.recommender import Recommender, Retired, ServeError
@@ -340,10 +341,38 @@ def request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None, port: int | None = None) -> None:
-    """Serve the releases of ``dataset`` with uvicorn, following each new one (blocks until stopped)."""
+WORKER_ENV = "LEARN_SERVE_WORKER_SETTINGS"  # settings + dataset of the worker processes (JSON)
+
+
+def worker_app() -> "FastAPI":
+    """The app of one worker process (``serve.workers`` > 1): uvicorn imports and calls this in each worker."""
+    spec = json.loads(os.environ[WORKER_ENV])
+    return create_app(Settings.model_validate(spec["settings"]), spec["dataset"])
+
+
+def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None, port: int | None = None,
+              workers: int | None = None) -> None:
+    """Serve the releases of ``dataset`` with uvicorn, following each new one (blocks until stopped).
+
+    With ``workers`` (default ``serve.workers``) above 1, uvicorn runs that many worker processes on one
+    socket; they share nothing but the stores: the event log (SQLite WAL or PostgreSQL), the Feast online
+    store (writes under the per-dataset online lock) and Milvus, which with Milvus Lite is then served by
+    its local server (``learn index server start``, started here when it does not run) so every worker
+    reaches it by URI.
+    """
     import uvicorn
 
-    app = create_app(cfg, dataset)
-    uvicorn.run(app, host=host or cfg.serve.host, port=int(port or cfg.serve.port), log_level="warning",
-                access_log=False)
+    host, port = host or cfg.serve.host, int(port or cfg.serve.port)
+    workers = int(workers or cfg.serve.workers)
+    if workers <= 1:
+        uvicorn.run(create_app(cfg, dataset), host=host, port=port, log_level="warning", access_log=False)
+        return
+    # Milvus Lite in-process allows one process: share it through the local server (no-op when it runs).
+    started = milvus_server.start(cfg).get("started") if not cfg.index.uri else False
+    os.environ[WORKER_ENV] = json.dumps({"settings": cfg.model_dump(mode="json", by_alias=True), "dataset": dataset})
+    try:
+        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, host=host, port=port,
+                    log_level="warning", access_log=False)
+    finally:
+        if started:  # started for this service: stopped with it (one started before keeps running)
+            milvus_server.stop(cfg)

@@ -1,8 +1,9 @@
 """The promotion gate (stage 6): serve the candidate, or keep the current model, and say why.
 
 The candidate is promoted unless it is worse than the promoted model by more than
-``pipeline.promotion_margin`` (relative) on ``pipeline.gate_metric`` over the validation split. Both
-are scored by the same code on the same validation users; each model is scored as the kind it is.
+``pipeline.promotion_margin`` (relative) on ``pipeline.gate_metric`` over the gate's fixed validation
+sample (:mod:`learn_tasks.evaluation.gate_sample`). Both are scored by the same code on the same cases;
+each model is scored as the kind it is, and a score cached for the same model and sample is reused.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any, Mapping
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.evaluation import harness
-from learn_tasks.orchestration.runs import PIPELINE_DAG, RunArgs, record, recorded
-from learn_tasks.orchestration.stages import eval_settings, gate_metric_of
+from learn_tasks.evaluation import gate_sample
+from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, record, recorded
+from learn_tasks.orchestration.stages import gate_metric_of
 from learn_tasks.pch import registry
 
 log = logging.getLogger("learn.pipeline")
@@ -44,14 +45,21 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
             and str(current) == done.get("serving"):
         return done  # decided before for this interval and nothing moved since
     cand_score = evaluated["valid"].get(p.gate_metric)
-    cur_score = None
+    cur_score, cur_cached = None, False
     if current is not None and current.resolve() != cand_dir.resolve():
+        sample = gate_sample.load_sample(cfg, a.dataset)
+        if sample is None or sample.digest != evaluated["valid"].get("sample"):
+            raise PipelineError(f"the gate sample changed since the candidate was evaluated "
+                                f"({evaluated['valid'].get('sample')} -> {sample.digest if sample else None}): "
+                                f"clear evaluate to score the candidate again")
         try:
             # The promoted model is scored as the kind it is: another kind may serve (pipeline.model changed).
+            # Same fixed sample as the candidate; a score cached for the same model, sample and embedding
+            # version (it was scored as the candidate of the run that promoted it) is reused.
             cur_kind = registry.run_kind(current) or a.kind(cfg)
-            cur = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=cur_kind,
-                                       run_dir=current, stage=S.VALID, write_report=False)
-            cur_score = gate_metric_of(cur, p.gate_metric)
+            cur = gate_sample.score(cfg, a.dataset, p.protocol, cur_kind, current, sample)
+            cur_score = gate_metric_of({S.SLICE_ALL: cur}, p.gate_metric)
+            cur_cached = bool(cur.get("cached"))
         except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
             log.warning("cannot score the promoted model %s: %s", current, exc)
     promote, reason = decide(cand_score, cur_score, p.promotion_margin)
@@ -63,6 +71,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
     res = {"promoted": promote, "reason": reason, "metric": p.gate_metric, "margin": p.promotion_margin,
            "candidate": str(cand_dir), "candidate_score": cand_score,
            "previous": str(current) if current else None, "previous_score": cur_score,
+           "previous_score_cached": cur_cached, "sample": evaluated["valid"].get("sample"),
            "serving": str(serving) if serving else None}
     log.info("promotion gate: %s (%s)", "promote" if promote else "keep current", reason)
     return record(cfg, a, "gate", res)

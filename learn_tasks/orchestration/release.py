@@ -81,7 +81,7 @@ def indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
 def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
     """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
     client = index.connect(cfg)
-    stored = index.fetch_all(client, collection)
+    stored = index.fetch_all(client, collection, vectors_only=True)
     bundle = ModelBundle.load(cfg, dataset, run_dir)
     ids, skipped = indexable(bundle, data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy(np.int64))
     vectors = bundle.item_vectors(ids)

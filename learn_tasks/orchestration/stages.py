@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from learn_tasks import schema as S
 from learn_tasks.ceg import encode, store
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
-from learn_tasks.evaluation import harness
+from learn_tasks.evaluation import gate_sample, harness
 from learn_tasks.monitoring import monitor, rules
 from learn_tasks.online import updates
 from learn_tasks.orchestration.runs import (FULL, INCREMENTAL, PipelineError, RunArgs, data_fingerprint, record,
@@ -33,15 +36,22 @@ log = logging.getLogger("learn.pipeline")
 
 def refresh_user_features(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     """Feast: rebuild the feature tables from the published data, apply, materialise (idempotent); then the
-    events logged after the landing go back on top of the users' online rows (``updates.replay_tail``)."""
-    res = updates.refresh_features(cfg, a.dataset)
+    events logged after the landing go back on top of the users' online rows (``updates.replay_tail``).
+    An incremental run writes online only the rows the increment changed (same values as writing all)."""
+    res = updates.refresh_features(cfg, a.dataset, incremental=a.mode == INCREMENTAL)
     return record(cfg, a, "features", res)
 
 
 def plan_encode_shards(cfg: Settings, a: RunArgs) -> list[list[int]]:
     """Shards ``[[i, n], ...]`` for the mapped encode tasks: one per ``encode.shard_items`` items, at most
-    ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads)."""
-    n_items = len(data.load_items(cfg, a.dataset))
+    ``pipeline.encode_shards`` (parallel workers beyond the cores only add model loads). An incremental
+    run counts the items it published (added or changed): the rest have their embedding already, and
+    each shard loads the encoder and hashes its part of the catalogue whatever it has to encode."""
+    published = (recorded(cfg, a, "validate") or {}).get("published") or {}
+    if a.mode == INCREMENTAL and "items_added" in published:
+        n_items = int(published.get("items_added") or 0) + int(published.get("items_updated") or 0)
+    else:
+        n_items = len(data.load_items(cfg, a.dataset))
     n = max(1, min(cfg.pipeline.encode_shards, math.ceil(n_items / max(cfg.encode.shard_items, 1))))
     return [[i, n] for i in range(n)]
 
@@ -81,20 +91,40 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         log.warning("promoted model %s is a %r, the candidate a %r: training from scratch", warm.name,
                     registry.run_kind(warm), kind)
         warm = None
+    users = None
     if a.mode == INCREMENTAL and warm is not None:
         epochs = a.epochs if a.epochs is not None else p.incremental_epochs
         budget = a.budget_s if a.budget_s is not None else p.incremental_budget_s
+        users = fine_tune_users(cfg, a)
     else:
         epochs = a.epochs if a.epochs is not None else p.epochs
         budget = a.budget_s if a.budget_s is not None else p.budget_s
     res = train.train_model(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
-                            warm_start=warm)
+                            warm_start=warm, users=users)
     keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
             "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
     small = {k: res.get(k) for k in keep}
     small.update({"warm_start": str(warm) if warm else None, "epochs_limit": epochs, "budget_s": budget,
-                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why})
+                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why,
+                  "fine_tune_users": None if users is None else len(users)})
     return record(cfg, a, "train", small, inputs)
+
+
+def fine_tune_users(cfg: Settings, a: RunArgs) -> np.ndarray | None:
+    """Users an incremental warm start trains on: those with events in the run's window (what is new) and
+    ``pipeline.incremental_replay_users`` others drawn at random, so the model does not drift towards
+    the day's users; None (every user) when replay is None or covers everyone."""
+    replay = cfg.pipeline.incremental_replay_users
+    if replay is None:
+        return None
+    inter = data.load_interactions(cfg, a.dataset)
+    ts = inter[S.EVENT_TIMESTAMP]
+    new = np.unique(inter.loc[(ts >= a.accept_from) & (ts < a.end), S.USER_ID].to_numpy(np.int64))
+    others = np.setdiff1d(np.unique(inter[S.USER_ID].to_numpy(np.int64)), new)
+    if len(others) <= replay:
+        return None
+    rng = np.random.default_rng([cfg.train.seed, zlib.crc32(a.key.encode())])  # another replay set each day
+    return np.union1d(new, rng.choice(others, size=replay, replace=False))
 
 
 def _encode_totals(encoded: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
@@ -128,25 +158,28 @@ def _table(metrics: Mapping[str, Any], ks: Sequence[int]) -> dict[str, dict[str,
 
 
 def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) -> dict[str, Any]:
-    """The candidate on the test split (report table with slices) and on the validation split (gate)."""
+    """The candidate on the test split (report table with slices) and on the gate's fixed validation
+    sample (:mod:`learn_tasks.evaluation.gate_sample`; a full run draws a new one)."""
     p = cfg.pipeline
     # A daily incremental run reports on a user sample: scoring every user every day costs more than
     # the rest of the increment, and the gate has its own fixed sample.
     users = p.eval_users if a.mode == FULL else p.incremental_eval_users
+    sample = gate_sample.ensure_sample(cfg, a.dataset, p.protocol, p.gate_users, cfg.train.seed,
+                                       redraw_for=a.key if a.mode == FULL else None)
     inputs = {"run_dir": trained["run_dir"], "data": data_fingerprint(cfg, a.dataset),
-              "eval_users": users, "gate_users": p.gate_users, "evaluate": cfg.evaluate.model_dump()}
+              "eval_users": users, "gate_users": p.gate_users, "gate_sample": sample.digest,
+              "evaluate": cfg.evaluate.model_dump()}
     done = recorded(cfg, a, "evaluate", inputs)
     if done:
         return done
     test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
                                 run_dir=trained["run_dir"], stage=S.TEST)
-    valid = harness.evaluate_run(eval_settings(cfg, p.gate_users), a.dataset, p.protocol, model=a.kind(cfg),
-                                 run_dir=trained["run_dir"], stage=S.VALID)
+    valid = gate_sample.score(cfg, a.dataset, p.protocol, a.kind(cfg), trained["run_dir"], sample)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
                     "coverage": test.get("coverage"), "report": test["meta"].get("report")},
-           "valid": {"users": valid["meta"]["users"], p.gate_metric: gate_metric_of(valid, p.gate_metric),
-                     "report": valid["meta"].get("report")}}
+           "valid": {"users": valid["users"], p.gate_metric: gate_metric_of({S.SLICE_ALL: valid}, p.gate_metric),
+                     "sample": sample.digest, "report": None}}
     return record(cfg, a, "evaluate", res, inputs)
 
 

@@ -199,13 +199,17 @@ def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: 
 
 def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str | None = None,
                 epochs: int | None = None, budget_s: float | None = None, warm_start: str | Path | None = None,
-                embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+                embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+                users: np.ndarray | None = None) -> dict[str, Any]:
     """Train one model kind on a dataset's split; write a complete run folder and return its summary.
 
     Settings come from :func:`learn_tasks.pch.kinds.resolve` (``configs/models/<kind>.yaml``, then
     ``train.per_model``). ``embeddings`` = (item ids, vectors) replaces the CEG store (tests, experiments);
     by default the current embedding version of ``dataset`` is read with
-    :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``.
+    :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``. ``users``
+    limits the training sequences to those users (an incremental fine-tune of a warm start); the
+    catalogue, its popularity and the validation cases stay those of the whole split. A ``warm_start``
+    run validates once, after its last epoch (and keeps that epoch).
     """
     model = model or cfg.pipeline.model
     if model not in MODEL_KINDS:
@@ -225,7 +229,8 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     train_df = split[split[S.SPLIT] == S.TRAIN]
     cat = _catalogue(cfg, dataset, split, needs_content=model != "sasrec", embeddings=embeddings)
     ids, content, item_idx, pop, fp = cat.item_ids, cat.content, cat.item_idx, cat.popularity, cat.fingerprint
-    seqs, skipped = build_sequences(train_df, cat)
+    seqs, skipped = build_sequences(train_df if users is None else
+                                    train_df[train_df[S.USER_ID].isin(np.asarray(users, np.int64))], cat)
     if not len(seqs):
         raise ValueError(f"dataset {dataset!r} ({protocol}) has no training user with 2 or more events")
     val_cases = sample_cases(build_cases(split, cat, protocol, S.VALID), tc.val_users, tc.seed)
@@ -303,7 +308,11 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
             if best_val < 0:
                 best_state = epoch_state
             break
-        val = validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device) if len(val_cases) else {}
+        # A warm-started fine-tune validates once, after its last epoch: the promotion gate scores it
+        # anyway, and validating each of its few epochs costs about as much as training them.
+        last = epoch == epochs or stopped == "budget"
+        val = (validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device)
+               if len(val_cases) and (not warm_start or last) else {})
         n_seq = int(D.sum_across(n_seq))  # all ranks
         line = {"epoch": epoch, "step": step, "loss": D.mean_across(float(np.mean(losses)) if losses else float("nan")),
                 "sequences_per_s": n_seq / max(epoch_time, 1e-9), "lr": opt.param_groups[0]["lr"],

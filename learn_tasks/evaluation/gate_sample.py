@@ -1,0 +1,197 @@
+"""The promotion gate's fixed validation sample, and the gate scores it caches.
+
+The gate compares the candidate with the promoted model on validation cases. Drawing those cases from
+the current split every run would make every run score the promoted model again: each increment moves a
+few users' validation targets and adds items to the catalogue. Instead the sample is frozen:
+
+* :func:`ensure_sample` draws ``users`` validation cases once (user, history, target, as item ids) and the
+  catalogue they are ranked against, and keeps them under ``$LEARN_HOME/pipeline/_gate/<dataset>/``. A
+  full run draws a new sample (once per run key, so re-running it keeps the same one); an incremental
+  run reuses it while its protocol, size and seed match and its items are still in the catalogue.
+* :func:`score` ranks the frozen catalogue for the frozen cases with a model and returns the gate's
+  metrics (slice ``all``); the score is cached under a key of everything it depends on (the model run,
+  the sample's digest, the embedding version the model reads, the metric settings), so the promoted
+  model, scored as a candidate in the run that promoted it, is not scored again.
+
+Both models are ranked by the same code over the same items, so the comparison stays fair; new items
+and the newest events enter the sample at the next full run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from learn_tasks import schema as S
+from learn_tasks.ceg import store
+from learn_tasks.config import Settings
+from learn_tasks.data import splits
+from learn_tasks.evaluation.harness import Cases, build_cases, make_scorer, rank_all, sample_cases
+from learn_tasks.evaluation.metrics import rank_metrics
+from learn_tasks.pch.catalogue import Catalogue, catalogue_item_ids
+from learn_tasks.storage import exclusive, read_json, write_json
+
+log = logging.getLogger("learn.pipeline")
+
+SAMPLE_FILE, META_FILE, SCORES_FILE = "sample.npz", "sample.json", "scores.json"
+
+
+@dataclass
+class FixedSample:
+    """Frozen validation cases in item-id space and the catalogue they are ranked against."""
+
+    user_ids: np.ndarray
+    hist_offsets: np.ndarray
+    hist_items: np.ndarray
+    target_items: np.ndarray
+    train_events: np.ndarray
+    catalogue: np.ndarray  # sorted item ids
+    meta: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return str(self.meta["digest"])
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def sample_dir(cfg: Settings, dataset: str) -> Path:
+    return cfg.paths.gate_sample(dataset)
+
+
+def _digest(arrays: Mapping[str, np.ndarray], spec: Mapping[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(dict(spec), sort_keys=True, default=str).encode())
+    for name in sorted(arrays):
+        h.update(name.encode() + np.ascontiguousarray(arrays[name], np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_sample(cfg: Settings, dataset: str) -> FixedSample | None:
+    folder = sample_dir(cfg, dataset)
+    if not (folder / META_FILE).exists() or not (folder / SAMPLE_FILE).exists():
+        return None
+    meta = read_json(folder / META_FILE)
+    with np.load(folder / SAMPLE_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    return FixedSample(meta=meta, **arrays)
+
+
+def draw_sample(cfg: Settings, dataset: str, protocol: str, users: int, seed: int) -> FixedSample:
+    """Validation cases of the current split (at most ``users``, 0 = all), frozen as item ids."""
+    split = splits.load_split(cfg, dataset, protocol)
+    ids = catalogue_item_ids(cfg, dataset, split)
+    n = len(ids)
+    cat = Catalogue(ids, None, np.zeros(n, np.int64), np.zeros(n, np.int64))
+    cases = sample_cases(build_cases(split, cat, protocol, S.VALID), users, seed)
+    arrays = {"user_ids": cases.user_ids.astype(np.int64), "hist_offsets": cases.hist_offsets.astype(np.int64),
+              "hist_items": ids[cases.hist_rows], "target_items": ids[cases.target_rows],
+              "train_events": cases.train_events.astype(np.int64), "catalogue": ids}
+    spec = {"dataset": dataset, "protocol": protocol, "users": int(users), "seed": int(seed)}
+    meta = {**spec, "cases": len(cases), "items": n, "digest": _digest(arrays, spec),
+            "created": datetime.now(timezone.utc).isoformat()}
+    return FixedSample(meta=meta, **arrays)
+
+
+def _save(cfg: Settings, dataset: str, sample: FixedSample) -> None:
+    folder = sample_dir(cfg, dataset)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{SAMPLE_FILE}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, user_ids=sample.user_ids, hist_offsets=sample.hist_offsets, hist_items=sample.hist_items,
+                 target_items=sample.target_items, train_events=sample.train_events, catalogue=sample.catalogue)
+    tmp.replace(folder / SAMPLE_FILE)
+    write_json(sample.meta, folder / META_FILE)  # written last: a sample without it is not used
+
+
+def ensure_sample(cfg: Settings, dataset: str, protocol: str, users: int, seed: int,
+                  redraw_for: str | None = None) -> FixedSample:
+    """The dataset's gate sample, drawn when missing, when its spec changed, when catalogue items it ranks
+    are gone, or once for ``redraw_for`` (a full run's key: a full run compares on its own data)."""
+    with exclusive(sample_dir(cfg, dataset).parent / f".{dataset}.lock"):
+        cur = load_sample(cfg, dataset)
+        why = None
+        if cur is None:
+            why = "no gate sample yet"
+        elif (cur.meta.get("protocol"), cur.meta.get("users"), cur.meta.get("seed")) != (protocol, int(users), int(seed)):
+            why = "the gate sample's protocol, size or seed changed"
+        elif redraw_for is not None and cur.meta.get("drawn_for") != redraw_for:
+            why = f"a full run ({redraw_for}) draws its own sample"
+        else:
+            items = catalogue_item_ids(cfg, dataset, splits.load_split(cfg, dataset, protocol))
+            if not np.isin(cur.catalogue, items).all():
+                why = "items of the gate sample left the catalogue"
+        if why is None:
+            return cur
+        sample = draw_sample(cfg, dataset, protocol, users, seed)
+        sample.meta["drawn_for"] = redraw_for
+        sample.meta["why"] = why
+        _save(cfg, dataset, sample)
+        log.info("gate sample of %s: %d validation case(s) over %d items (%s)", dataset, len(sample),
+                 len(sample.catalogue), why)
+        return sample
+
+
+def embedding_version(cfg: Settings, dataset: str, run_dir: Path) -> str | None:
+    """The embedding version a trained run is scored with (its own while the store has it, as
+    ``pch.catalogue.checkpoint_catalogue`` does)."""
+    meta = run_dir / "meta.json"
+    fp = read_json(meta).get("embedding_fingerprint") if meta.exists() else None
+    if fp and store.store_dir(cfg, dataset, fp).exists():
+        return fp
+    return store.current_fingerprint(cfg, dataset)
+
+
+def score_key(cfg: Settings, dataset: str, run_dir: Path, sample: FixedSample) -> str:
+    """Everything a model's score on the sample depends on."""
+    spec = {"run_dir": str(Path(run_dir).resolve()), "sample": sample.digest, "ks": list(cfg.evaluate.ks),
+            "embeddings": embedding_version(cfg, dataset, Path(run_dir))}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_score(cfg: Settings, dataset: str, key: str) -> dict[str, Any] | None:
+    path = sample_dir(cfg, dataset) / SCORES_FILE
+    return (read_json(path).get(key) if path.exists() else None)
+
+
+def _remember(cfg: Settings, dataset: str, key: str, value: Mapping[str, Any], keep: int = 20) -> None:
+    path = sample_dir(cfg, dataset) / SCORES_FILE
+    with exclusive(sample_dir(cfg, dataset).parent / f".{dataset}.scores.lock"):
+        scores = read_json(path) if path.exists() else {}
+        scores.pop(key, None)
+        scores[key] = dict(value)
+        write_json(dict(list(scores.items())[-keep:]), path)  # the newest few models
+
+
+def score(cfg: Settings, dataset: str, protocol: str, kind: str, run_dir: str | Path, sample: FixedSample,
+          use_cache: bool = True) -> dict[str, Any]:
+    """Rank-based metrics (slice ``all``) of a trained run on the fixed sample, plus ``cached`` (whether
+    the score was reused) and ``users``."""
+    run_dir = Path(run_dir)
+    key = score_key(cfg, dataset, run_dir, sample)
+    if use_cache:
+        hit = cached_score(cfg, dataset, key)
+        if hit is not None:
+            return {**hit, "cached": True}
+    split = splits.load_split(cfg, dataset, protocol)
+    scorer = make_scorer(cfg, dataset, protocol, kind, split, run_dir)
+    cat = scorer.cat
+    model_cases = Cases(sample.user_ids, sample.hist_offsets, cat.rows(sample.hist_items),
+                        cat.rows(sample.target_items), sample.train_events)
+    user_vecs, item_vecs = scorer.vectors(model_cases)
+    item_vecs = np.asarray(item_vecs)[cat.rows(sample.catalogue)]
+    frozen = Catalogue(sample.catalogue, None, np.zeros(len(sample.catalogue), np.int64),
+                       np.zeros(len(sample.catalogue), np.int64))
+    rank_cases = Cases(sample.user_ids, sample.hist_offsets, frozen.rows(sample.hist_items),
+                       frozen.rows(sample.target_items), sample.train_events)
+    ranked = rank_all(user_vecs, item_vecs, rank_cases, max(cfg.evaluate.ks), cfg.evaluate.batch_users)
+    out = {**rank_metrics(ranked.ranks, cfg.evaluate.ks), "users": len(sample), "sample": sample.digest,
+           "run_dir": str(run_dir)}
+    _remember(cfg, dataset, key, out)
+    return {**out, "cached": False}
