@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from learn_tasks import schema as S
 from learn_tasks.ceg import store
-from learn_tasks.config import Settings
+from learn_tasks.config import Settings, load_settings
 from learn_tasks.orchestration import airflow_env, gate, landing, runner, runs, stages, tasks
 
 
@@ -76,9 +77,13 @@ def test_gate_scores_the_promoted_model_as_the_kind_it_is(settings: Settings, tm
     candidate.mkdir(parents=True)
     scored: list[tuple[str, str]] = []
 
-    def fake_evaluate_run(cfg, dataset, protocol, model, run_dir, stage, write_report=True):
+    def fake_evaluate_run(cfg, dataset, protocol, model, run_dir, stage, write_report=True, keep_cases=False):
         scored.append((model, str(run_dir)))
-        return {S.SLICE_ALL: {settings.pipeline.gate_metric: 0.5}}
+        # 200 validation users; the promoted sasrec ranks every target first, the candidate none of them
+        ranks = np.zeros(200) if model == "sasrec" else np.full(200, 1000)
+        return {S.SLICE_ALL: {settings.pipeline.gate_metric: float((ranks < 200).mean())},
+                "per_case": {"user_ids": np.arange(200), "ranks": ranks,
+                             "slices": {S.SLICE_ALL: np.ones(200, bool), S.SLICE_COLD_START: np.arange(200) < 20}}}
 
     monkeypatch.setattr(gate.registry, "promoted", lambda cfg, dataset: promoted)
     monkeypatch.setattr(gate.registry, "promote", lambda *args, **kwargs: None)
@@ -87,8 +92,62 @@ def test_gate_scores_the_promoted_model_as_the_kind_it_is(settings: Settings, tm
     a = runs.RunArgs.from_params(cfg, {"dataset": "synth", "model": "learn_hybrid"}, None, "2021-01-02")
     res = gate.promotion_gate(cfg, a, {"run_dir": str(candidate)},
                               {"valid": {cfg.pipeline.gate_metric: 0.1}})
-    assert scored == [("sasrec", str(promoted))]
-    assert res["previous_score"] == 0.5 and res["promoted"] is False  # 0.1 is far below 0.5
+    assert scored == [("sasrec", str(promoted)), ("learn_hybrid", str(candidate))]
+    assert res["previous_score"] == 1.0 and res["promoted"] is False  # 0.0 is far below 1.0
+    assert res["slices"][S.SLICE_ALL]["status"] == "failed"
+    assert res["slices"][S.SLICE_COLD_START]["status"] == "skipped"  # 20 cases < gate_min_cases
+
+
+# ---------------------------------------------------------------------------------- per-slice gate
+def evaluation(ranks, cold):
+    ranks = np.asarray(ranks, dtype=float)
+    n = len(ranks)
+    return {"per_case": {"user_ids": np.arange(n), "ranks": ranks,
+                         "slices": {S.SLICE_ALL: np.ones(n, bool), S.SLICE_COLD_START: np.asarray(cold, bool),
+                                    S.SLICE_LONG_TAIL: np.zeros(n, bool)}}}
+
+
+MARGINS = {S.SLICE_ALL: 0.02, S.SLICE_COLD_START: 0.05, S.SLICE_LONG_TAIL: 0.05}
+
+
+def test_gate_rejects_a_candidate_that_wins_overall_but_loses_cold_start():
+    n, cold = 1000, np.arange(1000) < 300
+    current = np.where(cold, 0, 500)  # finds every cold-start target, none of the others
+    candidate = np.where(cold, 500, 0)  # the reverse: 70% overall against 30%
+    ok, reason, table = gate.decide_slices(evaluation(candidate, cold), evaluation(current, cold), MARGINS,
+                                           "recall@200", min_cases=100, n_boot=300)
+    assert not ok and "cold_start" in reason and "keeping the current model" in reason
+    assert table[S.SLICE_ALL]["status"] == "passed" and table[S.SLICE_COLD_START]["status"] == "failed"
+    assert table[S.SLICE_LONG_TAIL]["status"] == "skipped"  # no case
+    assert table[S.SLICE_COLD_START]["difference"]["hi"] < 0
+
+
+def test_gate_treats_a_difference_within_noise_as_a_tie():
+    n, cold = 400, np.arange(400) < 150
+    current = np.where(np.arange(n) % 2 == 0, 0, 500)  # every other case found: 75 of the 150 cold ones
+    candidate = current.copy()
+    candidate[np.arange(0, 16, 2)] = 500  # 8 cold hits lost ...
+    candidate[np.arange(1, 8, 2)] = 0  # ... 4 won: 71 of 150, 5.3% worse than 75 -- within noise
+    ok, reason, table = gate.decide_slices(evaluation(candidate, cold), evaluation(current, cold), MARGINS,
+                                           "recall@200", min_cases=100, n_boot=500)
+    row = table[S.SLICE_COLD_START]
+    assert row["candidate"] < row["floor"]  # worse than the margin by the point estimates ...
+    assert row["difference"]["hi"] >= 0 and row["status"] == "passed" and ok  # ... but a tie
+    # without the bootstrap the point rule alone decides, and the slice fails
+    ok, _, table = gate.decide_slices(evaluation(candidate, cold), evaluation(current, cold), MARGINS,
+                                      "recall@200", min_cases=100, n_boot=0)
+    assert not ok and table[S.SLICE_COLD_START]["status"] == "failed"
+
+
+def test_gate_slices_come_from_the_pipeline_settings(settings):
+    assert gate.slice_margins(settings) == {S.SLICE_ALL: 0.02, S.SLICE_COLD_START: 0.05, S.SLICE_LONG_TAIL: 0.05}
+    mine = load_settings(overrides=["pipeline.gate_slices={cold_users: 0.1}", "pipeline.promotion_margin=0.01"])
+    assert gate.slice_margins(mine) == {S.SLICE_ALL: 0.01, S.SLICE_COLD_USERS: 0.1}
+    with pytest.raises(ValueError, match="unknown slice"):
+        gate.slice_margins(load_settings(overrides=["pipeline.gate_slices={cold: 0.1}"]))
+    with pytest.raises(ValueError, match="same validation users"):
+        gate.decide_slices(evaluation([0, 1], [True, False]), evaluation([0, 1, 2], [True, False, False]),
+                           MARGINS, "recall@10")
 
 
 # ------------------------------------------------------------------------------ retrain across kinds
