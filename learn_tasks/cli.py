@@ -169,8 +169,8 @@ def evaluate_cmd(
     ctx: typer.Context,
     dataset: str = typer.Option(..., "--dataset", help="prepared dataset name"),
     protocol: str = typer.Option("loo", "--protocol", help="loo | temporal"),
-    model: Optional[str] = typer.Option(None, "--model", help="learn | learn_hybrid | sasrec | popular | content_knn "
-                                        "(default pipeline.model)"),
+    model: Optional[str] = typer.Option(None, "--model", help="learn | learn_hybrid | sasrec | popular | recent_popular "
+                                        "| item_knn | content_knn (default pipeline.model)"),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="run folder (default: latest run of --model)"),
     stage: str = typer.Option("test", "--stage", help="test | valid"),
     max_users: Optional[int] = typer.Option(None, "--max-users", help="evaluate a seeded sample of users"),

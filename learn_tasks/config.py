@@ -28,7 +28,7 @@ ENV_PREFIX = "LEARN_"
 # The model kinds, named once. Trainable kinds have a PCH/SASRec network and a configs/models/<kind>.yaml;
 # baselines are computed from the training data at evaluation time.
 MODEL_KINDS = ("learn", "learn_hybrid", "sasrec")
-BASELINE_KINDS = ("popular", "content_knn")
+BASELINE_KINDS = ("popular", "recent_popular", "item_knn", "content_knn")
 EVAL_KINDS = MODEL_KINDS + BASELINE_KINDS
 DEFAULT_MODEL_KIND = "learn_hybrid"  # what the pipeline trains and the CLI uses unless told otherwise
 ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]
@@ -41,8 +41,13 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     chunk_rows: int = Field(200_000, description="rows per streamed chunk when reading large files")
     mirror: str | None = Field(None, description="local mirror of public datasets (LEARN_DATA_MIRROR)")
-    kcore: int = Field(0, description="iterative k-core filter on users and items (0 = off)")
+    kcore: int = Field(0, description="iterative k-core filter on users and items when preparing, over the whole "
+                                      "timeline (0 = off); for temporal evaluation use split_kcore")
+    split_kcore: int = Field(0, description="temporal split: iterative k-core computed on the training period only "
+                                            "(events before the validation cut-off); events outside it are "
+                                            "marked 'dropped' (0 = off)")
     temporal_cutoff: str | None = Field(None, description="ISO time of the test cut-off; None = quantile")
+    temporal_valid_cutoff: str | None = Field(None, description="ISO time of the validation cut-off; None = quantile")
     temporal_test_quantile: float = Field(0.9, description="share of events (by time) before the test cut-off")
     temporal_valid_quantile: float = Field(0.85, description="share of events before the validation cut-off")
     max_quarantine_share: float = Field(0.5, description="fail the read when more rows than this are bad")
@@ -88,13 +93,27 @@ class ModelConfig(_Section):
     max_len: int = Field(50, description="most recent events a user tower sees")
     out_dim: int = Field(64, description="width of the L2-normalised user and item embeddings")
     id_dropout: float = Field(0.1, description="learn_hybrid: probability an ID embedding is replaced by the unknown one")
+    similarity: Literal["cosine", "dot"] = Field(
+        "cosine", description="cosine: both towers end in an L2 normalisation (scores in [-1, 1], divided by "
+                              "train.temperature in the loss); dot: raw inner products (SASRec's original form)")
+    block: Literal["pre_ln", "sasrec"] = Field(
+        "pre_ln", description="transformer blocks: pre_ln (nanoGPT-style, 4x GELU MLP, L2-normalisable projection) "
+                              "or sasrec (SASRec as published: its LayerNorm layout, width-d ReLU feed-forward, "
+                              "attention dropout, Xavier init, sqrt(d)-scaled inputs, no output projection)")
+    positions: Literal["from_start", "from_end"] = Field(
+        "from_start", description="learned positions counted from the oldest kept event, or back from the newest "
+                                  "(the newest event always at max_len - 1, SASRec's layout)")
     mix_k: float = Field(0.0, ge=0, description="learn_hybrid: evidence weighting at inference; an item's score mixes "
                                                 "its ID-aware and content-only scores with weight n/(n+k), n = its "
                                                 "training events (0 = off; vectors are then 2 x out_dim wide)")
 
 
 class TrainConfig(_Section):
-    loss: Literal["dense_all_action", "next_item", "sampled_softmax"] = "dense_all_action"
+    loss: Literal["dense_all_action", "next_item", "sampled_softmax", "full_softmax", "bce"] = Field(
+        "dense_all_action", description="dense_all_action (LEARN); next_item: sampled softmax over in-batch + "
+                                        "uniform negatives; sampled_softmax: uniform negatives only; "
+                                        "full_softmax: every item; bce: SASRec's binary cross-entropy with "
+                                        "bce_negatives sampled negatives per position")
     epochs: int = 20
     batch_size: int = 256
     lr: float = 1e-3
@@ -105,11 +124,25 @@ class TrainConfig(_Section):
     n_history: int = Field(10, description="dense all-action: user embeddings sampled from history positions")
     n_target: int = Field(10, description="dense all-action: target items sampled per user")
     n_random_negatives: int = Field(512, description="uniform catalogue negatives shared by the batch")
+    bce_negatives: int = Field(1, ge=1, description="bce: uniformly sampled negatives per position")
+    length_buckets: bool = Field(True, description="batch sequences of similar length (little padding); false = "
+                                                   "random batches that mix lengths (SASRec needs them, see "
+                                                   "docs/model.md)")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the warm-up: cosine decay to 0.1 x lr over the schedule, or constant")
+    schedule_epochs: int = Field(0, ge=0, description="length of the learning-rate schedule in epochs (in optimiser "
+                                                      "steps: this x steps per epoch); 0 = the run's epoch limit")
+    fit_splits: Literal["train", "train_valid"] = Field(
+        "train", description="train: fit on the train split, early stopping on validation; train_valid: refit on "
+                             "every event before the test cut-off (train + valid) for exactly the epoch limit, "
+                             "no validation (epochs chosen on validation beforehand)")
     logq: bool = Field(False, description="subtract log sampling probability from candidate logits")
     seed: int = 0
     device: str = Field("auto", description="auto = CUDA (bf16) when present, else CPU")
-    budget_s: float = Field(0.0, description="wall-clock training budget in seconds; 0 = unlimited")
-    patience: int = Field(3, description="epochs without validation improvement before stopping")
+    budget_s: float = Field(0.0, description="wall-clock training budget in seconds; 0 = unlimited (it may stop a "
+                                             "run, never change its learning-rate schedule)")
+    patience: int = Field(3, description="validation rounds without improvement before stopping")
+    val_every: int = Field(1, ge=1, description="epochs between validation rounds (and after the last epoch)")
     early_stop_metric: str = "recall@200"
     val_users: int = Field(2000, description="validation users sampled for early stopping (0 = all)")
     threads: int = Field(1, description="torch CPU threads (0 = torch default); a small model on a small CPU is op-overhead bound, so one thread is usually fastest")
@@ -122,9 +155,15 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     ks: tuple[int, ...] = (10, 50, 200)
     tail_share: float = Field(0.2, description="long tail: least popular warm items holding this share of training events")
-    cold_user_max_events: int = 3
+    cold_user_max_events: int = Field(3, description="cold_users: users whose history at that time has at most "
+                                                     "this many events")
+    recent_days: float = Field(30.0, description="recent_popular: popularity over this many days before the "
+                                                 "reference time (the cut-off; under loo the user's last event)")
+    knn_neighbours: int = Field(100, ge=1, description="item_knn: most similar items kept per item")
     batch_users: int = 1024
     max_users: int = Field(0, description="evaluate a seeded sample of this many users; 0 = all")
+    seed: int = Field(0, description="seed of the user samples (evaluation and validation), the same for every "
+                                     "model and training seed so that results are paired")
 
 
 class FeaturesConfig(_Section):

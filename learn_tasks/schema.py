@@ -74,16 +74,17 @@ QUARANTINE_COLUMNS: dict[str, str] = {
 # --- splits ---------------------------------------------------------------------------------------
 SPLIT = "split"  # "train" | "valid" | "test"
 TRAIN, VALID, TEST = "train", "valid", "test"
+DROPPED = "dropped"  # temporal split with data.split_kcore: a training-period event outside the k-core
 PROTOCOL_LOO = "loo"  # leave-one-out per user, time-ordered (HSTU / LEARN Amazon tables)
 PROTOCOL_TEMPORAL = "temporal"  # global cut-off: genuinely cold items and new users
 PROTOCOLS = (PROTOCOL_LOO, PROTOCOL_TEMPORAL)
 
 # --- item slices (evaluation, monitoring, serving badges) ------------------------------------------
 SLICE_ALL = "all"
-SLICE_COLD_START = "cold_start"  # 0 training interactions
-SLICE_LONG_TAIL = "long_tail"  # least popular warm items holding `tail_share` of training events
+SLICE_COLD_START = "cold_start"  # no event before the stage's cut-off (temporal: first seen after it)
+SLICE_LONG_TAIL = "long_tail"  # least popular warm items holding `tail_share` of the events known then
 SLICE_HEAD = "head"
-SLICE_COLD_USERS = "cold_users"  # <= cold_user_max_events training events
+SLICE_COLD_USERS = "cold_users"  # <= cold_user_max_events events in the user's history at that time
 SLICES = (SLICE_ALL, SLICE_COLD_START, SLICE_LONG_TAIL, SLICE_HEAD, SLICE_COLD_USERS)
 
 # --- embeddings store -----------------------------------------------------------------------------

@@ -49,17 +49,16 @@ def test_long_tail_and_item_slices():
 
 
 # ------------------------------------------------------------------------------------ full ranking
-def cases_of(histories, targets, train_events=None):
+def cases_of(histories, targets):
     offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int64)
     flat = np.concatenate([np.asarray(h, np.int64) for h in histories])
-    te = np.asarray(train_events if train_events is not None else [len(h) for h in histories])
-    return harness.Cases(np.arange(len(targets)), offsets, flat, np.asarray(targets), te)
+    return harness.Cases(np.arange(len(targets)), offsets, flat, np.asarray(targets))
 
 
 def test_rank_all_excludes_history_and_breaks_ties_at_the_middle():
     items = np.array([[5.0], [4.0], [3.0], [2.0], [1.0], [1.0], [1.0], [1.0]])
     users = np.ones((3, 1))
-    cases = cases_of([[0], [0, 1], [3]], targets=[2, 2, 7], train_events=[1, 2, 1])
+    cases = cases_of([[0], [0, 1], [3]], targets=[2, 2, 7])
     r = harness.rank_all(users, items, cases, k_max=3)
     # user 0: item 0 excluded -> only item 1 beats item 2; user 1: items 0, 1 excluded -> first
     assert r.ranks[:2].tolist() == [1, 0]
@@ -98,7 +97,7 @@ def test_build_cases_for_test_and_valid():
     assert [ids[test.history(i)].tolist() for i in range(2)] == [[10, 11, 12], [10]]
     assert ids[test.target_rows].tolist() == [13, 15]  # the first event after the cut-off
     assert [ids[f].tolist() for f in test.future] == [[13, 14], [15]]
-    assert test.train_events.tolist() == [2, 1]
+    assert test.history_events.tolist() == [3, 1]  # events known at the test cut-off, valid ones included
     valid = harness.build_cases(df, cat, "loo", S.VALID)
     assert valid.user_ids.tolist() == [1, 4] and valid.future is None
     assert [ids[valid.history(i)].tolist() for i in range(2)] == [[10, 11], [11]]

@@ -219,3 +219,44 @@ def test_bad_config_is_rejected():
         PCHConfig(item_tower="d")
     with pytest.raises(ValueError, match="ID vocab"):
         PCHConfig(kind="sasrec", n_items=0)
+
+
+# ------------------------------------------------------------------------------ SASRec as published
+def sasrec(**kw):
+    torch.manual_seed(0)
+    cfg = PCHConfig(kind="sasrec", d_in=0, d_model=8, n_layers=2, n_heads=1, dropout=0.0, max_len=8, out_dim=8,
+                    n_items=20, block="sasrec", positions="from_end", similarity="dot", **kw)
+    return build_model(cfg).eval()
+
+
+def test_sasrec_block_scores_with_the_raw_item_table_and_xavier_init():
+    m = sasrec()
+    assert isinstance(m.head, torch.nn.Identity)
+    idx = torch.arange(1, 6)
+    assert torch.equal(m.encode_items(None, idx), m.item_id.weight[1:6])  # the input table is the output table
+    xavier = (2.0 / (21 + 8)) ** 0.5
+    assert m.item_id.weight.std().item() == pytest.approx(xavier, rel=0.3)
+    u = m.encode_users(None, torch.ones(2, 3, dtype=torch.bool), torch.randint(1, 21, (2, 3)))
+    assert u.shape == (2, 8) and not torch.allclose(u.norm(dim=-1), torch.ones(2))  # inner products, not cosine
+    with pytest.raises(ValueError, match="out_dim"):
+        PCHConfig(kind="sasrec", d_model=8, out_dim=16, n_heads=1, n_items=5, block="sasrec")
+
+
+@pytest.mark.parametrize("positions, moves", [("from_end", True), ("from_start", False)])
+def test_positions_from_the_end_put_the_newest_event_at_the_last_position(positions, moves):
+    """Only position max_len - 1 carries a signal: it reaches a one-event history's state when positions
+    count back from the newest event, and never when they count from the oldest (position 0)."""
+    m = sasrec() if positions == "from_end" else make("sasrec", positions="from_start")
+    with torch.no_grad():
+        m.transformer.pos.weight.zero_()
+        before = m.encode_users(None, torch.ones(1, 1, dtype=torch.bool), torch.tensor([[3]])).clone()
+        m.transformer.pos.weight[-1] = 5.0
+        after = m.encode_users(None, torch.ones(1, 1, dtype=torch.bool), torch.tensor([[3]]))
+    assert (not torch.allclose(before, after, atol=1e-4)) is moves
+    # padding never changes a state: the same 2 events alone or in a wider batch
+    m2 = sasrec()
+    idx = torch.tensor([[4, 7, 0, 0], [1, 2, 3, 5]])
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
+    wide = m2.encode_users(None, mask, idx)
+    alone = m2.encode_users(None, mask[:1, :2], idx[:1, :2])
+    assert torch.allclose(wide[0], alone[0], atol=1e-5)

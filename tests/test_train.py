@@ -1,6 +1,7 @@
 """Training: loss values on hand-built batches, accidental hits, batching, and tiny real training runs."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from learn_tasks import schema as S
 from learn_tasks.config import MODEL_CONFIG_DIR, MODEL_KINDS
 from learn_tasks.pch.model import load_checkpoint
 from learn_tasks.pch.catalogue import Catalogue
-from learn_tasks.pch.losses import dense_all_action_loss, next_item_loss
+from learn_tasks.pch.losses import bce_loss, dense_all_action_loss, full_softmax_loss, next_item_loss
 from learn_tasks.training.batches import length_buckets
 
 
@@ -116,6 +117,27 @@ def test_next_item_loss_hand_value_and_accidental_hit():
     loss = next_item_loss(query, pos, torch.tensor([4]), cand, torch.tensor([9, 4]), temperature=1.0)
     # candidate 4 is the positive itself and is masked; the only negative scores 0.0
     assert loss.item() == pytest.approx(math.log(1 + math.exp(0.0 - 0.6)), abs=1e-6)
+
+
+def test_bce_loss_hand_value_and_masked_accidental_hits():
+    query, pos = t([[1.0, 0.0]]), t([[0.6, 0.8]])
+    neg = t([[[0.0, 1.0], [0.6, 0.8]]])  # [P=1, M=2, D]: the second negative is the positive itself
+    # SASRec: mean over positives of -log sigmoid(s+) plus mean over negatives of -log(1 - sigmoid(s-))
+    both = bce_loss(query, pos, neg, temperature=1.0)
+    assert both.item() == pytest.approx(math.log(1 + math.exp(-0.6)) + (math.log(2) + math.log(1 + math.exp(0.6))) / 2,
+                                        abs=1e-6)
+    masked = bce_loss(query, pos, neg, temperature=1.0, neg_valid=torch.tensor([[True, False]]))
+    assert masked.item() == pytest.approx(math.log(1 + math.exp(-0.6)) + math.log(2), abs=1e-6)
+    sharp = bce_loss(query, pos, neg[:, :1], temperature=0.5)  # logits divided by the temperature
+    assert sharp.item() == pytest.approx(math.log(1 + math.exp(-1.2)) + math.log(2), abs=1e-6)
+
+
+def test_full_softmax_loss_is_cross_entropy_over_every_item():
+    query, items = t([[1.0, 0.0]]), t([[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+    loss = full_softmax_loss(query, items, torch.tensor([0]), temperature=1.0)
+    assert loss.item() == pytest.approx(-0.6 + math.log(math.exp(0.6) + 1 + math.exp(-1)), abs=1e-6)
+    no_third = full_softmax_loss(query, items, torch.tensor([0]), 1.0, exclude=torch.tensor([False, False, True]))
+    assert no_third.item() == pytest.approx(-0.6 + math.log(math.exp(0.6) + 1), abs=1e-6)
 
 
 def test_a_constant_logq_changes_nothing():
@@ -301,13 +323,65 @@ def test_users_with_one_training_event_are_not_sequences():
     assert ids[seqs.seq(1)].tolist() == [12, 10]
 
 
-def test_learning_rate_warms_up_then_decays_by_steps_or_budget():
-    assert train.lr_at(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)
-    assert train.lr_at(9, 0.0, 1.0, warmup=10) == pytest.approx(1.0)
-    assert train.lr_at(0, 0.05, 1.0, warmup=1000) == pytest.approx(1.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.05))))
-    assert train.lr_at(500, 0.5, 1.0, warmup=10) == pytest.approx(0.55)
-    assert train.lr_at(500, 1.0, 1.0, warmup=10) == pytest.approx(0.1)
-    assert train.lr_at(500, 3.0, 1.0, warmup=10) == pytest.approx(0.1)  # never below the floor
+def test_learning_rate_warms_up_then_follows_the_step_schedule():
+    assert train.lr_at(0, 1000, 1.0, warmup=10) == pytest.approx(0.1)
+    assert train.lr_at(9, 1000, 1.0, warmup=10) == pytest.approx(1.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.009))))
+    assert train.lr_at(500, 1000, 1.0, warmup=10) == pytest.approx(0.55)
+    assert train.lr_at(1000, 1000, 1.0, warmup=10) == pytest.approx(0.1)
+    assert train.lr_at(3000, 1000, 1.0, warmup=10) == pytest.approx(0.1)  # never below the floor
+    assert train.lr_at(4, 1000, 2.0, warmup=10, schedule="constant") == pytest.approx(1.0)  # still warming up
+    assert train.lr_at(900, 1000, 2.0, warmup=10, schedule="constant") == pytest.approx(2.0)
+
+
+def test_a_wall_clock_budget_never_changes_the_schedule(settings, synth_dataset, monkeypatch):
+    """A slow machine (a clock that runs fast) may stop a run, but every step it takes has the learning
+    rate and the weights of the same run on an idle machine."""
+    cfg = small(settings, warmup_steps=1, patience=10,
+                per_model={"sasrec": {"train": {"lr_schedule": "cosine", "batch_size": 32}}})
+    idle = train.train_model(cfg, synth_dataset, "loo", "sasrec", epochs=3)
+    clock = {"t": 0.0}
+
+    def busy() -> float:
+        clock["t"] += 0.05  # every reading of the clock: 50 ms later
+        return clock["t"]
+
+    monkeypatch.setattr(train.time, "perf_counter", busy)
+    slow = train.train_model(cfg, synth_dataset, "loo", "sasrec", epochs=3, budget_s=1e6)
+    read = lambda r: [json.loads(x) for x in (Path(r["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    for a, b in zip(read(idle), read(slow)):
+        assert a["lr"] == b["lr"] and a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    stopped = train.train_model(cfg, synth_dataset, "loo", "sasrec", epochs=3, budget_s=0.2)
+    assert stopped["stopped"] == "budget" and stopped["steps"] < idle["steps"]
+    first = read(stopped)[0]
+    base = kinds.resolve(cfg, "sasrec").train.lr
+    assert first["lr"] == pytest.approx(train.lr_at(first["step"] - 1, idle["steps"], base, 1))
+
+
+@pytest.mark.parametrize("loss, similarity", [("bce", "dot"), ("full_softmax", "cosine"), ("sampled_softmax", "cosine")])
+def test_sasrec_trains_with_every_next_item_loss(settings, synth_dataset, loss, similarity):
+    temperature = 1.0 if similarity == "dot" else 0.1
+    cfg = small(settings, patience=20, per_model={"sasrec": {"model": {"similarity": similarity}, "train": {
+        "loss": loss, "lr": 5e-3, "batch_size": 32, "temperature": temperature, "n_random_negatives": 64}}})
+    res = train.train_model(cfg, synth_dataset, "loo", "sasrec", epochs=4)
+    assert res["stopped"] == "epochs" and np.isfinite(res["val"]["recall@200"])
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns
+    model, pcfg = load_checkpoint(res["run_dir"])
+    assert pcfg.similarity == similarity
+    m = harness.evaluate_run(cfg, synth_dataset, "loo", "sasrec", run_dir=res["run_dir"], write_report=False)
+    assert m["all"]["recall@50"] > 50 / m["meta"]["items"]  # better than chance
+
+
+def test_refit_on_everything_before_the_test_cut_off(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    cfg = small(settings, fit_splits="train_valid")
+    res = train.train_model(cfg, synth_dataset, "temporal", "learn_hybrid", epochs=2, embeddings=emb)
+    assert res["val"] is None and res["epochs_run"] == 2 and res["stopped"] == "epochs"
+    split = splits.load_split(settings, synth_dataset, "temporal")
+    vocab = pd.read_parquet(f"{res['run_dir']}/items.parquet")
+    seen = set(split.loc[split[S.SPLIT].isin([S.TRAIN, S.VALID]), S.ITEM_ID])
+    only_valid = seen - set(split.loc[split[S.SPLIT] == S.TRAIN, S.ITEM_ID])
+    assert only_valid and ((vocab["item_idx"] > 0) == vocab[S.ITEM_ID].isin(seen)).all()
 
 
 def test_dense_all_action_logq_shifts_only_relative_scores():
@@ -355,4 +429,5 @@ def test_resolve_gives_the_validated_learn_hybrid_settings(settings):
     assert (c.model.kind, c.model.id_dropout, c.model.mix_k) == ("learn_hybrid", 0.3, 10.0)
     assert (c.train.loss, c.train.lr, c.train.temperature, c.train.logq) == ("next_item", 3e-3, 0.1, False)
     sasrec = kinds.resolve(settings, "sasrec")
-    assert (sasrec.model.dropout, sasrec.train.n_random_negatives, sasrec.train.logq) == (0.2, 2048, True)
+    assert (sasrec.model.block, sasrec.model.dropout, sasrec.train.loss, sasrec.train.length_buckets) == \
+        ("sasrec", 0.5, "bce", False)

@@ -3,7 +3,12 @@
 * ``loo``  leave-one-out per user in time order (last event test, second-to-last validation), the
   protocol of the HSTU and LEARN papers' Amazon Books tables;
 * ``temporal`` a global cut-off: events after it are test, so items first seen after it are genuinely
-  cold-start and users first seen after it are new users.
+  cold-start and users first seen after it are new users. No look-ahead: a k-core filter
+  (``data.split_kcore``) is computed here on the training period only (events before the validation
+  cut-off); events outside it are marked ``dropped`` (kept in the frame, used by no model), and later
+  events are never filtered, so whether an item or user is kept never depends on what happens after a
+  cut-off. (A filter applied when preparing, ``data.kcore``, sees the whole timeline: avoid it for
+  temporal evaluation.)
 
 :func:`load_split` returns the interactions with a ``split`` column, cached under
 ``$LEARN_HOME/data/<name>/splits/<protocol>.parquet`` and recomputed when the split settings change.
@@ -17,7 +22,7 @@ import pandas as pd
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.data.datasets import canonical_interactions, dataset_dir, load_interactions
+from learn_tasks.data.datasets import canonical_interactions, dataset_dir, kcore, load_interactions
 from learn_tasks.storage import read_json, write_json, write_parquet
 
 
@@ -45,18 +50,34 @@ def temporal_cutoffs(inter: pd.DataFrame, cfg: Settings) -> tuple[pd.Timestamp, 
     else:
         test_cut = ts.quantile(cfg.data.temporal_test_quantile)
         valid_cut = ts.quantile(cfg.data.temporal_valid_quantile)
+    if cfg.data.temporal_valid_cutoff:
+        valid_cut = pd.Timestamp(cfg.data.temporal_valid_cutoff)
+        valid_cut = valid_cut.tz_localize("UTC") if valid_cut.tzinfo is None else valid_cut.tz_convert("UTC")
+    if valid_cut > test_cut:
+        raise ValueError(f"the validation cut-off {valid_cut} is after the test cut-off {test_cut}")
     # Amazon timestamps are whole days: snap cut-offs to the next midnight so a day is never split.
     return valid_cut.ceil("D"), test_cut.ceil("D")
 
 
 def split_temporal(inter: pd.DataFrame, cfg: Settings) -> pd.DataFrame:
-    """Global cut-offs: train < valid_cut <= valid < test_cut <= test."""
+    """Global cut-offs: train < valid_cut <= valid < test_cut <= test.
+
+    With ``data.split_kcore`` = k > 1, training events outside the iterative k-core of the training events
+    alone become ``dropped``; validation and test events are never filtered.
+    """
     inter = canonical_interactions(inter)
     valid_cut, test_cut = temporal_cutoffs(inter, cfg)
     ts = inter[S.EVENT_TIMESTAMP]
-    split = np.where(ts >= test_cut, S.TEST, np.where(ts >= valid_cut, S.VALID, S.TRAIN))
+    split = np.where(ts >= test_cut, S.TEST, np.where(ts >= valid_cut, S.VALID, S.TRAIN)).astype(object)
+    k = cfg.data.split_kcore
+    if k > 1:
+        train = inter[split == S.TRAIN].assign(_row=np.flatnonzero(split == S.TRAIN))
+        kept = kcore(train.reset_index(drop=True), k)["_row"].to_numpy()
+        dropped = np.setdiff1d(np.flatnonzero(split == S.TRAIN), kept)
+        split[dropped] = S.DROPPED
     inter[S.SPLIT] = pd.array(split, dtype="string")
     inter.attrs["valid_cutoff"], inter.attrs["test_cutoff"] = str(valid_cut), str(test_cut)
+    inter.attrs["split_kcore"] = int(k)
     return inter
 
 
@@ -81,7 +102,8 @@ def load_split(cfg: Settings, name: str, protocol: str) -> pd.DataFrame:
 def _split_key(cfg: Settings, protocol: str) -> dict:
     d = cfg.data
     return {"protocol": protocol, "cutoff": d.temporal_cutoff, "tq": d.temporal_test_quantile,
-            "vq": d.temporal_valid_quantile}
+            "vq": d.temporal_valid_quantile, **({"split_kcore": d.split_kcore} if d.split_kcore > 1 else {}),
+            **({"valid_cutoff": d.temporal_valid_cutoff} if d.temporal_valid_cutoff else {})}
 
 
 def split_dataset(cfg: Settings, name: str, protocol: str) -> dict[str, Any]:

@@ -110,6 +110,16 @@ def render_summary(s: Mapping[str, Any]) -> str:
         lines += ["## Promotion gate", "",
                   f"- {'PROMOTED' if g['promoted'] else 'KEPT CURRENT'}: {g['reason']} "
                   f"({g['metric']} on validation)", f"- serving: {g.get('serving')}", ""]
+        if g.get("slices"):
+            lines += ["| slice | cases | candidate | current | floor | difference [95%] | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, row in g["slices"].items():
+                d = row.get("difference")
+                lines.append(f"| {name} | {row.get('cases')} | {_f(row.get('candidate'))} | {_f(row.get('current'))} | "
+                             f"{_f(row.get('floor'))} | "
+                             + (f"{_f(d['mean'])} [{_f(d['lo'])}, {_f(d['hi'])}]" if d else "-")
+                             + f" | {row.get('status')} |")
+            lines.append("")
     m = s.get("milvus")
     if m:
         lines += ["## Milvus", "", f"- collection {m.get('collection')} behind alias {m.get('alias')}: "

@@ -136,9 +136,13 @@ def load_content(cfg: Settings, dataset: str, item_ids: np.ndarray,
 # Catalogues for training, baselines and trained checkpoints
 # ==================================================================================================
 def training_catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: bool,
-                       embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> Catalogue:
-    """The catalogue a new model trains on; its ID vocab holds the items seen in training (1..n, 0 = unknown)."""
-    train = split[split[S.SPLIT] == S.TRAIN]
+                       embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+                       fit: tuple[str, ...] = (S.TRAIN,)) -> Catalogue:
+    """The catalogue a new model trains on; its ID vocab holds the items seen in training (1..n, 0 = unknown).
+
+    ``fit`` names the splits the model is fitted on (train, or train + valid for a refit before test).
+    """
+    train = split[split[S.SPLIT].isin(fit)]
     ids = catalogue_item_ids(cfg, dataset, split)
     pop = item_popularity(train, ids)
     item_idx = np.zeros(len(ids), np.int64)
@@ -153,29 +157,35 @@ def training_catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_c
 
 
 def baseline_catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: bool,
-                       embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> Catalogue:
-    """The catalogue of a training-free baseline (no ID vocab)."""
-    train = split[split[S.SPLIT] == S.TRAIN]
+                       embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+                       known: pd.DataFrame | None = None) -> Catalogue:
+    """The catalogue of a training-free baseline (no ID vocab); popularity counts the ``known`` events
+    (default: the train split)."""
+    known = split[split[S.SPLIT] == S.TRAIN] if known is None else known
     ids = catalogue_item_ids(cfg, dataset, split)
     content, fp = load_content(cfg, dataset, ids, embeddings) if needs_content else (None, None)
-    return Catalogue(ids, content, np.zeros(len(ids), np.int64), item_popularity(train, ids), fp)
+    return Catalogue(ids, content, np.zeros(len(ids), np.int64), item_popularity(known, ids), fp)
 
 
 def checkpoint_vocab(run_dir: Path, item_ids: np.ndarray) -> np.ndarray:
     """The ID vocab rows a checkpoint gave ``item_ids`` (items it never saw get 0 = unknown)."""
+    return _checkpoint_column(run_dir, item_ids, "item_idx")
+
+
+def _checkpoint_column(run_dir: Path, item_ids: np.ndarray, column: str) -> np.ndarray:
     vocab = pd.read_parquet(Path(run_dir) / "items.parquet")
-    idx = pd.Series(vocab["item_idx"].to_numpy(), index=vocab[S.ITEM_ID].to_numpy())
-    return idx.reindex(item_ids, fill_value=0).to_numpy(np.int64)
+    values = pd.Series(vocab[column].to_numpy(), index=vocab[S.ITEM_ID].to_numpy())
+    return values.reindex(item_ids, fill_value=0).to_numpy(np.int64)
 
 
 def checkpoint_catalogue(cfg: Settings, dataset: str, run_dir: Path, split: pd.DataFrame, needs_content: bool,
                          embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> Catalogue:
-    """The current catalogue with the checkpoint's ID vocab (items it never saw get 0 = unknown).
+    """The current catalogue with the checkpoint's ID vocab (items it never saw get 0 = unknown) and its
+    training popularity (the events of the splits it was fitted on).
 
     Content comes from ``embeddings`` when given, else from the store at the checkpoint's own embedding
     version while the store still has it (the current one otherwise).
     """
-    train = split[split[S.SPLIT] == S.TRAIN]
     ids = catalogue_item_ids(cfg, dataset, split)
     idx = checkpoint_vocab(run_dir, ids)
     content, fp = (None, None)
@@ -184,7 +194,7 @@ def checkpoint_catalogue(cfg: Settings, dataset: str, run_dir: Path, split: pd.D
     elif needs_content:
         fp = read_json(Path(run_dir) / "meta.json").get("embedding_fingerprint")
         content, fp = load_content(cfg, dataset, ids, fingerprint=_usable_fingerprint(cfg, dataset, fp))
-    return Catalogue(ids, content, idx, item_popularity(train, ids), fp)
+    return Catalogue(ids, content, idx, _checkpoint_column(run_dir, ids, S.POPULARITY), fp)
 
 
 def _usable_fingerprint(cfg: Settings, dataset: str, fp: str | None) -> str | None:

@@ -5,7 +5,11 @@
   other users' targets in the batch (plus uniform catalogue items); a negative that is one of the user's
   own targets (an accidental hit) is masked out;
 * ``next_item`` / ``sampled_softmax``: the user embedding at every position predicts the next item against
-  a shared pool of candidates (:func:`next_item_loss`).
+  a shared pool of candidates (:func:`next_item_loss`): in-batch positives plus uniform catalogue items
+  (``next_item``, a sampled softmax with mixed negatives) or uniform items only (``sampled_softmax``);
+* ``full_softmax``: the same prediction against every catalogue item (:func:`full_softmax_loss`);
+* ``bce``: SASRec's original loss, binary cross-entropy of each position's next item against
+  ``train.bce_negatives`` uniformly sampled negatives of that position (:func:`bce_loss`).
 
 :func:`logq` gives the log of each candidate's expected count under the negative sampler; subtracting it
 (``train.logq``) keeps popular items from being over-penalised.
@@ -78,12 +82,40 @@ def next_item_loss(
     return F.softplus(torch.logsumexp(logits, dim=-1) - pos_logit).mean()
 
 
+def full_softmax_loss(query: Tensor, items: Tensor, target: Tensor, temperature: float,
+                      exclude: Tensor | None = None) -> Tensor:
+    """Softmax over every item: query [P, D] x items [N, D]; ``target`` [P] rows of ``items``.
+
+    ``exclude`` [N] (optional) marks rows that are never candidates (e.g. items without an ID of their own).
+    Returns the mean cross-entropy over the P queries.
+    """
+    logits = query @ items.T / temperature
+    if exclude is not None:
+        logits = logits.masked_fill(exclude[None, :], float("-inf"))
+    return F.cross_entropy(logits, target)
+
+
+def bce_loss(query: Tensor, pos: Tensor, neg: Tensor, temperature: float, neg_valid: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy: query [P, D] scores its positive pos [P, D] up and its own negatives neg [P, M, D]
+    down. ``neg_valid`` [P, M] masks negatives that are accidental hits. As in SASRec, the positive and the
+    negative terms are each averaged over their pairs and added."""
+    pos_logit = (query * pos).sum(-1) / temperature  # [P]
+    neg_logit = torch.einsum("pd,pmd->pm", query, neg) / temperature  # [P, M]
+    pos_term = F.softplus(-pos_logit).mean()
+    neg_loss = F.softplus(neg_logit)
+    if neg_valid is None:
+        return pos_term + neg_loss.mean()
+    w = neg_valid.to(neg_loss.dtype)
+    return pos_term + (neg_loss * w).sum() / w.sum().clamp(min=1)
+
+
 def logq(pop: np.ndarray, tc, n_items: int) -> Tensor:
     """Log expected count of each item among one query's candidates: in-batch ~ popularity, random ~ uniform.
 
     ``pop`` [N] training popularity; ``tc`` the train settings (batch size, loss, negatives).
     """
     p = pop / max(pop.sum(), 1)
-    n_in = tc.batch_size * (tc.n_target if tc.loss == "dense_all_action" else 1)
+    in_batch = tc.loss in ("dense_all_action", "next_item")  # the other losses sample uniformly (or not at all)
+    n_in = tc.batch_size * (tc.n_target if tc.loss == "dense_all_action" else 1) * in_batch
     expected = n_in * p + tc.n_random_negatives / n_items
     return torch.as_tensor(np.log(np.maximum(expected, 1e-12)), dtype=torch.float32)

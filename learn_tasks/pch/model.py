@@ -35,7 +35,8 @@ gives for a one-item history with item tower ``a``): then an item with the seed'
 Every item is encoded alone, in training and at serving, so an item embedding depends only on that item
 (its text, plus its ID for the hybrid): an item with zero interactions has one, and there is no train/serve
 skew. Both towers end in the same online projection to ``out_dim`` and an L2 normalisation, so a score is
-a cosine similarity.
+a cosine similarity (``similarity="dot"`` leaves the normalisation out: a raw inner product, SASRec's
+original form).
 
 Sequences are **left-aligned**: position 0 is the oldest kept event and padding follows the last valid event
 (``mask`` True on events). With causal attention a valid position never attends to padding, so no key mask
@@ -60,6 +61,9 @@ from learn_tasks.config import MODEL_KINDS
 from learn_tasks.storage import atomic_path
 
 ITEM_TOWERS = ("a", "b", "c")
+SIMILARITIES = ("cosine", "dot")
+POSITIONS = ("from_start", "from_end")
+BLOCKS = ("pre_ln", "sasrec")
 UNKNOWN_ITEM = 0  # row of the ID vocab shared by every item not seen in training
 
 
@@ -77,6 +81,9 @@ class PCHConfig:
     n_items: int = 0  # ID vocab size without the unknown row: ids 1..n_items, 0 = unknown
     id_dropout: float = 0.1  # learn_hybrid: probability of replacing an ID embedding by the unknown one
     mix_k: float = 0.0  # learn_hybrid: evidence weighting at inference (0 = off), see the module docstring
+    similarity: str = "cosine"  # cosine: L2-normalised tower outputs; dot: raw inner products
+    positions: str = "from_start"  # from_start: position 0 = oldest kept event; from_end: max_len - 1 = newest
+    block: str = "pre_ln"  # pre_ln: nanoGPT-style blocks; sasrec: SASRec's published blocks, init and output
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -87,6 +94,15 @@ class PCHConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kind != "learn" and self.n_items < 1:
             raise ValueError(f"kind {self.kind!r} needs an ID vocab (n_items >= 1)")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        if self.block == "sasrec" and self.out_dim != self.d_model:
+            raise ValueError(f"block 'sasrec' has no output projection: out_dim ({self.out_dim}) must equal "
+                             f"d_model ({self.d_model})")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.mix_k < 0 or (self.mix_k > 0 and self.kind != "learn_hybrid"):
             raise ValueError(f"mix_k must be >= 0 and is for learn_hybrid only, got {self.mix_k} for {self.kind!r}")
 
@@ -113,18 +129,25 @@ class PCHConfig:
 # The transformer (nanoGPT-style, pre-LN, causal)
 # --------------------------------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
-    def __init__(self, c: PCHConfig):
+    def __init__(self, c: PCHConfig, attn_dropout: float = 0.0):
         super().__init__()
-        self.n_heads = c.n_heads
+        self.n_heads, self.attn_dropout = c.n_heads, attn_dropout
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.proj = nn.Linear(c.d_model, c.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, L, d]
+    def forward(self, x: Tensor, kv: Tensor | None = None) -> Tensor:  # x: [B, L, d]; keys/values from kv (x)
         B, L, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
+        if kv is None:
+            q, k, v = self.qkv(x).split(d, dim=2)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:d], b[:d])
+            k, v = F.linear(kv, w[d:], b[d:]).split(d, dim=2)
         q, k, v = (t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # [B, h, L, dh]
-        # No dropout on attention weights: it forces the slow unfused path on CPU; residual dropout regularises.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # The pre-LN blocks use no dropout on attention weights (it forces the slow unfused path on CPU;
+        # residual dropout regularises); SASRec's blocks do, as published.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -141,18 +164,52 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class Transformer(nn.Module):
-    """Learned positions + causal blocks + final LayerNorm: [B, L, d] inputs -> [B, L, d] states."""
+class SASRecBlock(nn.Module):
+    """SASRec's block as published (Kang & McAuley, 2018, and its reference code): queries from
+    LayerNorm(x) attend over x with dropout on the attention weights, the normalised queries are the
+    residual; then a LayerNorm and a point-wise ReLU feed-forward of width d_model with its own residual."""
 
     def __init__(self, c: PCHConfig):
         super().__init__()
-        self.pos = nn.Embedding(c.max_len, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.ln_f = nn.LayerNorm(c.d_model)
+        d = c.d_model
+        self.ln_attn, self.attn = nn.LayerNorm(d, eps=1e-8), CausalSelfAttention(c, attn_dropout=c.dropout)
+        self.ln_ffn = nn.LayerNorm(d, eps=1e-8)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.Dropout(c.dropout), nn.ReLU(), nn.Linear(d, d), nn.Dropout(c.dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.drop(x + self.pos.weight[: x.shape[1]])
+        q = self.ln_attn(x)
+        x = self.ln_ffn(q + self.attn(q, kv=x))
+        return x + self.ffn(x)
+
+
+class Transformer(nn.Module):
+    """Learned positions + causal blocks + final LayerNorm: [B, L, d] inputs -> [B, L, d] states.
+
+    Positions ``from_start`` number the events of a (left-aligned) row from its oldest kept event;
+    ``from_end`` number them back from the newest, so the most recent event always has position
+    ``max_len - 1`` and the position read at prediction time is the best-trained one (SASRec's layout:
+    most histories are short, so high positions counted from the start are rarely trained).
+    """
+
+    def __init__(self, c: PCHConfig):
+        super().__init__()
+        self.from_end, self.max_len = c.positions == "from_end", c.max_len
+        self.scale = c.d_model ** 0.5 if c.block == "sasrec" else 1.0  # SASRec scales item inputs by sqrt(d)
+        self.pos = nn.Embedding(c.max_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList((SASRecBlock if c.block == "sasrec" else Block)(c) for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.d_model, eps=1e-8 if c.block == "sasrec" else 1e-5)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``lengths`` [B]: events per (left-aligned) row; None = every position is an event."""
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.from_end:
+            n = lengths if lengths is not None else torch.full(x.shape[:1], x.shape[1], device=x.device)
+            idx = (self.max_len - n)[:, None] + torch.arange(x.shape[1], device=x.device)[None, :]
+            x = self.drop(x + self.pos(idx.clamp(0, self.max_len - 1)))
+        else:
+            x = self.drop(x + self.pos.weight[: x.shape[1]])
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
@@ -182,7 +239,12 @@ class PCH(nn.Module):
             self.item_transformer = Transformer(c)
         if c.kind != "sasrec" and c.item_tower == "c":
             self.item_direct = nn.Linear(c.d_in, c.d_model)
-        self.head = nn.Linear(c.d_model, c.out_dim)  # the online projection, shared by both towers
+        # the online projection, shared by both towers (SASRec's blocks have none: item embeddings are the output)
+        self.head = nn.Identity() if c.block == "sasrec" else nn.Linear(c.d_model, c.out_dim)
+        if c.block == "sasrec":  # SASRec's initialisation: Xavier-normal matrices (embeddings included)
+            for p in self.parameters():
+                if p.dim() >= 2:
+                    nn.init.xavier_normal_(p)
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _id_input(self, item_idx: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
@@ -209,12 +271,14 @@ class PCH(nn.Module):
         return x
 
     def project(self, h: Tensor) -> Tensor:
-        return F.normalize(self.head(h), dim=-1)
+        out = self.head(h)
+        return F.normalize(out, dim=-1) if self.config.similarity == "cosine" else out
 
     # ---- towers ------------------------------------------------------------------------------------
-    def user_states(self, x: Tensor) -> Tensor:
-        """Left-aligned inputs [B, L, d_model] -> L2-normalised user embeddings at every position [B, L, out]."""
-        return self.project(self.transformer(x))
+    def user_states(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Left-aligned inputs [B, L, d_model] (``mask`` [B, L]: events; None = all) -> user embeddings at every
+        position [B, L, out] (L2-normalised with cosine similarity)."""
+        return self.project(self.transformer(x, mask.sum(1) if mask is not None else None))
 
     @property
     def item_tower_reuses_inputs(self) -> bool:
@@ -277,7 +341,7 @@ class PCH(nn.Module):
                 content = torch.gather(content, 1, idx[..., None].expand(-1, -1, content.shape[-1]))
             if item_idx is not None:
                 item_idx = torch.gather(item_idx, 1, idx)
-        states = self.user_states(self.embed_items(content, item_idx))  # [B, L, out]
+        states = self.user_states(self.embed_items(content, item_idx), mask)  # [B, L, out]
         last = (mask.sum(1) - 1).clamp(min=0)
         return states[torch.arange(states.shape[0], device=states.device), last]
 

@@ -48,14 +48,16 @@ def build_sequences(train: pd.DataFrame, cat: Catalogue, min_events: int = 2) ->
     return Sequences(keep.index.to_numpy(np.int64), offsets, cat.rows(df[S.ITEM_ID].to_numpy())), int(len(sizes) - len(keep))
 
 
-def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   bucket: bool = True) -> list[np.ndarray]:
     """Batches of indices with similar lengths, in random order; every index appears exactly once.
 
     Indices are sorted by length (ties in random order), cut into consecutive batches, and the batch order
-    is shuffled, so padding is small and the model still sees lengths in random order.
+    is shuffled, so padding is small and the model still sees lengths in random order. ``bucket=False``:
+    batches of random indices (every batch mixes short and long sequences, as SASRec trains).
     """
     lengths = np.asarray(lengths)
-    order = np.lexsort((rng.random(len(lengths)), lengths))
+    order = np.lexsort((rng.random(len(lengths)), lengths)) if bucket else rng.permutation(len(lengths))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -66,12 +68,12 @@ def _sample(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def dense_batches(seqs: Sequences, max_len: int, batch_size: int, n_history: int, n_target: int,
-                  rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+                  rng: np.random.Generator, bucket: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Dense all-action batches: a random cut per sequence into history (last ``max_len``) and targets."""
     n = seqs.lengths
     cut = 1 + np.floor(rng.random(len(n)) * (n - 1)).astype(np.int64)  # 1 .. n-1 history events
     hlen = np.minimum(cut, max_len)
-    for idx in length_buckets(hlen, batch_size, rng):
+    for idx in length_buckets(hlen, batch_size, rng, bucket):
         B, L = len(idx), int(hlen[idx].max())
         hist = np.zeros((B, L), np.int64)
         hmask = np.zeros((B, L), bool)
@@ -94,12 +96,12 @@ def dense_batches(seqs: Sequences, max_len: int, batch_size: int, n_history: int
 
 
 def next_item_batches(seqs: Sequences, max_len: int, batch_size: int,
-                      rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+                      rng: np.random.Generator, bucket: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Next-item batches: a window of up to ``max_len`` inputs and their next items (random window start)."""
     n = seqs.lengths
     w = np.minimum(n - 1, max_len)
     start = np.floor(rng.random(len(n)) * (n - 1 - w + 1)).astype(np.int64)
-    for idx in length_buckets(w, batch_size, rng):
+    for idx in length_buckets(w, batch_size, rng, bucket):
         B, L = len(idx), int(w[idx].max())
         inp = np.zeros((B, L), np.int64)
         out = np.zeros((B, L), np.int64)

@@ -34,10 +34,10 @@ from learn_tasks.ceg.encode import encode_catalogue
 from learn_tasks.config import MODEL_KINDS, Settings
 from learn_tasks.data.splits import load_split
 from learn_tasks.evaluation.harness import Cases, build_cases, model_vectors, rank_all, sample_cases
-from learn_tasks.evaluation.metrics import ndcg_at_k, recall_at_k
+from learn_tasks.evaluation.metrics import coverage_at_k, ndcg_at_k, recall_at_k
 from learn_tasks.pch import kinds, registry
 from learn_tasks.pch.catalogue import Catalogue, MissingContent, tail_mask, training_catalogue
-from learn_tasks.pch.losses import dense_all_action_loss, logq, next_item_loss
+from learn_tasks.pch.losses import bce_loss, dense_all_action_loss, full_softmax_loss, logq, next_item_loss
 from learn_tasks.pch.model import PCH, PCHConfig, build_model, load_checkpoint, save_checkpoint
 from learn_tasks.storage import atomic_dir, write_json, write_parquet
 from learn_tasks.training import distributed as D
@@ -55,6 +55,10 @@ class StepInputs:
     item_idx: Tensor  # [N] ID vocab rows
     logq: Tensor | None  # [N] log expected count of each catalogue row under the negative sampler
     n_items: int
+    neg_pool: np.ndarray  # catalogue rows uniform negatives are drawn from (ID-only models: rows with an ID)
+
+    def negatives(self, rng: np.random.Generator, size) -> np.ndarray:
+        return self.neg_pool[rng.integers(0, len(self.neg_pool), size=size)]
 
 
 def _item_table(model: PCH, rows: np.ndarray, si: StepInputs, device) -> tuple[Tensor, np.ndarray, Tensor]:
@@ -77,12 +81,13 @@ def _item_embeddings(model: PCH, x: Tensor, uniq: np.ndarray, r: Tensor, want: n
 
 
 def dense_step(model: PCH, b: dict[str, np.ndarray], si: StepInputs, tc, rng: np.random.Generator, device) -> Tensor:
-    neg = rng.integers(0, si.n_items, size=tc.n_random_negatives) if tc.n_random_negatives else np.zeros(0, np.int64)
+    neg = si.negatives(rng, tc.n_random_negatives) if tc.n_random_negatives else np.zeros(0, np.int64)
     hist_rows = b["hist"][b["hist_mask"]]
     x, uniq, r = _item_table(model, np.concatenate([hist_rows, b["tgt"][b["tgt_valid"]], neg]), si, device)
     hist_pos = np.zeros(b["hist"].shape, np.int64)
     hist_pos[b["hist_mask"]] = np.searchsorted(uniq, hist_rows)
-    states = model.user_states(x[torch.as_tensor(hist_pos, device=device)])  # [B, L, out]
+    states = model.user_states(x[torch.as_tensor(hist_pos, device=device)],
+                               torch.as_tensor(b["hist_mask"], device=device))  # [B, L, out]
     B = states.shape[0]
     user = states[torch.arange(B, device=device)[:, None], torch.as_tensor(b["hsel"], device=device)]  # [B, H, out]
     emb, want = _item_embeddings(model, x, uniq, r, np.concatenate([b["tgt"][b["tgt_valid"]], neg]), si, device)
@@ -98,24 +103,36 @@ def dense_step(model: PCH, b: dict[str, np.ndarray], si: StepInputs, tc, rng: np
 
 
 def next_step(model: PCH, b: dict[str, np.ndarray], si: StepInputs, tc, rng: np.random.Generator, device) -> Tensor:
+    """One step of the next-item losses: every valid position predicts the item after it."""
     mask = b["mask"]
     pos_rows = b["out"][mask]
     pool = []
     if tc.loss == "next_item":  # in-batch negatives: one positive drawn from each sequence
         pool.append(pos_rows[rng.integers(0, len(pos_rows), size=mask.shape[0])])
-    if tc.n_random_negatives:
-        pool.append(rng.integers(0, si.n_items, size=tc.n_random_negatives))
+    if tc.n_random_negatives and tc.loss in ("next_item", "sampled_softmax"):
+        pool.append(si.negatives(rng, tc.n_random_negatives))
+    if tc.loss == "bce":  # negatives of each position, drawn uniformly
+        pool.append(si.negatives(rng, len(pos_rows) * tc.bce_negatives))
+    if tc.loss == "full_softmax":
+        pool.append(si.neg_pool)
     cand_rows = np.concatenate(pool) if pool else np.zeros(0, np.int64)
     inp_rows = b["inp"][mask]
     x, uniq, r = _item_table(model, np.concatenate([inp_rows, pos_rows, cand_rows]), si, device)
     inp_pos = np.zeros(b["inp"].shape, np.int64)
     inp_pos[mask] = np.searchsorted(uniq, inp_rows)
-    states = model.user_states(x[torch.as_tensor(inp_pos, device=device)])
+    states = model.user_states(x[torch.as_tensor(inp_pos, device=device)], torch.as_tensor(mask, device=device))
     query = states[torch.as_tensor(mask, device=device)]  # [P, out]
     emb, want = _item_embeddings(model, x, uniq, r, np.concatenate([pos_rows, cand_rows]), si, device)
     pos = emb[torch.as_tensor(np.searchsorted(want, pos_rows), device=device)]
     cand = emb[torch.as_tensor(np.searchsorted(want, cand_rows), device=device)]
     pos_t, cand_t = torch.as_tensor(pos_rows, device=device), torch.as_tensor(cand_rows, device=device)
+    if tc.loss == "bce":
+        neg = cand.view(len(pos_rows), tc.bce_negatives, -1)
+        return bce_loss(query, pos, neg, tc.temperature, (cand_t != pos_t.repeat_interleave(tc.bce_negatives))
+                        .view(len(pos_rows), tc.bce_negatives))
+    if tc.loss == "full_softmax":  # candidates = the pool in order; the target is its position there
+        target = torch.as_tensor(np.searchsorted(si.neg_pool, pos_rows), device=device)
+        return full_softmax_loss(query, cand, target, tc.temperature)
     use_q = tc.logq and si.logq is not None and tc.loss == "next_item"
     return next_item_loss(query, pos, pos_t, cand, cand_t, tc.temperature,
                           si.logq[pos_t] if use_q else None, si.logq[cand_t] if use_q else None)
@@ -130,14 +147,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(step: int, progress: float, base: float, warmup: int, floor: float = 0.1, warmup_share: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to ``floor * base`` as progress goes 0 -> 1.
+def lr_at(step: int, total_steps: int, base: float, warmup: int, schedule: str = "cosine", floor: float = 0.1) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a ``total_steps`` schedule: a linear warm-up
+    over ``warmup`` steps, then constant or a cosine decay to ``floor * base`` at ``total_steps``.
 
-    The warm-up ends after ``warmup`` steps or ``warmup_share`` of the progress, whichever comes first, so
-    a short wall-clock budget still trains at the full rate.
+    A function of steps only, so the same run gives the same schedule on a busy or an idle machine (a
+    wall-clock budget may stop a run early, it never changes its schedule).
     """
-    warm = min(1.0, max((step + 1) / max(warmup, 1), progress / warmup_share))
-    return base * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    if schedule == "constant":
+        return base * warm
+    progress = min(step / max(total_steps, 1), 1.0)
+    return base * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def peak_rss_mb() -> float:
@@ -145,13 +166,15 @@ def peak_rss_mb() -> float:
 
 
 def validate(model: PCH, cat: Catalogue, cases: Cases, ks, batch: int, device) -> dict[str, float]:
-    """Validation Recall@K and NDCG@K of ``model`` on ``cases`` (the early-stopping signal)."""
+    """Validation Recall@K and NDCG@K of ``model`` on ``cases`` (the early-stopping signal), and the
+    catalogue coverage of the top min(K) lists."""
     users, items = model_vectors(model, cat, cases, batch, device)
     ranked = rank_all(users, items, cases, max(ks), batch)
     out = {}
     for k in ks:
         out[f"recall@{k}"] = recall_at_k(ranked.ranks, k)
         out[f"ndcg@{k}"] = ndcg_at_k(ranked.ranks, k)
+    out[f"coverage@{min(ks)}"] = coverage_at_k(ranked.topk, len(cat), min(ks))  # a collapse shows here first
     return out
 
 
@@ -184,17 +207,17 @@ def _warm_start(model: PCH, pcfg: PCHConfig, cat: Catalogue, warm_dir: Path) -> 
 
 
 def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: bool,
-               embeddings: tuple[np.ndarray, np.ndarray] | None) -> Catalogue:
+               embeddings: tuple[np.ndarray, np.ndarray] | None, fit: tuple[str, ...] = (S.TRAIN,)) -> Catalogue:
     """The training catalogue. Building it never encodes; with ``train.encode_missing`` (and the CEG store
     as the source) items missing from the store are encoded here first and the catalogue built again."""
     try:
-        return training_catalogue(cfg, dataset, split, needs_content, embeddings)
+        return training_catalogue(cfg, dataset, split, needs_content, embeddings, fit)
     except MissingContent as exc:
         if not (cfg.train.encode_missing and embeddings is None):
             raise
         log.info("encoding %d item(s) missing from the embedding store", len(exc.item_ids))
         encode_catalogue(cfg, dataset)
-        return training_catalogue(cfg, dataset, split, needs_content)
+        return training_catalogue(cfg, dataset, split, needs_content, fit=fit)
 
 
 def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str | None = None,
@@ -226,21 +249,25 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     t_setup = time.perf_counter()
 
     split = load_split(cfg, dataset, protocol)
-    train_df = split[split[S.SPLIT] == S.TRAIN]
-    cat = _catalogue(cfg, dataset, split, needs_content=model != "sasrec", embeddings=embeddings)
+    fit = (S.TRAIN, S.VALID) if tc.fit_splits == "train_valid" else (S.TRAIN,)
+    train_df = split[split[S.SPLIT].isin(fit)]
+    cat = _catalogue(cfg, dataset, split, needs_content=model != "sasrec", embeddings=embeddings, fit=fit)
     ids, content, item_idx, pop, fp = cat.item_ids, cat.content, cat.item_idx, cat.popularity, cat.fingerprint
     seqs, skipped = build_sequences(train_df if users is None else
                                     train_df[train_df[S.USER_ID].isin(np.asarray(users, np.int64))], cat)
     if not len(seqs):
         raise ValueError(f"dataset {dataset!r} ({protocol}) has no training user with 2 or more events")
-    val_cases = sample_cases(build_cases(split, cat, protocol, S.VALID), tc.val_users, tc.seed)
-    if not len(val_cases):
+    if tc.fit_splits == "train_valid":  # a refit on everything before the test cut-off: no validation left
+        val_cases = build_cases(split, cat, protocol, S.VALID).subset(np.zeros(0, np.int64))
+    else:
+        val_cases = sample_cases(build_cases(split, cat, protocol, S.VALID), tc.val_users, cfg.evaluate.seed)
+    if not len(val_cases) and tc.fit_splits == "train":
         log.warning("no validation cases for %s/%s: no early stopping, the last epoch is kept", dataset, protocol)
 
     pcfg = PCHConfig(kind=model, item_tower=mc.item_tower, d_in=content.shape[1] if content is not None else 0,
                      d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads, dropout=mc.dropout,
                      max_len=mc.max_len, out_dim=mc.out_dim, n_items=int(item_idx.max()), id_dropout=mc.id_dropout,
-                     mix_k=mc.mix_k)
+                     mix_k=mc.mix_k, similarity=mc.similarity, positions=mc.positions, block=mc.block)
     net = build_model(pcfg)
     if content is not None:
         net.content_mean.copy_(torch.as_tensor(content.mean(0)))  # centre on the catalogue mean
@@ -252,17 +279,20 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         net.id_count.copy_(torch.as_tensor(counts))
     net.to(device).train()
     D.broadcast_module(net)  # data-parallel runs start from rank 0's weights (no-op in one process)
+    # Uniform negatives come from the whole catalogue; an ID-only model has no representation of its own for
+    # an item without training events (they all share the unknown row), so it draws from items with an ID.
+    neg_pool = np.arange(len(ids)) if pcfg.uses_content else np.flatnonzero(item_idx > 0)
     si = StepInputs(
         torch.as_tensor(content, device=device) if content is not None else None,
         torch.as_tensor(item_idx, device=device),
-        logq(pop, tc, len(ids)).to(device) if tc.logq else None, len(ids))
+        logq(pop, tc, len(neg_pool)).to(device) if tc.logq else None, len(ids), neg_pool)
 
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "item_id" not in n and "pos" not in n]
     no_decay = [p for n, p in net.named_parameters() if not (p.dim() >= 2 and "item_id" not in n and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(math.ceil(len(seqs) / tc.batch_size) / D.world_size())  # per rank
-    total_steps = max(1, epochs * steps_per_epoch)
+    total_steps = max(1, (tc.schedule_epochs or epochs) * steps_per_epoch)  # the schedule, in optimiser steps
     warmup = min(tc.warmup_steps, max(1, total_steps // 10))  # short runs still reach the full learning rate
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -275,13 +305,13 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     for epoch in range(1, epochs + 1):
         epoch_state = copy.deepcopy(net.state_dict())
         te, losses, n_seq = time.perf_counter(), [], 0
-        batches = (dense_batches(seqs, pcfg.max_len, tc.batch_size, tc.n_history, tc.n_target, rng)
-                   if tc.loss == "dense_all_action" else next_item_batches(seqs, pcfg.max_len, tc.batch_size, rng))
+        batches = (dense_batches(seqs, pcfg.max_len, tc.batch_size, tc.n_history, tc.n_target, rng, tc.length_buckets)
+                   if tc.loss == "dense_all_action"
+                   else next_item_batches(seqs, pcfg.max_len, tc.batch_size, rng, tc.length_buckets))
         nan = False
         for b in D.shard_batches(batches, rng):  # this rank's share (all batches in one process)
-            progress = max(step / total_steps, (time.perf_counter() - t0) / budget if budget else 0.0)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, progress, tc.lr, warmup)
+                g["lr"] = lr_at(step, total_steps, tc.lr, warmup, tc.lr_schedule)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = (dense_step if tc.loss == "dense_all_action" else next_step)(net, b, si, tc, rng, device)
             if D.any_across(not torch.isfinite(loss)):  # every rank stops together
@@ -311,8 +341,8 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         # A warm-started fine-tune validates once, after its last epoch: the promotion gate scores it
         # anyway, and validating each of its few epochs costs about as much as training them.
         last = epoch == epochs or stopped == "budget"
-        val = (validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device)
-               if len(val_cases) and (not warm_start or last) else {})
+        due = len(val_cases) and (last if warm_start else (epoch % tc.val_every == 0 or last))  # a validation round
+        val = validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device) if due else {}
         n_seq = int(D.sum_across(n_seq))  # all ranks
         line = {"epoch": epoch, "step": step, "loss": D.mean_across(float(np.mean(losses)) if losses else float("nan")),
                 "sequences_per_s": n_seq / max(epoch_time, 1e-9), "lr": opt.param_groups[0]["lr"],
@@ -322,7 +352,9 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
                  line["sequences_per_s"], "  ".join(f"{k} {v:.4f}" for k, v in val.items()), line["lr"],
                  line["elapsed_s"])
         metric = val.get(tc.early_stop_metric)
-        if metric is None:
+        if metric is None and len(val_cases):
+            pass  # no validation round this epoch
+        elif metric is None:
             best_state, best_epoch = copy.deepcopy(net.state_dict()), epoch
         elif metric > best_val:
             best_val, best_epoch, bad_epochs = metric, epoch, 0
