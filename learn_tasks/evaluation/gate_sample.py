@@ -92,7 +92,7 @@ def draw_sample(cfg: Settings, dataset: str, protocol: str, users: int, seed: in
     cases = sample_cases(build_cases(split, cat, protocol, S.VALID), users, seed)
     arrays = {"user_ids": cases.user_ids.astype(np.int64), "hist_offsets": cases.hist_offsets.astype(np.int64),
               "hist_items": ids[cases.hist_rows], "target_items": ids[cases.target_rows],
-              "train_events": cases.train_events.astype(np.int64), "catalogue": ids}
+              "train_events": cases.history_events.astype(np.int64), "catalogue": ids}
     spec = {"dataset": dataset, "protocol": protocol, "users": int(users), "seed": int(seed)}
     meta = {**spec, "cases": len(cases), "items": n, "digest": _digest(arrays, spec),
             "created": datetime.now(timezone.utc).isoformat()}
@@ -183,13 +183,13 @@ def score(cfg: Settings, dataset: str, protocol: str, kind: str, run_dir: str | 
     scorer = make_scorer(cfg, dataset, protocol, kind, split, run_dir)
     cat = scorer.cat
     model_cases = Cases(sample.user_ids, sample.hist_offsets, cat.rows(sample.hist_items),
-                        cat.rows(sample.target_items), sample.train_events)
+                        cat.rows(sample.target_items))
     user_vecs, item_vecs = scorer.vectors(model_cases)
     item_vecs = np.asarray(item_vecs)[cat.rows(sample.catalogue)]
     frozen = Catalogue(sample.catalogue, None, np.zeros(len(sample.catalogue), np.int64),
                        np.zeros(len(sample.catalogue), np.int64))
     rank_cases = Cases(sample.user_ids, sample.hist_offsets, frozen.rows(sample.hist_items),
-                       frozen.rows(sample.target_items), sample.train_events)
+                       frozen.rows(sample.target_items))
     ranked = rank_all(user_vecs, item_vecs, rank_cases, max(cfg.evaluate.ks), cfg.evaluate.batch_users)
     out = {**rank_metrics(ranked.ranks, cfg.evaluate.ks), "users": len(sample), "sample": sample.digest,
            "run_dir": str(run_dir)}
