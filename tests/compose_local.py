@@ -55,7 +55,7 @@ GEN_ENV = REPO_ROOT / "docker" / "gen_env.py"
 INIT_SQL = REPO_ROOT / "docker" / "postgres" / "init-databases.sh"
 SECRET_VARS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_PASSWORD",
                "MILVUS_ROOT_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET",
-               "AIRFLOW_API_SECRET_KEY", "LEARN_API_TOKEN", "EVIDENTLY_SECRET")  # what gen_env.py generates
+               "AIRFLOW_API_SECRET_KEY", "LEARN_API_TOKEN", "EVIDENTLY_SECRET", "LEARN_DB_PASSWORD")  # what gen_env.py generates
 SOURCE_IN_IMAGE = "/opt/learn/src"  # where both Dockerfiles copy the project
 # Executables of the images -> this environment (module run with this interpreter)
 EXECUTABLES = {"airflow": "airflow", "celery": "celery", "learn": "learn_tasks.cli", "evidently": "evidently.cli",
