@@ -241,3 +241,25 @@ def per_second(n: float, seconds: Sequence[float]) -> dict[str, Any]:
     """Items/s of each round and their median."""
     rates = [n / max(s, 1e-12) for s in seconds]
     return {"per_round": [round(x, 1) for x in rates], "median": round(statistics.median(rates), 1)}
+
+
+# ------------------------------------------------------------------------------- small shared helpers
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (stdout stays for results)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile of ``values`` (None when there are none)."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

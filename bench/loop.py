@@ -50,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hygiene import free_port, log, pct  # noqa: E402  (bench/hygiene.py)
 RESULTS = ROOT / "bench" / "results" / "loop.json"
 DATASET = "synth"
 PG_DB = "learn_loop_bench"
@@ -59,20 +61,6 @@ KEYS = ("events_sent", "events_acked", "events_landed", "lost", "duplicated", "a
         "new_item_hits", "new_item_total")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -------------------------------------------------------------------------------------------- stack

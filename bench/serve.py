@@ -28,7 +28,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -43,22 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
+from hygiene import free_port, log, pct  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 TARGETS = {"p99_ms": 50.0, "errors": 0, "new_item_s": 1.0}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -------------------------------------------------------------------------------------------- prepare
