@@ -228,8 +228,9 @@ class ServeConfig(_Section):
     threads: int = Field(1, description="torch threads for the user tower (1 keeps tail latency flat)")
     items_poll_s: float = Field(0.25, ge=0, description="replica: how often the service looks for items another "
                                                       "process of it added online (workers, replicas); 0 = never")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes of `learn serve` (they share only the stores; "
-                                              "with Milvus Lite its local server is started)")
+    workers: int = Field(0, ge=0, description="uvicorn worker processes of `learn serve` (they share only the stores; "
+                                              "with Milvus Lite its local server is started); 0 = one per CPU core "
+                                              "this process may use, at most 4")
     replica_refresh_s: float = Field(30.0, description="replica: reload it when the collection's row count "
                                                        "changed (items upserted by other processes); 0 = never")
     release_poll_s: float = Field(2.0, ge=0, description="how often the service looks at the release record and "

@@ -48,6 +48,16 @@ def test_replica_matches_exact_search_and_upserts() -> None:
     assert top[S.ITEM_ID] == 7 and top[S.TITLE] == "new" and top[S.IS_COLD_START] and len(rep) == 51
 
 
+def test_replica_breaks_ties_by_item_id_and_handles_small_catalogues() -> None:
+    # Three items with the same vector: equal scores, so the order is by item id whatever the row order.
+    v = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], np.float32)
+    rep = Replica(index.ItemRows(item_ids=np.array([30, 10, 5, 20]), vectors=v))
+    q = np.array([1.0, 0.0], np.float32)
+    assert [h[S.ITEM_ID] for h in rep.search(q, 2, set())] == [10, 20]
+    assert [h[S.ITEM_ID] for h in rep.search(q, 10, {20})] == [10, 30, 5]  # k above the size: all but excluded
+    assert rep.search(q, 10, {5, 10, 20, 30}) == []
+
+
 def test_no_promoted_model_is_a_clear_error(settings: Settings) -> None:
     with pytest.raises(recommender.ServeError, match="no promoted model"):
         recommender.Recommender(settings, "synth")

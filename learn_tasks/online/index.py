@@ -287,11 +287,13 @@ def swap_alias(client: "MilvusClient", alias: str, collection: str) -> None:
         client.create_alias(collection_name=collection, alias=alias)
 
 
-def ensure_loaded(client: "MilvusClient", name: str) -> None:
-    """Milvus Lite forgets loaded state when the data is reopened; load before searching."""
-    state = client.get_load_state(name).get("state")
-    if str(state).split(".")[-1].split(":")[0].strip("<> ") != "Loaded":
-        client.load_collection(name)
+def ensure_loaded(client: "MilvusClient", name: str, timeout_s: float = 60.0) -> None:
+    """Load ``name``, return once loaded (Lite forgets it on reopening; another process's load may be running)."""
+    deadline = time.monotonic() + timeout_s
+    while str(client.get_load_state(name).get("state")).split(".")[-1].split(":")[0].strip("<> ") != "Loaded":
+        if time.monotonic() > deadline:
+            raise IndexStoreError(f"collection {name} did not load within {timeout_s:.0f} s")
+        client.load_collection(name)  # idempotent; waits for this load
 
 
 def search(client: "MilvusClient", target: str, queries: np.ndarray, k: int,

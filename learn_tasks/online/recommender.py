@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import threadpoolctl
 
 from learn_tasks import schema as S
 from learn_tasks.ceg import encode, encoder
@@ -116,6 +117,9 @@ class Recommender:
         self.dataset = dataset or cfg.serve.dataset or cfg.pipeline.dataset
         if cfg.serve.threads:
             torch.set_num_threads(cfg.serve.threads)
+            # The replica's search is a numpy (BLAS) product: the same bound keeps its threads from
+            # contending with the other requests' work.
+            threadpoolctl.threadpool_limits(cfg.serve.threads, user_api="blas")
         t0 = time.perf_counter()
         if run_dir is None and release is None:
             release = releases.current(cfg, self.dataset)

@@ -20,8 +20,10 @@ from learn_tasks.online.index import ItemRows
 class Replica:
     """An exact in-process copy of a Milvus collection's rows (ids, vectors, scalars) for fast search.
 
-    Scores are one matrix-vector product in torch on the service's single torch thread: on a busy
-    machine that is several times faster than numpy's multi-threaded BLAS for a 40k x 64 matrix.
+    Scores are one float32 matrix-vector product through numpy's BLAS, held to one thread (the service
+    sets it; several BLAS threads per request only contend on a busy machine). The product is bound by
+    reading the matrix from memory; measured on a 38.5k x 128 matrix out of cache, numpy's single-thread
+    kernel takes 0.8 ms against 1.9 ms for ``torch.mv``.
     """
 
     def __init__(self, rows: ItemRows):
@@ -30,13 +32,12 @@ class Replica:
                   list(rows.titles))
 
     def _set(self, ids, vectors, popularity, cold, tail, titles) -> None:
-        import torch
-
         self.ids, self.vectors = np.asarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32)
-        self._matrix = torch.from_numpy(self.vectors)  # shares memory with self.vectors
         self.popularity, self.cold, self.tail = np.asarray(popularity), np.asarray(cold, bool), np.asarray(tail, bool)
         self.titles = titles
         self.pos = {int(i): r for r, i in enumerate(self.ids)}
+        # What a search reads, replaced as one reference: a search never mixes two versions' arrays.
+        self._snapshot = (self.ids, self.vectors, self.pos, self.cold, self.tail, self.titles)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -72,20 +73,18 @@ class Replica:
 
     def search(self, query: np.ndarray, k: int, exclude: set[int]) -> list[dict[str, Any]]:
         """Exact top-k by inner product, ``exclude`` left out; best first, ties by item id."""
-        import torch
-
-        ids, matrix, pos = self.ids, self._matrix, self.pos  # one consistent snapshot
-        cold, tail, titles = self.cold, self.tail, self.titles
-        scores = torch.mv(matrix, torch.from_numpy(np.ascontiguousarray(query, np.float32)))
+        ids, matrix, pos, cold, tail, titles = self._snapshot
+        scores = matrix @ np.ascontiguousarray(query, np.float32)
         rows = [pos[i] for i in exclude if i in pos]
         if rows:
-            scores[rows] = float("-inf")
+            scores[rows] = -np.inf
         k_eff = min(k, len(ids))
         if k_eff <= 0:
             return []
         # One extra candidate settles a tie at the k-th place by item id.
-        val, top = torch.topk(scores, min(k_eff + 1, len(ids)))
-        hits = sorted(zip(val.tolist(), top.tolist()), key=lambda h: (-h[0], int(ids[h[1]])))[:k_eff]
+        n = min(k_eff + 1, len(ids))
+        top = np.argpartition(-scores, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
+        hits = sorted(zip(scores[top].tolist(), top.tolist()), key=lambda h: (-h[0], int(ids[h[1]])))[:k_eff]
         return [{S.ITEM_ID: int(ids[r]), "score": v, S.TITLE: titles[r],
                  S.IS_COLD_START: bool(cold[r]), S.IS_LONG_TAIL: bool(tail[r])}
                 for v, r in hits if v != float("-inf")]

@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import json
 import os
+import signal
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -344,8 +345,29 @@ def request_id(given: str | None) -> str:
 WORKER_ENV = "LEARN_SERVE_WORKER_SETTINGS"  # settings + dataset of the worker processes (JSON)
 
 
+def worker_count(cfg: Settings, workers: int | None = None) -> int:
+    """``workers``, else ``serve.workers``, else (0) one per CPU core this process may use, at most 4: a request
+    is CPU under one interpreter lock, so a process per core serves the most at the latency of one."""
+    n = int(workers or cfg.serve.workers)
+    return n if n > 0 else max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies, so worker processes never outlive a killed
+    ``learn serve`` (they would keep its port and serve on without a supervisor)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's process group stop still applies
+        pass
+    if os.getppid() == 1:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_app() -> "FastAPI":
     """The app of one worker process (``serve.workers`` > 1): uvicorn imports and calls this in each worker."""
+    die_with_parent()
     spec = json.loads(os.environ[WORKER_ENV])
     return create_app(Settings.model_validate(spec["settings"]), spec["dataset"])
 
@@ -354,7 +376,7 @@ def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None
               workers: int | None = None) -> None:
     """Serve the releases of ``dataset`` with uvicorn, following each new one (blocks until stopped).
 
-    With ``workers`` (default ``serve.workers``) above 1, uvicorn runs that many worker processes on one
+    With ``workers`` (default :func:`worker_count`) above 1, uvicorn runs that many worker processes on one
     socket; they share nothing but the stores: the event log (SQLite WAL or PostgreSQL), the Feast online
     store (writes under the per-dataset online lock) and Milvus, which with Milvus Lite is then served by
     its local server (``learn index server start``, started here when it does not run) so every worker
@@ -363,7 +385,7 @@ def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None
     import uvicorn
 
     host, port = host or cfg.serve.host, int(port or cfg.serve.port)
-    workers = int(workers or cfg.serve.workers)
+    workers = worker_count(cfg, workers)
     if workers <= 1:
         uvicorn.run(create_app(cfg, dataset), host=host, port=port, log_level="warning", access_log=False)
         return
