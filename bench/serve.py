@@ -298,12 +298,15 @@ def main() -> None:
             link.symlink_to(Path(args.home).resolve() / sub, target_is_directory=True)
     # Each run starts from the prepared data alone: the items and events an earlier run posted would
     # otherwise pile up (new editions of the same seed books crowding each other out of its top-10).
+    os.environ["LEARN_HOME"] = str(work)
+    from learn_tasks.config import load_settings
+    from learn_tasks.online import milvus_server
+
+    milvus_server.stop(load_settings())  # a local Milvus Lite server left by a killed service of an earlier run
     for sub in ("eventlog", "feast", "milvus", "serve", "locks"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    os.environ["LEARN_HOME"] = str(work)
     from learn_tasks import schema as S
     from learn_tasks.data import datasets as data
-    from learn_tasks.config import load_settings
 
     cfg = load_settings()
     t_start = time.perf_counter()
