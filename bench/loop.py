@@ -25,7 +25,8 @@ Steps, in a work folder of its own (``<home>-loop-bench``, rebuilt on every run)
 and created), the online store in Redis (127.0.0.1:6379, database 9, flushed first) with the Feast
 registry in PostgreSQL (database ``learn_loop_bench_feast``).
 
-Writes ``bench/results/loop.json`` (exactly the keys in ``KEYS``; the details go to stderr). Usage: python bench/loop.py [--quick] [--profile embedded|production]
+Writes ``bench/results/loop.json`` and ``bench/results/loop_<profile>.json``: the keys in ``KEYS``, the
+profile, and the hygiene keys (``noisy``, ``load_avg``, ``commit``, ``command``); the details go to stderr. Usage: python bench/loop.py [--quick] [--profile embedded|production]
 [--home DIR] [--events N]
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hygiene import free_port, log, pct  # noqa: E402  (bench/hygiene.py)
+import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
+from hygiene import free_port, log, pct  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "loop.json"
 DATASET = "synth"
 PG_DB = "learn_loop_bench"
@@ -321,6 +323,7 @@ def main() -> None:
     ap.add_argument("--profile", default="embedded", choices=["embedded", "production"])
     ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"))
     ap.add_argument("--events", type=int, default=None, help="events to send (upper bound)")
+    hygiene.add_arguments(ap)
     args = ap.parse_args()
     n_events = args.events or (2000 if args.quick else 20000)
     seconds = 20.0 if args.quick else 120.0
@@ -343,6 +346,7 @@ def main() -> None:
     prep = prepare(cfg, args.quick)
     index.close(cfg)
     milvus_server.start(cfg, port=free_port())
+    run = hygiene.begin(args, say=log)  # the measured part: the service, events, landing, new items, switch
     proc = None
     try:
         inter = data.load_interactions(cfg, DATASET)
@@ -405,9 +409,14 @@ def main() -> None:
                "landing": landed, "switch": sw, "prepared": {k: v for k, v in prep.items() if k != "second"},
                "wall_s": time.perf_counter() - t_start, "machine": platform.platform(),
                "cpus": os.cpu_count()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     assert tuple(result) == KEYS
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result.update({"profile": args.profile, "quick": args.quick, "kills": 1,
+                   "rejected_without_reason": details["rejected_without_reason"], **run.finish()})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    RESULTS.write_text(text)
+    # Each profile's latest run is also kept under its own name, so both can be committed side by side.
+    RESULTS.with_name(f"loop_{args.profile}.json").write_text(text)
     log("details: " + json.dumps(details, default=str))
     print(json.dumps(result, indent=2))
 
