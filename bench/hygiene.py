@@ -164,10 +164,28 @@ class Run:
     max_other: float = MAX_OTHER_CPU
     wait: dict[str, Any] = field(default_factory=dict)
     start: Snapshot = field(default_factory=Snapshot.take)
+    killed_own_s: float = 0.0  # CPU of descendants of processes this run killed, which no one waits for
+
+    def before_kill(self, pid: int) -> None:
+        """Call just before SIGKILL of our child ``pid``: its own CPU time reaches us when we wait for it,
+        but its children's never will (they are orphaned, not waited for by it), so count it now."""
+        import psutil
+
+        try:
+            doomed = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for p in doomed:
+            try:
+                t = p.cpu_times()
+                self.killed_own_s += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
 
     def finish(self) -> dict[str, Any]:
         """The hygiene keys of the result: noisy, load_avg, commit, command, hygiene."""
         end = Snapshot.take()
+        end = Snapshot(end.wall, end.load_avg, end.busy_s, end.own_s + self.killed_own_s)
         others = other_cpu(self.start, end)
         load_before = self.start.load_avg[0]
         noisy = is_noisy(load_before, others["other_cpu_share"], self.max_load, self.max_other)

@@ -363,6 +363,7 @@ def main() -> None:
 
         def killer() -> None:
             time.sleep(1.0)
+            run.before_kill(proc.pid)  # its worker processes' CPU is ours, though no one will wait for them
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             killer_done.set()

@@ -92,6 +92,30 @@ def test_cpu_of_a_process_outside_our_tree_counts_as_other(hygiene, tmp_path: Pa
     assert hygiene.own_cpu_seconds() - own_before >= 0.9
 
 
+def test_cpu_of_a_killed_childs_children_stays_ours(hygiene, tmp_path: Path):
+    """SIGKILL of a child orphans its children; their CPU so far is counted by before_kill."""
+    ready = tmp_path / "ready"
+    burn = ("import time; t = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+            f"open({str(ready)!r}, 'w').close()\ntime.sleep(600)\n")
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {burn!r}]); time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        run = hygiene.Run()
+        run.before_kill(child.pid)
+        assert run.killed_own_s >= 0.45  # the grandchild's burnt half second
+    finally:
+        import psutil
+
+        for p in psutil.Process(child.pid).children(recursive=True):
+            p.kill()
+        child.kill()
+        child.wait()
+
+
 # ------------------------------------------------------------------------------------------ provenance
 def test_commit_and_command_line(hygiene):
     commit = hygiene.git_commit()
