@@ -94,7 +94,8 @@ class ModelBundle:
         pos = np.searchsorted(self.content_ids, item_id)
         return pos < len(self.content_ids) and self.content_ids[pos] == item_id
 
-    def _content_rows(self, item_ids: Sequence[int]) -> np.ndarray:
+    def content_rows(self, item_ids: Sequence[int]) -> np.ndarray:
+        """Content embeddings [N, d] of catalogue items and items added online (KeyError for others)."""
         ids = np.asarray(item_ids, np.int64)
         out = np.empty((len(ids), self.content.shape[1]), np.float32)
         pos = np.clip(np.searchsorted(self.content_ids, ids), 0, max(len(self.content_ids) - 1, 0))
@@ -119,7 +120,7 @@ class ModelBundle:
         with torch.inference_mode():
             for lo in range(0, len(item_ids), batch):
                 chunk = item_ids[lo:lo + batch]
-                content = torch.from_numpy(self._content_rows(chunk)) if self.uses_content else None
+                content = torch.from_numpy(self.content_rows(chunk)) if self.uses_content else None
                 out.append(self.net.encode_items(content, torch.from_numpy(self._idx(chunk))).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.net.config.vector_dim), np.float32)
 
@@ -154,7 +155,7 @@ class ModelBundle:
             mask[b, :len(h)] = True  # left-aligned: events first, padding after
             idx[b, :len(h)] = self._idx(h)
             if content is not None and h:
-                content[b, :len(h)] = self._content_rows(h)
+                content[b, :len(h)] = self.content_rows(h)
         with torch.inference_mode():
             u = self.net.encode_users(torch.from_numpy(content) if content is not None else None,
                                       torch.from_numpy(mask), torch.from_numpy(idx))
