@@ -324,3 +324,37 @@ def test_cli_encode_train_evaluate_on_one_host_read_on_another(hosts, s3_home: s
     ids_a, emb_a = store.load_embeddings(a, "synth")
     ids_b, emb_b = store.load_embeddings(b, "synth")
     assert np.array_equal(ids_a, ids_b) and np.array_equal(emb_a, emb_b)
+
+
+@pytest.mark.integration
+def test_learn_pipeline_on_an_s3_home_publishes_what_another_host_reads(hosts, s3_home: str, s3_endpoint: str,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """learn_pipeline through Airflow's runner on host A; host B, empty, finds its run, embeddings and
+    every report in the bucket."""
+    from learn_tasks.orchestration import airflow_env, runner
+
+    a, b = hosts
+    for key, value in {"LEARN_HOME": s3_home, "LEARN_STORAGE__CACHE_DIR": str(a.paths.home),
+                       "LEARN_STORAGE__ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)  # the tasks read their settings from the environment
+    src = synth.write_seqrec(tmp_path / "src", synth.SynthSpec(n_users=80, n_items=100))
+    data.prepare_dataset(a, "seqrec", src, "synth")
+    airflow_home = tmp_path / "airflow"
+    airflow_env.configure_airflow(airflow_home)
+    res = runner.run_pipeline(a, dataset="synth", mode="full", day="2021-01-01", epochs=1, budget_s=30,
+                              airflow_home=airflow_home)
+    assert res["ok"], (res.get("failures"), res["tasks"])
+
+    run_b = registry.latest(b, "synth")
+    assert run_b is not None and run_b.name == Path(res["training"]["run_dir"]).name
+    assert same_weights(Path(res["training"]["run_dir"]), run_b) and (run_b / "metrics.json").exists()
+    assert store.current_fingerprint(b, "synth") == res["encoding"]["fingerprint"]
+    assert len(store.load_embeddings(b, "synth")[0]) == res["encoding"]["encoded"]
+    for kind in ("eval", "validation", "monitoring", "pipeline"):
+        r = artifacts.remote(b)
+        base = r.key(b.paths.reports(kind))
+        r.fs.invalidate_cache(base)
+        assert [k for k in r.fs.find(base) if k.endswith(artifacts.MANIFEST)], f"no {kind} report published"
+    assert artifacts.fetch_children(b, b.paths.eval_reports("synth"))
+    assert dashboard.load_history(b, "synth")["runs"]
