@@ -448,17 +448,20 @@ def check(cfg: Settings, create_bucket: bool = False) -> dict[str, Any]:
     if r is None:
         return {"home": str(cfg.paths.home), "remote": None}
     bucket = r.root.strip("/").split("/", 1)[0]
-    if create_bucket and not r.fs.exists(bucket):
-        r.fs.mkdir(bucket)
-        log.info("created bucket %s", bucket)
     probe = f"{r.root}/.learn-probe-{uuid.uuid4().hex[:12]}"
     try:
+        if create_bucket and not r.fs.exists(bucket):
+            r.fs.mkdir(bucket)
+            log.info("created bucket %s", bucket)
         r.fs.pipe_file(probe, b"ok")
         if r.fs.cat_file(probe) != b"ok":
             raise ArtifactError(f"{r.url}: the probe object read back different bytes")
         r.fs.rm_file(probe)
-    except (OSError, PermissionError) as exc:
-        raise ArtifactError(f"LEARN_HOME={r.url}: cannot write, read and remove an object there ({exc})") from exc
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any client error (connection, credentials, bucket) is the answer
+        raise ArtifactError(f"LEARN_HOME={r.url}: cannot write, read and remove an object there "
+                            f"({type(exc).__name__}: {exc})") from exc
     return {"home": r.url, "remote": type(r.fs).__name__, "working_directory": str(r.local)}
 
 

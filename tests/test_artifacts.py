@@ -59,9 +59,9 @@ def s3_home(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{bucket}/home"
 
 
-def host(home: str, workdir: Path, endpoint: str) -> Settings:
+def host(home: str, workdir: Path, endpoint: str, **env: str) -> Settings:
     return load_settings(env={"LEARN_HOME": home, "LEARN_STORAGE__CACHE_DIR": str(workdir),
-                              "LEARN_STORAGE__ENDPOINT_URL": endpoint})
+                              "LEARN_STORAGE__ENDPOINT_URL": endpoint, **env})
 
 
 @pytest.fixture
@@ -280,13 +280,22 @@ def test_reports_and_the_monitoring_history_reach_another_host(hosts) -> None:
     assert dashboard.load_history(b, "synth") == history
 
 
-def test_check_writes_reads_and_removes_a_probe(hosts) -> None:
+def test_check_writes_reads_and_removes_a_probe(hosts, s3_endpoint: str, tmp_path: Path) -> None:
     a, _ = hosts
     res = artifacts.check(a)
     assert res["home"] == a.remote_home and res["remote"] == "S3FileSystem"
     r = artifacts.remote(a)
     r.fs.invalidate_cache()
     assert not [k for k in r.fs.find(r.root) if ".learn-probe" in k]
+
+    fresh = host(f"s3://learn-new-{uuid.uuid4().hex[:8]}/home", tmp_path / "c", s3_endpoint)
+    with pytest.raises(artifacts.ArtifactError, match="cannot write, read and remove"):
+        artifacts.check(fresh)  # no bucket
+    assert artifacts.check(fresh, create_bucket=True)["home"] == fresh.remote_home
+    unreachable = host("s3://any/home", tmp_path / "d", f"http://127.0.0.1:{_free_port()}",  # fsspec options:
+                       LEARN_STORAGE__OPTIONS="{config_kwargs: {retries: {max_attempts: 1}}}")  # fail fast
+    with pytest.raises(artifacts.ArtifactError, match="EndpointConnectionError"):
+        artifacts.check(unreachable)
 
 
 # ==================================================================================================
