@@ -497,7 +497,7 @@ def rollback_cmd(
     except milvus_server.IndexStoreError as exc:
         fail(str(exc))
         return
-    run_dir = registry.dataset_models(cfg, dataset) / moved["version"]
+    run_dir = registry.find_run(cfg, dataset, moved["version"]) or registry.dataset_models(cfg, dataset) / moved["version"]
     registry.promote(cfg, dataset, run_dir, reason=f"learn rollback from {moved['from']}")
     emit({**moved, "promoted": run_dir.name,
           "next": f"the service swaps to release {moved['release_id']} by itself (no restart)"}, as_json)

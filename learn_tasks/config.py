@@ -8,12 +8,16 @@ Values come from, in increasing precedence:
 4. CLI overrides ``--set section.key=value``.
 
 ``LEARN_HOME`` (default ``./.learn``) holds every artifact; :class:`Paths` names the layout so no stage
-invents its own. YAML is always read with ``yaml.safe_load``.
+invents its own. ``LEARN_HOME`` may also be a URL (``s3://bucket/prefix``, ``gs://...``, ``memory://...``):
+:class:`Paths` then names a local working directory (``storage.cache_dir``) and the artifacts that several
+hosts share go to the URL through :mod:`learn_tasks.artifacts`. YAML is always read with ``yaml.safe_load``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -344,6 +348,20 @@ class PipelineConfig(_Section):
     fail_on_alert: bool = Field(False, description="fail the monitor task when monitoring raises an alert")
 
 
+class StorageConfig(_Section):
+    """Where the work happens when LEARN_HOME is a URL (``learn_tasks/artifacts.py``, docs/operations.md)."""
+
+    cache_dir: str | None = Field(
+        None, description="local working directory when LEARN_HOME is a URL: SQLite, Milvus Lite, the Feast repo, "
+                          "datasets and the fetched copies of artifacts; None = $XDG_CACHE_HOME/learn/<hash of the "
+                          "URL> (~/.cache when unset). Ignored when LEARN_HOME is a local path")
+    endpoint_url: str | None = Field(None, description="s3:// only: an S3-compatible endpoint (MinIO, "
+                                                       "http://minio:9000); None = AWS_ENDPOINT_URL or AWS")
+    # Credentials: through the environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), never in YAML.
+    options: dict[str, Any] = Field(default_factory=dict, description="further fsspec storage options of the "
+                                                                      "URL's file system (no credentials)")
+
+
 class StackConfig(_Section):
     """The local stack of ``learn up`` (``learn_tasks/ops/stack.py``); the service, Evidently UI and Milvus
     ports are ``serve.port``, ``monitor.ui_port`` and ``index.server_port``."""
@@ -361,7 +379,7 @@ class StackConfig(_Section):
 
 
 class Settings(_Section):
-    home: str = Field(".learn", description="LEARN_HOME: root of every artifact")
+    home: str = Field(".learn", description="LEARN_HOME: root of every artifact, a folder or a URL (s3://bucket/prefix)")
     data: DataConfig = DataConfig()
     encode: EncodeConfig = EncodeConfig()
     model: ModelConfig = ModelConfig()
@@ -375,12 +393,27 @@ class Settings(_Section):
     monitor: MonitorConfig = MonitorConfig()
     pipeline: PipelineConfig = PipelineConfig()
     stack: StackConfig = StackConfig()
+    storage: StorageConfig = StorageConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     @property
+    def remote_home(self) -> str | None:
+        """LEARN_HOME when it is a URL (artifacts published there), else None (everything local)."""
+        return self.home.rstrip("/") if is_url(self.home) else None
+
+    @property
+    def local_home(self) -> Path:
+        """The folder every local file lives in: LEARN_HOME itself, or the working directory of a URL home."""
+        if not is_url(self.home):
+            return Path(self.home)
+        if self.storage.cache_dir:
+            return Path(self.storage.cache_dir).expanduser().absolute()
+        return default_cache_dir(self.home)
+
+    @property
     def paths(self) -> "Paths":
-        return Paths(Path(self.home))
+        return Paths(self.local_home)
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Settings":
         """A copy with some section fields replaced: ``cfg.with_overrides(train={"epochs": 1})``."""
@@ -484,6 +517,21 @@ class Paths:
 
 
 # --------------------------------------------------------------------------------------------------
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(home: str) -> bool:
+    """True for ``scheme://...`` (an fsspec URL); a plain or relative path is not one."""
+    return bool(_URL.match(home))
+
+
+def default_cache_dir(url: str) -> Path:
+    """``$XDG_CACHE_HOME/learn/<hash>`` (``~/.cache`` when unset): one working directory per URL home."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(url.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return (base / "learn" / digest).expanduser().absolute()
+
+
 def _deep_update(base: dict, new: dict) -> dict:
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

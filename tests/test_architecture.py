@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "learn_tasks"
 
-CORE = ("config", "schema", "storage", "processes")  # the bottom: imported by all, import nothing of ours
+CORE = ("config", "schema", "storage", "processes", "artifacts", "artifact_log")  # the bottom: imported by all, import nothing of ours
 LAYERS = ("data", "ceg", "pch", "evaluation", "training", "online", "monitoring", "orchestration", "ops", "cli")
 MAX_LINES = 600
 # Imports of our own modules belong at module top, with two exceptions made for start-up cost: cli.py

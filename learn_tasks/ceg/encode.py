@@ -6,6 +6,10 @@ part every ``encode.shard_items`` items (a killed run resumes from the last comm
 ``shard=(i, n)`` takes a stable, disjoint slice of the catalogue so workers can split the work. The
 version becomes CURRENT once every encodable catalogue item has an up-to-date row.
 
+Under a URL home (:mod:`learn_tasks.artifacts`) a run starts from the published version, publishes its
+parts when it has encoded them, and fetches again before judging completeness, so shards on different
+hosts see each other's parts and the last to finish makes the version CURRENT.
+
 Bad input never stops a run and never disappears (see :mod:`learn_tasks.ceg.text`): quarantined
 items are recorded in the version's ``quarantine.parquet``, repairs and truncations are counted, and
 ``encoded + skipped + quarantined == total`` holds for every run.
@@ -77,9 +81,11 @@ def encode_catalogue(
     vdir = store.store_dir(cfg, dataset, fp)
     vdir.mkdir(parents=True, exist_ok=True)
     store.clean_stale_tmp(vdir)
+    store.fetch_version(cfg, dataset, fp)  # a URL home: start from what every host has published
     manifest_path = vdir / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {
         **encoder.describe(), "dataset": dataset, "created": _now()}
+    described = _described(manifest)
     write_json(manifest, manifest_path)  # the version describes itself before its first part lands
     # The quarantine is a pure function of catalogue + template: every run (and shard) writes the same file.
     write_parquet(prep.quarantine, vdir / "quarantine.parquet")
@@ -122,6 +128,9 @@ def encode_catalogue(
             if on_commit is not None:
                 on_commit(part, encoded)
     seconds_encoding = time.perf_counter() - t_enc
+    if parts_written:  # a URL home: publish this run's parts, then see the other shards'
+        store.publish_version(cfg, dataset, fp)
+        store.fetch_version(cfg, dataset, fp)
 
     # Complete = every encodable catalogue item has an up-to-date row. The last shard to finish sees it.
     live = pd.DataFrame({S.ITEM_ID: prep.item_ids[prep.ok], S.CONTENT_HASH: [h for h in prep.hashes if h]})
@@ -132,9 +141,7 @@ def encode_catalogue(
     compacted = 0
     if limit is None and shard_t is None and complete and len(eff) and int(eff["n_rows"].iloc[0]) > len(live):
         compacted = store.compact(vdir, live)  # full view of the catalogue: safe to drop stale rows
-    if complete:
-        store.set_current_fingerprint(cfg, dataset, fp)
-    is_current = store.current_fingerprint(cfg, dataset) == fp
+    is_current = complete or store.current_fingerprint(cfg, dataset) == fp
     seconds = time.perf_counter() - t0
     result = {
         "dataset": dataset, "fingerprint": fp, "model": ecfg.model, "dim": encoder.dim,
@@ -150,8 +157,17 @@ def encode_catalogue(
         "catalogue_items": n, "quarantined": int((~prep.ok).sum()), "complete": complete, "last_run": result,
     })
     write_json(manifest, manifest_path)
+    if parts_written or compacted or _described(manifest) != described:  # a run that changed nothing publishes nothing
+        store.publish_version(cfg, dataset, fp)
+    if complete:  # after the version (a URL home publishes the version, then the pointer)
+        store.set_current_fingerprint(cfg, dataset, fp)
     return result
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _described(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a version's manifest says about the version (not when or how the last run went)."""
+    return {k: v for k, v in manifest.items() if k not in ("updated", "last_run")}

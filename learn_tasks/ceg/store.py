@@ -10,6 +10,11 @@ for each item the row in the newest part wins, so a killed run loses at most its
 ``CURRENT`` is read only by :func:`current_fingerprint` and written only by
 :func:`set_current_fingerprint`. :func:`shard_of` gives every item id a stable shard, so encoding
 workers can split a catalogue into disjoint slices.
+
+When LEARN_HOME is a URL (:mod:`learn_tasks.artifacts`), a version is a published log: each encode run
+fetches it first (:func:`fetch_version`), publishes the parts it committed as one commit record
+(:func:`publish_version`), and ``CURRENT`` is one object beside the versions, written after the version
+it names was published. Readers fetch the version they load, so every host reads the same embeddings.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from learn_tasks import artifact_log, artifacts
 from learn_tasks import schema as S
 from learn_tasks.ceg.text import QUARANTINE_COLUMNS
 from learn_tasks.config import Settings
 from learn_tasks.storage import atomic_path, read_json, write_text
 
 _CURRENT = "CURRENT"  # file in the dataset's store naming the fingerprint of the last complete version
+_MANIFEST = "manifest.json"  # a version's description, written before its first part
 _STALE_TMP_S = 3600  # temp files older than this are leftovers of a killed run
 
 
@@ -40,16 +47,39 @@ def store_dir(cfg: Settings, dataset: str, fingerprint: str) -> Path:
 
 
 def current_fingerprint(cfg: Settings, dataset: str) -> str | None:
-    """Fingerprint of the dataset's last complete embedding version, or None when there is none."""
+    """Fingerprint of the dataset's last complete embedding version, or None when there is none
+    (under a URL home, the published pointer: what every host reads)."""
     path = cfg.paths.embedding_store(dataset) / _CURRENT
+    if artifacts.is_remote(cfg):
+        return (artifacts.read_text(cfg, path) or "").strip() or None
     if not path.exists():
         return None
     return path.read_text(encoding="utf-8").strip() or None
 
 
 def set_current_fingerprint(cfg: Settings, dataset: str, fingerprint: str) -> None:
-    """Point ``CURRENT`` at a complete version (atomic: readers see the old or the new name)."""
-    write_text(fingerprint + "\n", cfg.paths.embedding_store(dataset) / _CURRENT)
+    """Point ``CURRENT`` at a complete version (atomic: readers see the old or the new name); under a URL
+    home the pointer object is replaced too, so publish the version (:func:`publish_version`) first."""
+    path = cfg.paths.embedding_store(dataset) / _CURRENT
+    write_text(fingerprint + "\n", path)
+    artifacts.publish_file(cfg, path)
+
+
+def fetch_version(cfg: Settings, dataset: str, fingerprint: str) -> bool:
+    """Under a URL home, bring the local copy of a version up to its published state (False when it was
+    never published); with a local home there is nothing to fetch (True)."""
+    got = artifact_log.fetch_log(cfg, store_dir(cfg, dataset, fingerprint), last=(_MANIFEST,))
+    return True if got is None else got
+
+
+def publish_version(cfg: Settings, dataset: str, fingerprint: str) -> None:
+    """Under a URL home, publish the parts and files of a version that changed here (nothing otherwise)."""
+    artifact_log.publish_log(cfg, store_dir(cfg, dataset, fingerprint))
+
+
+def has_version(cfg: Settings, dataset: str, fingerprint: str) -> bool:
+    """Whether the store has that embedding version (fetched here first under a URL home)."""
+    return fetch_version(cfg, dataset, fingerprint) and (store_dir(cfg, dataset, fingerprint) / _MANIFEST).exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,8 +161,10 @@ def load_embeddings(cfg: Settings, dataset: str, fingerprint: str | None = None)
         raise FileNotFoundError(f"no complete content embeddings for dataset {dataset!r} under "
                                 f"{cfg.paths.embedding_store(dataset)}; run `learn encode --dataset {dataset}`")
     vdir = store_dir(cfg, dataset, fingerprint)
-    if not (vdir / "manifest.json").exists():
-        raise FileNotFoundError(f"embedding version {fingerprint!r} not found under {vdir}")
+    fetch_version(cfg, dataset, fingerprint)
+    if not (vdir / _MANIFEST).exists():
+        raise FileNotFoundError(f"embedding version {fingerprint!r} not found under "
+                                f"{artifacts.location(cfg, vdir)}")
     ids_l, emb_l = [], []
     for part in list_parts(vdir):
         ids, _, emb = _read_part(part, with_embeddings=True)
@@ -140,7 +172,7 @@ def load_embeddings(cfg: Settings, dataset: str, fingerprint: str | None = None)
             ids_l.append(ids)
             emb_l.append(emb)
     if not ids_l:
-        dim = int(read_json(vdir / "manifest.json").get("dim", 0))
+        dim = int(read_json(vdir / _MANIFEST).get("dim", 0))
         return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
     ids = np.concatenate(ids_l)
     emb = np.concatenate(emb_l)
@@ -155,6 +187,8 @@ def load_quarantine(cfg: Settings, dataset: str, fingerprint: str | None = None)
     """The quarantine records of a version (default: CURRENT); empty when there is none."""
     fingerprint = fingerprint or current_fingerprint(cfg, dataset)
     path = store_dir(cfg, dataset, fingerprint or "") / "quarantine.parquet"
+    if fingerprint is not None:
+        fetch_version(cfg, dataset, fingerprint)
     if fingerprint is None or not path.exists():
         return pd.DataFrame(columns=QUARANTINE_COLUMNS).astype(QUARANTINE_COLUMNS)
     return pd.read_parquet(path)

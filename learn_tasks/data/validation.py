@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from learn_tasks import artifacts
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.data.datasets import dataset_dir, load_items
@@ -351,6 +352,9 @@ def validate_tables(
     for res in (item_res, inter_res):
         if res is not None:
             write_parquet(res.quarantine, quarantine_dir / f"{res.name}.parquet")
+    artifacts.publish(cfg, report_dir)  # a URL home: reports and quarantined rows are readable from any host
+    if artifacts.is_remote(cfg) and artifacts.local_files(quarantine_dir):
+        artifacts.publish(cfg, quarantine_dir)
     if raise_on_failure and not summary["passed"]:
         worst = [f"{t}: {summary[t]['quarantined']} of {summary[t]['read']} rows failed "
                  f"({summary[t]['failed_share']:.1%} > {threshold:.1%}; by check {summary[t]['by_check']})"

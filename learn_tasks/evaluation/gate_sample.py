@@ -143,7 +143,7 @@ def embedding_version(cfg: Settings, dataset: str, run_dir: Path) -> str | None:
     ``pch.catalogue.checkpoint_catalogue`` does)."""
     meta = run_dir / "meta.json"
     fp = read_json(meta).get("embedding_fingerprint") if meta.exists() else None
-    if fp and store.store_dir(cfg, dataset, fp).exists():
+    if fp and store.has_version(cfg, dataset, fp):
         return fp
     return store.current_fingerprint(cfg, dataset)
 

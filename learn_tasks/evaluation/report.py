@@ -1,5 +1,6 @@
 """Evaluation outputs: ``metrics.json`` beside a test-stage run, and ``metrics.json``, ``report.md`` and an SVG
-plot of Recall@K by target popularity under ``reports/eval/<dataset>/<run or baseline>-<stage>/``.
+plot of Recall@K by target popularity under ``reports/eval/<dataset>/<run or baseline>-<stage>/``; under a
+URL home both folders are published (:mod:`learn_tasks.artifacts`).
 """
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from learn_tasks import artifacts
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
+from learn_tasks.pch import registry
 from learn_tasks.storage import atomic_dir, write_json
 
 
@@ -20,10 +23,12 @@ def write_outputs(cfg: Settings, result: dict[str, Any], scorer) -> Path:
     out = cfg.paths.eval_reports(meta["dataset"]) / name
     if scorer.run_dir is not None and meta["stage"] == S.TEST:
         write_json(result, scorer.run_dir / "metrics.json")
+        registry.publish_run(cfg, scorer.run_dir)  # a URL home: the run's published copy gets it too
     with atomic_dir(out) as tmp:
         write_json(result, tmp / "metrics.json")
         (tmp / "recall_by_popularity.svg").write_text(popularity_svg(result), encoding="utf-8")
         (tmp / "report.md").write_text(markdown_report(result), encoding="utf-8")
+    artifacts.publish(cfg, out)
     return out
 
 

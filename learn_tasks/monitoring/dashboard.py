@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from learn_tasks import artifacts
 from learn_tasks.config import REPO_ROOT, MonitorConfig, Settings
 from learn_tasks.monitoring.reports import SUMMARY_TAG, evidently_env
 from learn_tasks.monitoring.rules import fmt
@@ -109,7 +110,9 @@ def history_path(cfg: Settings, dataset: str) -> Path:
 
 
 def load_history(cfg: Settings, dataset: str) -> dict[str, Any]:
+    """The history of monitoring runs (under a URL home the published one, which every host writes)."""
     path = history_path(cfg, dataset)
+    artifacts.fetch_file(cfg, path)
     return read_json(path) if path.exists() else {"runs": {}}
 
 

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from learn_tasks import artifacts
 from learn_tasks import schema as S
 from learn_tasks.config import MonitorConfig, Settings
 from learn_tasks.data import datasets, splits
@@ -272,6 +273,8 @@ def monitor_window(cfg: Settings, dataset: str, current_start: str | None = None
                                               "alerts": len(alerts), "snapshots": ids, "report": result["report"]}
     write_json(history, history_path(cfg, dataset))
     write_json(result, out / "summary.json")
+    artifacts.publish(cfg, out)  # a URL home: the report and the history every host's next run reads
+    artifacts.publish_file(cfg, history_path(cfg, dataset))
     for a in alerts:
         log.warning("monitoring alert for %s: %s", dataset, a["message"])
     if fail_on_alert:

@@ -3,7 +3,8 @@
 The tracked kind is ``monitor.eval_model``; when that is None it is the kind of the model the service
 serves (the dataset's current release, :func:`learn_tasks.online.releases.current`), else of the promoted
 model, else ``pipeline.model`` (what the pipeline trains); ``""`` tracks any kind. Evaluations are
-``$LEARN_HOME/reports/eval/<dataset>/*/metrics.json``; only test-stage ones count, and when the released run
+``$LEARN_HOME/reports/eval/<dataset>/*/metrics.json`` (under a URL home, the published ones, fetched here);
+only test-stage ones count, and when the released run
 has one of its own, that one is read (not a newer evaluation of another run of the same kind).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from learn_tasks import artifacts
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
 from learn_tasks.monitoring.rules import finite
@@ -50,6 +52,7 @@ def tracked_model(cfg: Settings, dataset: str) -> str:
 def latest_eval(cfg: Settings, dataset: str) -> tuple[Path | None, dict[str, Any] | None, str | None]:
     """The newest test-stage ``metrics.json`` of the tracked model kind for ``dataset`` (or a note why none)."""
     root = cfg.paths.eval_reports(dataset)
+    artifacts.fetch_children(cfg, root)  # a URL home: the evaluations every host published
     want = tracked_model(cfg, dataset)
     found: list[tuple[str, Path, dict]] = []
     for path in sorted(root.glob("*/metrics.json")) if root.is_dir() else []:

@@ -71,7 +71,7 @@ class ModelBundle:
         vocab_df = pd.read_parquet(run_dir / "items.parquet")
         content_ids, content, fp = np.zeros(0, np.int64), None, meta.get("embedding_fingerprint")
         if pcfg.uses_content:
-            if fp and not (store.store_dir(cfg, dataset, fp) / "manifest.json").exists():
+            if fp and not store.has_version(cfg, dataset, fp):
                 log.warning("embedding version %s of %s is gone; using the current one", fp, run_dir.name)
                 fp = None
             content_ids, content = store.load_embeddings(cfg, dataset, fp)

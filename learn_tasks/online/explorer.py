@@ -50,7 +50,7 @@ def _recommender(request: Request):
 def user_activity(cfg, dataset: str):
     """Events per user of the prepared dataset (``pandas.Series`` indexed by user id, most active first)."""
     path = data.dataset_dir(cfg, dataset) / "interactions.parquet"
-    key, stamp = (str(Path(cfg.home).resolve()), dataset), path.stat().st_mtime
+    key, stamp = (str(cfg.paths.home.resolve()), dataset), path.stat().st_mtime
     with _users_lock:
         hit = _users_cache.get(key)
         if hit is not None and hit[0] == stamp:

@@ -172,7 +172,7 @@ class ReleaseFollower:
         except Exception as exc:  # noqa: BLE001 - nothing to adopt: wait for a release
             log.warning("no release record for %s, and the index alias cannot be served: %s", self.dataset, exc)
             return None
-        if not version or not (registry.dataset_models(self.cfg, self.dataset) / version / registry.META).exists():
+        if not version or registry.find_run(self.cfg, self.dataset, version) is None:
             return None
         return {"release_id": 0, "dataset": self.dataset, "model_version": version, "collection": name,
                 "source": "the index alias (no release record yet)", "previous": None}

@@ -433,7 +433,7 @@ def rollback(cfg: Settings, dataset: str, to: str | None = None, client: "Milvus
         if live not in names or names.index(live) == 0:
             raise IndexStoreError(f"nothing to roll back to for {dataset}: live={live}, versions={names}")
         target = vs[names.index(live) - 1]
-    has_model = (registry.dataset_models(cfg, dataset) / target["version"] / registry.META).exists()
+    has_model = registry.find_run(cfg, dataset, target["version"]) is not None
     if require_model and not has_model:
         raise IndexStoreError(f"index version {target['version']} of {dataset} has no complete model run under "
                               f"{registry.dataset_models(cfg, dataset)}: it cannot be served again")
@@ -470,7 +470,7 @@ def release(cfg: Settings, dataset: str, collection: str, source: str, run_key: 
     client = client or connect(cfg)
     props = verify_collection(client, collection)
     version = props.get("version") or collection[len(collection_prefix(dataset)):]
-    run_dir = registry.dataset_models(cfg, dataset) / version
+    run_dir = registry.find_run(cfg, dataset, version) or registry.dataset_models(cfg, dataset) / version
     if not (run_dir / registry.META).exists():
         raise IndexStoreError(f"collection {collection} was built from model {version}, which has no complete run "
                               f"under {run_dir.parent}")
@@ -593,7 +593,7 @@ def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = No
     queries = bundle.sample_user_vectors(inter, cfg.index.recall_queries, seed=cfg.train.seed)
     result = build(cfg, dataset, bundle.version, rows, queries=queries, swap=swap,
                    meta={"run_dir": str(run_dir), "model_kind": bundle.kind})
-    if swap and (registry.dataset_models(cfg, dataset) / bundle.version / registry.META).exists():
+    if swap and registry.find_run(cfg, dataset, bundle.version) is not None:
         rel = release(cfg, dataset, result["collection"], source=source, run_key=run_key)
         result["release"] = {k: rel[k] for k in ("release_id", "model_version", "collection", "new")}
     return {**result, "run_dir": str(run_dir), "skipped": int((~usable).sum()),

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from learn_tasks.config import Settings
+from learn_tasks.pch import registry
 from learn_tasks.storage import exclusive, read_json, write_json
 
 
@@ -112,5 +113,7 @@ def write(cfg: Settings, dataset: str, model_version: str, collection: str, sour
 
 
 def model_dir(cfg: Settings, dataset: str, record: dict[str, Any]) -> Path:
-    """The model run folder of a release (under this LEARN_HOME, whatever path it was written from)."""
-    return cfg.paths.dataset_models(dataset) / record["model_version"]
+    """The model run folder of a release (under this LEARN_HOME, whatever path it was written from; under a
+    URL home fetched here first)."""
+    found = registry.find_run(cfg, dataset, record["model_version"])
+    return found if found is not None else cfg.paths.dataset_models(dataset) / record["model_version"]

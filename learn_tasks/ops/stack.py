@@ -66,7 +66,8 @@ class StackError(RuntimeError):
 # Paths, addresses, environments
 # ==================================================================================================
 def home(cfg: Settings) -> Path:
-    return Path(cfg.home).resolve()
+    """The local LEARN_HOME (the working directory when LEARN_HOME is a URL)."""
+    return cfg.paths.home.resolve()
 
 
 def token_file(cfg: Settings) -> Path:
@@ -109,7 +110,9 @@ def served_dataset(cfg: Settings) -> str:
 def base_env(cfg: Settings) -> dict[str, str]:
     """The environment every component gets: this one (settings overrides included), offline, absolute home."""
     env = dict(os.environ)
-    env["LEARN_HOME"] = str(home(cfg))
+    env["LEARN_HOME"] = cfg.remote_home or str(home(cfg))
+    if cfg.remote_home:  # a URL home: every component works in this same local directory
+        env["LEARN_STORAGE__CACHE_DIR"] = str(home(cfg))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")

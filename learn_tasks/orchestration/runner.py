@@ -45,12 +45,14 @@ def run_dag(cfg: Settings, dag_id: str, conf: Mapping[str, Any], logical_date: d
     Airflow's home (config, SQLite metadata DB, logs) is ``$LEARN_HOME/airflow`` unless ``airflow_home``
     is given; the tasks run in this process and read their settings from the environment.
     """
-    home = Path(cfg.home).resolve()
+    home = cfg.paths.home.resolve()
     lock_path = cfg.paths.locks() / "airflow-run.lock"
     with exclusive(lock_path, wait=False) as locked:
         if not locked:
             raise PipelineError(f"another `learn run` is using {home} (lock {lock_path})")
-        os.environ["LEARN_HOME"] = str(home)  # the tasks' load_settings() must find the same home
+        os.environ["LEARN_HOME"] = cfg.remote_home or str(home)  # the tasks' load_settings() must find the same home
+        if cfg.remote_home:
+            os.environ["LEARN_STORAGE__CACHE_DIR"] = str(home)
         configure_airflow(airflow_home or cfg.paths.airflow(), verbose)
         ensure_pool()
         dag = load_dag(dag_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from learn_tasks import artifacts
 from learn_tasks.config import Settings
 from learn_tasks.orchestration.runs import PIPELINE_DAG, RunArgs, stage_results
 from learn_tasks.storage import write_json, write_text
@@ -41,6 +42,7 @@ def summarize(cfg: Settings, a: RunArgs, tasks: Sequence[Mapping[str, Any]] | No
     }
     write_json(summary, out / "summary.json")
     write_text(render_summary(summary), out / "summary.md")
+    artifacts.publish(cfg, out)
     return summary
 
 

@@ -199,7 +199,7 @@ def checkpoint_catalogue(cfg: Settings, dataset: str, run_dir: Path, split: pd.D
 
 def _usable_fingerprint(cfg: Settings, dataset: str, fp: str | None) -> str | None:
     """The checkpoint's own embedding version when the store still has it, else the current one."""
-    if fp and store.store_dir(cfg, dataset, fp).exists():
+    if fp and store.has_version(cfg, dataset, fp):
         return fp
     if fp:
         log.warning("embedding version %s of the checkpoint is gone; using the current one", fp)

@@ -8,19 +8,29 @@ Layout under ``$LEARN_HOME/models/<dataset>/``::
 
 A run folder appears only when complete (training builds it under a temporary name and renames it), so a
 reader never sees half a checkpoint, and ``PROMOTED`` always names a complete run.
+
+When LEARN_HOME is a URL (:mod:`learn_tasks.artifacts`), a complete run is also published there
+(:func:`publish_run`: its files, then its manifest), and a run exists only once published: :func:`runs`
+and :func:`latest` list the published runs of every host, and the runs they return (and :func:`find_run`'s)
+are fetched into the local working directory first.
 """
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
+from learn_tasks import artifacts
 from learn_tasks.config import Settings
 from learn_tasks.storage import read_json, write_text
 
+log = logging.getLogger(__name__)
+
 PROMOTED = "PROMOTED"
 META = "meta.json"
+_LISTED_META = ("kind", "protocol", "created", "dataset")  # meta.json fields a published run's manifest carries
 
 
 def dataset_models(cfg: Settings, dataset: str) -> Path:
@@ -36,8 +46,46 @@ def new_run_dir(cfg: Settings, dataset: str, kind: str) -> Path:
             return path
 
 
+def publish_run(cfg: Settings, run_dir: str | Path) -> None:
+    """Publish a complete run folder under a URL home (again after a file was added, e.g. metrics.json);
+    nothing for a local home or a folder outside this LEARN_HOME's models."""
+    run_dir = Path(run_dir)
+    if not artifacts.is_remote(cfg):
+        return
+    if run_dir.parent.parent.absolute() != cfg.paths.models().absolute():
+        log.warning("%s is not a run folder of this LEARN_HOME: not published", run_dir)
+        return
+    meta = read_json(run_dir / META)
+    artifacts.publish(cfg, run_dir, meta={k: meta.get(k) for k in _LISTED_META}, keep_published=True)
+
+
+def find_run(cfg: Settings, dataset: str, run_id: str) -> Path | None:
+    """The complete run folder ``run_id`` of ``dataset`` (fetched here first under a URL home), or None."""
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        return None
+    path = dataset_models(cfg, dataset) / run_id
+    if artifacts.is_remote(cfg):
+        return path if artifacts.fetch(cfg, path) else None
+    return path if (path / META).exists() else None
+
+
+def _published(cfg: Settings, dataset: str, kind: str | None, protocol: str | None) -> list[tuple[Path, dict]]:
+    """Published runs (folder, manifest) matching kind and protocol, oldest first; nothing is fetched."""
+    root = dataset_models(cfg, dataset)
+    found = []
+    for name, manifest in artifacts.published(cfg, root).items():
+        meta = manifest.get("meta") or {}
+        if (kind is None or meta.get("kind") == kind) and (protocol is None or meta.get("protocol") == protocol):
+            found.append((meta.get("created") or "", name, root / name, manifest))
+    return [(p, m) for _, _, p, m in sorted(found, key=lambda t: t[:2])]
+
+
 def runs(cfg: Settings, dataset: str, kind: str | None = None, protocol: str | None = None) -> list[Path]:
-    """Complete runs (those with a meta.json), oldest first."""
+    """Complete runs (those with a meta.json), oldest first. Under a URL home: every published run,
+    each fetched here (use :func:`latest` or :func:`find_run` when one is enough)."""
+    if artifacts.is_remote(cfg):
+        return [path for path, manifest in _published(cfg, dataset, kind, protocol)
+                if artifacts.fetch(cfg, path, manifest)]
     root = dataset_models(cfg, dataset)
     if not root.exists():
         return []
@@ -55,6 +103,12 @@ def runs(cfg: Settings, dataset: str, kind: str | None = None, protocol: str | N
 
 
 def latest(cfg: Settings, dataset: str, kind: str | None = None, protocol: str | None = None) -> Path | None:
+    """The newest complete run (of that kind and protocol), or None; under a URL home only it is fetched."""
+    if artifacts.is_remote(cfg):
+        for path, manifest in reversed(_published(cfg, dataset, kind, protocol)):
+            if artifacts.fetch(cfg, path, manifest):
+                return path
+        return None
     found = runs(cfg, dataset, kind, protocol)
     return found[-1] if found else None
 

@@ -395,6 +395,7 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
             write_parquet(cat.vocab_frame(cfg.evaluate.tail_share), tmp / "items.parquet")
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in log_lines), encoding="utf-8")
             write_json(meta, tmp / registry.META)
+        registry.publish_run(cfg, run_dir)  # a URL home: every host can list and load it
     D.barrier()
     log.info("saved %s (%s after %d epoch(s), best epoch %d)", run_dir, stopped, summary["epochs_run"], best_epoch)
     return summary
