@@ -300,3 +300,27 @@ def test_a_home_indexed_before_release_records_serves_its_alias(trained) -> None
     # The first real release of the same model and collection loads nothing again.
     index.release(cfg, "synth", built["collection"], source="test")
     assert follower.check() == "ok" and follower.swaps == 1 and follower.release["release_id"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.production
+def test_a_release_recorded_in_postgresql_is_served(trained, pg_url: str) -> None:
+    """The production state backend: promotion and release records in PostgreSQL (nothing under
+    LEARN_HOME moves), and a service started on that profile serves the release."""
+    from fastapi.testclient import TestClient
+
+    from learn_tasks.pch import registry
+
+    files_cfg, runs = trained
+    cfg = files_cfg.with_overrides(state={"backend": "postgres", "url": pg_url})
+    before = (releases.current(files_cfg, "synth"), registry.promoted(files_cfg, "synth"))
+    built = _release(cfg, runs[2])
+    rel = releases.current(cfg, "synth")
+    assert built["release"]["new"] and rel["release_id"] == 1 and rel["model_version"] == runs[2].name
+    assert registry.promoted(cfg, "synth") == runs[2]
+    assert [p["run_id"] for p in registry.promotions(cfg, "synth")] == [runs[2].name]
+    assert (releases.current(files_cfg, "synth"), registry.promoted(files_cfg, "synth")) == before
+    c = TestClient(serve.create_app(cfg, "synth"))
+    health = c.get("/health").json()
+    assert health["status"] == "ok" and health["release"]["release_id"] == 1
+    assert c.get(f"/recommendations/{_known_user(cfg)}").json()["model_version"] == runs[2].name

@@ -1,13 +1,13 @@
-"""Model registry on the file system: one folder per training run, and a promoted pointer per dataset.
+"""Model registry: one folder per training run on the file system, and a promoted pointer per dataset.
 
-Layout under ``$LEARN_HOME/models/<dataset>/``::
+Runs live under ``$LEARN_HOME/models/<dataset>/<run_id>/`` (model.safetensors, config.json, items.parquet,
+meta.json, train_log.jsonl, metrics.json). A run folder appears only when complete (training builds it
+under a temporary name and renames it), so a reader never sees half a checkpoint.
 
-    <run_id>/            model.safetensors, config.json, items.parquet, meta.json, train_log.jsonl, metrics.json
-    PROMOTED             the promoted run id (one line, replaced atomically)
-    promotions.jsonl     every promotion, appended, for audit
-
-A run folder appears only when complete (training builds it under a temporary name and renames it), so a
-reader never sees half a checkpoint, and ``PROMOTED`` always names a complete run.
+The promoted run of each dataset and every promotion (for audit) are shared state
+(:mod:`learn_tasks.state`, ``state.backend``): ``models/<dataset>/PROMOTED`` and ``promotions.jsonl`` on
+the embedded stack, PostgreSQL tables (pointer and audit row in one transaction) in production. Only a
+complete run is ever promoted, and :func:`promoted` returns None for a run whose folder is gone.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import json
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from learn_tasks.config import Settings
-from learn_tasks.storage import read_json, write_text
+from learn_tasks.state import open_state
+from learn_tasks.storage import read_json
 
-PROMOTED = "PROMOTED"
 META = "meta.json"
 
 
@@ -60,25 +61,28 @@ def latest(cfg: Settings, dataset: str, kind: str | None = None, protocol: str |
 
 
 def promote(cfg: Settings, dataset: str, run_dir: str | Path, reason: str = "") -> Path:
-    """Point the dataset's ``PROMOTED`` file at ``run_dir`` (which must be a complete run of that dataset)."""
+    """Make ``run_dir`` (which must be a complete run of that dataset) the dataset's promoted run, with an
+    audit entry; promoting the run that is already promoted changes nothing (a retried task adds no entry)."""
     run_dir = Path(run_dir)
     root = dataset_models(cfg, dataset)
     if run_dir.parent.resolve() != root.resolve() or not (run_dir / META).exists():
         raise ValueError(f"{run_dir}: not a complete run of dataset {dataset!r} under {root}")
-    write_text(run_dir.name + "\n", root / PROMOTED)
-    entry = {"run_id": run_dir.name, "at": datetime.now(timezone.utc).isoformat(), "reason": reason}
-    with open(root / "promotions.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    open_state(cfg).promote(dataset, run_dir.name, reason)
     return run_dir
 
 
 def promoted(cfg: Settings, dataset: str) -> Path | None:
     """The promoted run folder, or None when nothing was promoted (or the run was removed)."""
-    pointer = dataset_models(cfg, dataset) / PROMOTED
-    if not pointer.exists():
+    run_id = open_state(cfg).promoted_run(dataset)
+    if not run_id:
         return None
-    path = dataset_models(cfg, dataset) / pointer.read_text(encoding="utf-8").strip()
+    path = dataset_models(cfg, dataset) / run_id
     return path if (path / META).exists() else None
+
+
+def promotions(cfg: Settings, dataset: str) -> list[dict[str, Any]]:
+    """Every promotion of the dataset, oldest first: ``{"run_id", "at" (UTC ISO time), "reason"}``."""
+    return open_state(cfg).promotions(dataset)
 
 
 def run_kind(run_dir: str | Path) -> str | None:
