@@ -4,7 +4,8 @@ models trained for one epoch on generated data.
 The service starts without any release (popular items, /health "degraded: no model yet", HTTP 200),
 serves a release as soon as one is written, swaps to the next one under load without a failed request,
 never loses the collections it may still answer from to pruning, and a restart between a promotion and
-the load that releases it serves the previous release as before.
+the load that releases it serves the previous release as before. Marked ``production``: the same with
+the promotion and the release record in PostgreSQL (``state.backend: postgres``).
 """
 from __future__ import annotations
 
