@@ -21,12 +21,16 @@ the same setting: an ``fcntl`` lock on the named file (``files``), or a PostgreS
 lock keyed by the file's path under LEARN_HOME (``postgres``), held on a connection of its own. The
 server releases a session lock when its connection ends, so a holder killed with ``kill -9`` (or a host
 that vanished, noticed through TCP keepalives) frees it with no clean-up.
+
+A home that ran on files moves to PostgreSQL with :func:`import_files`
+(``python -m learn_tasks.state import --dataset NAME``), once per dataset.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -36,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 from learn_tasks import postgres as pg
 from learn_tasks import storage
-from learn_tasks.config import Paths, Settings
+from learn_tasks.config import Paths, Settings, load_settings
 
 log = logging.getLogger("learn.state")
 
@@ -294,6 +298,53 @@ class PostgresState(StateStore):
                         (dataset, int(record["release_id"])))
             return record, True
 
+    def adopt(self, dataset: str, source: StateStore) -> dict[str, Any]:
+        """Copy ``dataset``'s pointers and histories from ``source`` (the files under LEARN_HOME) in one
+        transaction, each part only while PostgreSQL has none of it: running it again changes nothing."""
+        out: dict[str, Any] = {"dataset": dataset, "promotions": 0, "promoted": None, "releases": 0,
+                               "release_id": None, "kept": []}
+        with self._tx(f"import the state of {dataset!r}") as cur:
+            self._lock_dataset(cur, "promoted", dataset)
+            self._lock_dataset(cur, "release", dataset)
+            cur.execute("SELECT count(*) FROM learn_promotions WHERE dataset = %s", (dataset,))
+            if cur.fetchone()[0]:
+                out["kept"].append("promotions")
+            else:
+                history = source.promotions(dataset)
+                run_id = source.promoted_run(dataset)
+                if run_id and (not history or history[-1].get("run_id") != run_id):
+                    history.append({"run_id": run_id, "at": None, "reason": "imported: the pointer had no history"})
+                last = None
+                for entry in history:
+                    cur.execute("INSERT INTO learn_promotions (dataset, run_id, reason, promoted_at) VALUES "
+                                "(%s, %s, %s, coalesce(%s::timestamptz, clock_timestamp())) RETURNING id",
+                                (dataset, str(entry["run_id"]), str(entry.get("reason") or ""), entry.get("at")))
+                    last = (str(entry["run_id"]), cur.fetchone()[0])
+                if run_id and last is not None:
+                    cur.execute("INSERT INTO learn_promoted (dataset, run_id, promotion_id) VALUES (%s, %s, %s)",
+                                (dataset, *last))
+                out.update(promotions=len(history), promoted=run_id)
+            cur.execute("SELECT count(*) FROM learn_releases WHERE dataset = %s", (dataset,))
+            if cur.fetchone()[0]:
+                out["kept"].append("releases")
+            else:
+                now = source.release(dataset)
+                records = {int(r["release_id"]): r for r in source.releases(dataset) if "release_id" in r}
+                if now is not None:
+                    records[int(now["release_id"])] = now
+                for rid in sorted(records):
+                    rec = records[rid]
+                    cur.execute("INSERT INTO learn_releases (dataset, release_id, model_version, collection, "
+                                "released_at, record) VALUES (%s, %s, %s, %s, coalesce(%s::timestamptz, "
+                                "clock_timestamp()), %s::jsonb)",
+                                (dataset, rid, str(rec["model_version"]), str(rec["collection"]),
+                                 rec.get("released_at"), json.dumps(rec, default=str, sort_keys=True)))
+                if now is not None:
+                    cur.execute("INSERT INTO learn_release_current (dataset, release_id) VALUES (%s, %s)",
+                                (dataset, int(now["release_id"])))
+                out.update(releases=len(records), release_id=int(now["release_id"]) if now else None)
+        return out
+
     def close(self) -> None:
         self._pool.close()
 
@@ -334,6 +385,29 @@ def close_stores() -> None:
     with _stores_lock:
         for key in [k for k in _stores if k[2] == os.getpid()]:
             _stores.pop(key).close()
+
+
+def import_files(cfg: Settings, dataset: str) -> dict[str, Any]:
+    """Upgrade to ``state.backend: postgres``: copy a dataset's promoted run, release record and their
+    histories from the files under LEARN_HOME into PostgreSQL (the files stay as they were). Each part
+    is copied only while PostgreSQL has none of it, so running it again, or after the pipeline has
+    written there, changes nothing (``kept`` names what was already there)."""
+    store = open_state(cfg)
+    if not isinstance(store, PostgresState):
+        raise StateError("state.backend is files: set state.backend=postgres (and LEARN_STATE__URL) to import into "
+                         "PostgreSQL")
+    files = FileState(cfg.paths)
+    need = ((cfg.paths.promotion_history(dataset), files.promotions(dataset), ("run_id",)),
+            (cfg.paths.release_history(dataset), files.releases(dataset), ("release_id", "model_version", "collection")))
+    for path, entries, fields in need:  # refuse bad input before anything is written
+        for i, entry in enumerate(entries, start=1):
+            missing = [f for f in fields if entry.get(f) in (None, "")]
+            if missing:
+                raise StateError(f"{path}: entry {i} has no {', '.join(missing)}; fix or remove it, then import again")
+    now = files.release(dataset)
+    if now is not None and any(now.get(f) in (None, "") for f in ("release_id", "model_version", "collection")):
+        raise StateError(f"{cfg.paths.release(dataset)}: needs release_id, model_version and collection")
+    return store.adopt(dataset, files)
 
 
 # ------------------------------------------------------------------------------------------ locks
@@ -417,3 +491,29 @@ def advisory_lock(url: str, name: str, wait: bool = True, poll_s: float = 1.0) -
                 log.error(msg)
             else:
                 raise StateError(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m learn_tasks.state import --dataset NAME [--dataset NAME ...]``: :func:`import_files`,
+    one JSON line per dataset, with the settings of the environment (``LEARN_CONFIG``, ``LEARN_*``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="learn_tasks.state", description=main.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="copy files-backend pointers and histories into PostgreSQL")
+    imp.add_argument("--dataset", action="append", required=True, help="dataset name (repeatable)")
+    args = parser.parse_args(argv)
+    cfg = load_settings()
+    try:
+        for dataset in args.dataset:
+            print(json.dumps(import_files(cfg, dataset), sort_keys=True), flush=True)
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_stores()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

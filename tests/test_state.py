@@ -5,6 +5,7 @@ processes (and homes mounted at different paths, as on several hosts), locks fre
 service's release follower reading the record from PostgreSQL."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -134,6 +135,40 @@ def test_postgres_state_tables_are_created_once_and_versioned(pg_url: str) -> No
             cur.execute("UPDATE learn_state_schema SET version = 1 WHERE component = 'state'")
     one.close()
     two.close()
+
+
+@pytest.mark.production
+def test_files_state_is_imported_into_postgres_once(settings: Settings, pg_url: str) -> None:
+    """The upgrade step of a home that ran on files: the same pointers and histories, then nothing more."""
+    ds = "upgrade"
+    a, b = _run(settings, ds, "run-a"), _run(settings, ds, "run-b")
+    registry.promote(settings, ds, a, reason="first")
+    registry.promote(settings, ds, b, reason="better")
+    releases.write(settings, ds, "run-a", "items__upgrade__run_a", source="test", rows=3)
+    releases.write(settings, ds, "run-b", "items__upgrade__run_b", source="test")
+    cfg = settings.with_overrides(state={"backend": "postgres", "url": pg_url})
+    assert registry.promoted(cfg, ds) is None and releases.current(cfg, ds) is None  # nothing there yet
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LEARN_HOME": str(settings.home),
+           "LEARN_STATE__BACKEND": "postgres", "LEARN_STATE__URL": pg_url}
+    out = subprocess.run([sys.executable, "-m", "learn_tasks.state", "import", "--dataset", ds], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == {"dataset": ds, "promotions": 2, "promoted": "run-b", "releases": 2, "release_id": 2,
+                               "kept": []}
+    assert registry.promoted(cfg, ds) == b and releases.current(cfg, ds) == releases.current(settings, ds)
+    assert registry.promotions(cfg, ds) == [
+        {**p, "at": datetime.fromisoformat(p["at"]).isoformat()} for p in registry.promotions(settings, ds)]
+    assert releases.history(cfg, ds) == releases.history(settings, ds)
+    # Again (or after the pipeline wrote there): nothing changes. New writes continue the history.
+    again = state.import_files(cfg, ds)
+    assert again["kept"] == ["promotions", "releases"] and len(registry.promotions(cfg, ds)) == 2
+    assert releases.write(cfg, ds, "run-c", "items__upgrade__run_c", source="test")[0]["release_id"] == 3
+    # Bad input is named and nothing is written.
+    settings.paths.promotion_history("broken").parent.mkdir(parents=True)
+    with open(settings.paths.promotion_history("broken"), "a") as fh:
+        fh.write('{"at": "2026-01-01T00:00:00+00:00", "reason": "no run"}\n')
+    with pytest.raises(state.StateError, match=r"promotions.jsonl: entry 1 has no run_id"):
+        state.import_files(cfg, "broken")
+    assert registry.promotions(cfg, "broken") == []
 
 
 def test_the_state_url_defaults_to_the_event_log_and_is_required(settings: Settings) -> None:
