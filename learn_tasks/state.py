@@ -397,15 +397,16 @@ def import_files(cfg: Settings, dataset: str) -> dict[str, Any]:
         raise StateError("state.backend is files: set state.backend=postgres (and LEARN_STATE__URL) to import into "
                          "PostgreSQL")
     files = FileState(cfg.paths)
+    release_fields = ("release_id", "model_version", "collection")
     need = ((cfg.paths.promotion_history(dataset), files.promotions(dataset), ("run_id",)),
-            (cfg.paths.release_history(dataset), files.releases(dataset), ("release_id", "model_version", "collection")))
+            (cfg.paths.release_history(dataset), files.releases(dataset), release_fields))
     for path, entries, fields in need:  # refuse bad input before anything is written
         for i, entry in enumerate(entries, start=1):
             missing = [f for f in fields if entry.get(f) in (None, "")]
             if missing:
                 raise StateError(f"{path}: entry {i} has no {', '.join(missing)}; fix or remove it, then import again")
     now = files.release(dataset)
-    if now is not None and any(now.get(f) in (None, "") for f in ("release_id", "model_version", "collection")):
+    if now is not None and any(now.get(f) in (None, "") for f in release_fields):
         raise StateError(f"{cfg.paths.release(dataset)}: needs release_id, model_version and collection")
     return store.adopt(dataset, files)
 
