@@ -197,6 +197,21 @@ class EventLogConfig(_Section):
     served_flush_s: float = Field(0.5, gt=0, description="the service writes the served log in batches this often")
 
 
+class StateConfig(_Section):
+    """Where the shared state lives (``learn_tasks/state.py``): the promoted run of each dataset and the
+    release the service follows, their histories, and the locks that give one writer at a time."""
+
+    backend: Literal["files", "postgres"] = Field(
+        "files", description="files = embedded (pointer files under LEARN_HOME, fcntl locks: one host), postgres = "
+                             "production (PostgreSQL tables and advisory locks: safe across hosts)")
+    # Connection string: set it through the environment only (LEARN_STATE__URL), never in a YAML file.
+    url: str | None = Field(None, description="PostgreSQL URL of the state; unset = the event log's (eventlog.url)")
+    pool_size: int = Field(4, ge=1, description="postgres: most connections one process keeps open for reads "
+                                                "and writes (each lock held has its own connection besides)")
+    lock_poll_s: float = Field(1.0, gt=0, description="postgres: a waiting lock waits in slices this long, so a "
+                                                      "task being stopped (SIGTERM, Ctrl-C) is not stuck waiting")
+
+
 class IndexConfig(_Section):
     """Milvus item index (``learn_tasks/online/index.py``)."""
 
@@ -387,6 +402,7 @@ class Settings(_Section):
     evaluate: EvalConfig = EvalConfig()
     features: FeaturesConfig = FeaturesConfig()
     eventlog: EventLogConfig = EventLogConfig()
+    state: StateConfig = StateConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -467,6 +483,14 @@ class Paths:
     def dataset_models(self, dataset: str) -> Path:
         return self.models() / dataset
 
+    def promoted(self, dataset: str) -> Path:
+        """Files backend: the promoted run id of a dataset (one line, replaced atomically)."""
+        return self.dataset_models(dataset) / "PROMOTED"
+
+    def promotion_history(self, dataset: str) -> Path:
+        """Files backend: every promotion of a dataset, one JSON line each, oldest first."""
+        return self.dataset_models(dataset) / "promotions.jsonl"
+
     def pipeline_run(self, key: str) -> Path:
         """What each stage of one pipeline run recorded (``<stage>.json``)."""
         return self.home / "pipeline" / key
@@ -497,11 +521,12 @@ class Paths:
         return self.home / "serve" / dataset / "new_items"
 
     def release(self, dataset: str) -> Path:
-        """The dataset's current release (model run + collection the service serves), replaced atomically."""
+        """Files backend: the dataset's current release (model run + collection the service serves), replaced
+        atomically."""
         return self.home / "serve" / dataset / "release.json"
 
     def release_history(self, dataset: str) -> Path:
-        """Every release of the dataset, one JSON line each, oldest first."""
+        """Files backend: every release of the dataset, one JSON line each, oldest first."""
         return self.home / "serve" / dataset / "releases.jsonl"
 
     def event_log(self) -> Path:

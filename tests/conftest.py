@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,8 +16,10 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 from learn_tasks.data import datasets as data  # noqa: E402
 from learn_tasks.data import synth  # noqa: E402
 from learn_tasks.config import Settings, load_settings  # noqa: E402
+from learn_tasks import state  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # the local server of production tests
 
 
 @pytest.fixture
@@ -32,3 +36,24 @@ def synth_dataset(settings: Settings, tmp_path: Path) -> str:
     src = synth.write_seqrec(tmp_path / "synth_src", synth.SynthSpec(n_users=200, n_items=300))
     data.prepare_dataset(settings, "seqrec", src, "synth")
     return "synth"
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the test module (production tests), dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    admin.autocommit = True
+    name = f"learn_t_pg_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        state.close_stores()  # the shared-state pools of this process: their database goes now
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

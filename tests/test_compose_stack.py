@@ -322,6 +322,19 @@ def test_celery_executor_runs_learn_pipeline_on_both_workers(stack, capsys) -> N
     assert body["status"] == "ok" and body["dataset"] == DATASET
     code, recs = http_json(_url(stack, "learn-api", "/recommendations/1"))
     assert code == 200 and recs["items"], (code, recs)
+    # The promotion and the release the service follows are in the stack's PostgreSQL (state.backend:
+    # postgres), shared by every worker and replica, and not in files on the volume.
+    with psycopg2.connect(dbname=names["LEARN_DB_NAME"], **PG) as c, c.cursor() as cur:
+        cur.execute("SELECT r.model_version FROM learn_release_current c JOIN learn_releases r "
+                    "ON r.dataset = c.dataset AND r.release_id = c.release_id WHERE c.dataset = %s", (DATASET,))
+        released = cur.fetchone()
+        cur.execute("SELECT run_id FROM learn_promoted WHERE dataset = %s", (DATASET,))
+        promoted = cur.fetchone()
+    assert released is not None and promoted is not None
+    assert released[0] == promoted[0] == body["release"]["model_version"]
+    home = stack["root"] / "volumes" / "learn-home"
+    assert not (home / "serve" / DATASET / "release.json").exists()
+    assert not (home / "models" / DATASET / "PROMOTED").exists()
 
 
 def test_learn_train_runs_torchrun_from_its_compose_definition(stack) -> None:

@@ -195,6 +195,7 @@ def test_production_profile_loads_against_the_compose_environment(tmp_path: Path
         assert cfg.serve.search == "milvus" and cfg.serve.token_env == "LEARN_API_TOKEN"
         assert cfg.eventlog.backend == "postgres"
         assert cfg.eventlog.url == f"postgresql://learn:{env['LEARN_DB_PASSWORD']}@postgres:5432/learn"
+        assert cfg.state.backend == "postgres" and cfg.state.url == cfg.eventlog.url  # the same database
     api_env = service_env(compose, "learn-api", env)
     assert api_env["LEARN_API_TOKEN"] == env["LEARN_API_TOKEN"]
 
@@ -359,6 +360,34 @@ def test_event_log_in_the_stacks_database(stack_databases: dict[str, str], tmp_p
                           host=PG["host"], port=PG["port"]) as c, c.cursor() as cur:
         cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'learn_events'")
         assert cur.fetchone()[0] == stack_databases["LEARN_DB_USER"]
+
+
+@pytest.mark.production
+def test_shared_state_in_the_stacks_database(stack_databases: dict[str, str], tmp_path: Path) -> None:
+    """Promotions, releases and locks with the compose URL, in the database and role the init script made."""
+    from learn_tasks import state
+
+    compose = load_compose()
+    env = {**generated_env(), **stack_databases}
+    url = _to_localhost(service_env(compose, "airflow-worker", env)["LEARN_STATE__URL"])
+    cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(tmp_path / "home"), "LEARN_STATE__URL": url})
+    store = state.open_state(cfg)
+    try:
+        assert store.describe()["backend"] == "postgres" and env["LEARN_DB_PASSWORD"] not in str(store.describe())
+        assert store.promote("books", "run-1", "test") and store.promoted_run("books") == "run-1"
+        with state.exclusive(cfg, cfg.paths.locks() / "books.lock") as held:
+            assert held
+    finally:
+        state.close_stores()
+    import psycopg2
+
+    with psycopg2.connect(dbname=stack_databases["LEARN_DB_NAME"], user=stack_databases["LEARN_DB_USER"],
+                          host=PG["host"], port=PG["port"]) as c, c.cursor() as cur:
+        cur.execute("SELECT tablename, tableowner FROM pg_tables WHERE tablename LIKE 'learn_%'")
+        owners = dict(cur.fetchall())
+    for table in ("learn_state_schema", "learn_promoted", "learn_promotions", "learn_releases",
+                  "learn_release_current"):
+        assert owners.get(table) == stack_databases["LEARN_DB_USER"], table
 
 
 def _free_port() -> int:

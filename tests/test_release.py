@@ -4,7 +4,8 @@ models trained for one epoch on generated data.
 The service starts without any release (popular items, /health "degraded: no model yet", HTTP 200),
 serves a release as soon as one is written, swaps to the next one under load without a failed request,
 never loses the collections it may still answer from to pruning, and a restart between a promotion and
-the load that releases it serves the previous release as before.
+the load that releases it serves the previous release as before. Marked ``production``: the same with
+the promotion and the release record in PostgreSQL (``state.backend: postgres``).
 """
 from __future__ import annotations
 
@@ -300,3 +301,27 @@ def test_a_home_indexed_before_release_records_serves_its_alias(trained) -> None
     # The first real release of the same model and collection loads nothing again.
     index.release(cfg, "synth", built["collection"], source="test")
     assert follower.check() == "ok" and follower.swaps == 1 and follower.release["release_id"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.production
+def test_a_release_recorded_in_postgresql_is_served(trained, pg_url: str) -> None:
+    """The production state backend: promotion and release records in PostgreSQL (nothing under
+    LEARN_HOME moves), and a service started on that profile serves the release."""
+    from fastapi.testclient import TestClient
+
+    from learn_tasks.pch import registry
+
+    files_cfg, runs = trained
+    cfg = files_cfg.with_overrides(state={"backend": "postgres", "url": pg_url})
+    before = (releases.current(files_cfg, "synth"), registry.promoted(files_cfg, "synth"))
+    built = _release(cfg, runs[2])
+    rel = releases.current(cfg, "synth")
+    assert built["release"]["new"] and rel["release_id"] == 1 and rel["model_version"] == runs[2].name
+    assert registry.promoted(cfg, "synth") == runs[2]
+    assert [p["run_id"] for p in registry.promotions(cfg, "synth")] == [runs[2].name]
+    assert (releases.current(files_cfg, "synth"), registry.promoted(files_cfg, "synth")) == before
+    c = TestClient(serve.create_app(cfg, "synth"))
+    health = c.get("/health").json()
+    assert health["status"] == "ok" and health["release"]["release_id"] == 1
+    assert c.get(f"/recommendations/{_known_user(cfg)}").json()["model_version"] == runs[2].name

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Creates the Airflow metadata database, the Feast registry database and the event log's database
-# (learn_tasks/data/eventlog.py), each owned by its own role
+# (learn_tasks/data/eventlog.py; the shared state of learn_tasks/state.py lives there too), each owned by its own role
 # with its own password. Run once by the postgres image on an empty data volume
 # (/docker-entrypoint-initdb.d); also runnable by hand against any server: psql connection settings
 # come from the usual PG* variables, names and passwords from the variables below.

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from learn_tasks.config import Settings
 from learn_tasks.data.eventlog import STREAMS, Event, EventLog, EventLogError
+from learn_tasks.postgres import Pool
 
 _SQLITE_DDL = """
 CREATE TABLE IF NOT EXISTS learn_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, dataset TEXT NOT NULL,
@@ -124,39 +124,19 @@ class PostgresLog(EventLog):
     ph = "%s"
 
     def __init__(self, url: str, pool_size: int = 8):
-        import psycopg2
         import psycopg2.extras
-        import psycopg2.pool
 
         self._extras = psycopg2.extras
-        self._errors = (psycopg2.OperationalError, psycopg2.InterfaceError)
-        dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", url)  # SQLAlchemy-style URLs work too
-        try:
-            self._pool = psycopg2.pool.ThreadedConnectionPool(1, pool_size, dsn, connect_timeout=10)
-        except psycopg2.Error as exc:
-            raise EventLogError(f"cannot connect to the event log at {_redact(url)}: {exc}".strip()) from exc
-        self._slots = threading.BoundedSemaphore(pool_size)  # wait for a connection instead of failing
-        self._where = _redact(url)
+        self._pool = Pool(url, pool_size, application_name="learn event log", error=EventLogError,
+                          what="the event log")
         with self._tx() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s, 99)", (_LOCK_CLASS,))  # one schema creator at a time
             cur.execute(_pg_ddl())
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Any]:
-        with self._slots:
-            conn = self._pool.getconn()
-            broken = False
-            try:
-                with conn.cursor() as cur:
-                    yield cur
-                conn.commit()
-            except BaseException as exc:
-                broken = isinstance(exc, self._errors) or bool(conn.closed)
-                if not broken:
-                    conn.rollback()
-                raise
-            finally:
-                self._pool.putconn(conn, close=broken or bool(conn.closed))
+        with self._pool.tx() as cur:
+            yield cur
 
     def _append_lock(self, cur: Any, stream: str) -> None:
         cur.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", (_LOCK_CLASS, STREAMS.index(stream)))
@@ -190,15 +170,10 @@ class PostgresLog(EventLog):
         return value
 
     def close(self) -> None:
-        self._pool.closeall()
+        self._pool.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "url": self._where}
-
-
-def _redact(url: str) -> str:
-    """A connection URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+        return {"backend": self.backend, "url": self._pool.where}
 
 
 def open_log(cfg: Settings) -> EventLog:

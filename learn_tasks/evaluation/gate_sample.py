@@ -35,7 +35,8 @@ from learn_tasks.data import splits
 from learn_tasks.evaluation.harness import Cases, build_cases, make_scorer, rank_all, sample_cases
 from learn_tasks.evaluation.metrics import rank_metrics
 from learn_tasks.pch.catalogue import Catalogue, catalogue_item_ids
-from learn_tasks.storage import exclusive, read_json, write_json
+from learn_tasks.state import exclusive
+from learn_tasks.storage import read_json, write_json
 
 log = logging.getLogger("learn.pipeline")
 
@@ -114,7 +115,7 @@ def ensure_sample(cfg: Settings, dataset: str, protocol: str, users: int, seed: 
                   redraw_for: str | None = None) -> FixedSample:
     """The dataset's gate sample, drawn when missing, when its spec changed, when catalogue items it ranks
     are gone, or once for ``redraw_for`` (a full run's key: a full run compares on its own data)."""
-    with exclusive(sample_dir(cfg, dataset).parent / f".{dataset}.lock"):
+    with exclusive(cfg, sample_dir(cfg, dataset).parent / f".{dataset}.lock"):
         cur = load_sample(cfg, dataset)
         why = None
         if cur is None:
@@ -162,7 +163,7 @@ def cached_score(cfg: Settings, dataset: str, key: str) -> dict[str, Any] | None
 
 def _remember(cfg: Settings, dataset: str, key: str, value: Mapping[str, Any], keep: int = 20) -> None:
     path = sample_dir(cfg, dataset) / SCORES_FILE
-    with exclusive(sample_dir(cfg, dataset).parent / f".{dataset}.scores.lock"):
+    with exclusive(cfg, sample_dir(cfg, dataset).parent / f".{dataset}.scores.lock"):
         scores = read_json(path) if path.exists() else {}
         scores.pop(key, None)
         scores[key] = dict(value)

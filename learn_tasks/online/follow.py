@@ -136,11 +136,13 @@ class ReleaseFollower:
         with self._check_lock:
             try:
                 rel = releases.current(self.cfg, self.dataset)
-            except (OSError, ValueError) as exc:  # unreadable record: keep serving what we have
+                if rel is None and self.checked_at is None:
+                    rel = self._alias_release()  # at start-up, in a home indexed before release records existed
+            except (OSError, ValueError) as exc:  # unreadable record or state database down: keep serving
                 log.warning("cannot read the release record of %s: %s", self.dataset, exc)
+                if self.recommender is None:
+                    self.status, self.reason = "degraded", f"cannot read the release record: {exc}"
                 return self.status
-            if rel is None and self.checked_at is None:
-                rel = self._alias_release()  # at start-up, in a home indexed before release records existed
             self.checked_at = time.time()
             if rel is None:
                 if self.recommender is None:

@@ -252,7 +252,10 @@ def component_running(cfg: Settings, name: str) -> bool:
 
 @contextlib.contextmanager
 def _lock(cfg: Settings) -> Iterator[None]:
-    """One `learn up` / `learn down` at a time per LEARN_HOME."""
+    """One `learn up` / `learn down` at a time per LEARN_HOME.
+
+    A file lock whatever ``state.backend`` says: it guards this host's processes and their pid records
+    (``run/``), which another host's `learn up` has nothing to do with."""
     with exclusive(private_run_dir(cfg) / "stack.lock", wait=False) as locked:
         if not locked:
             raise StackError(f"another `learn up` or `learn down` is working on {home(cfg)}")

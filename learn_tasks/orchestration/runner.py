@@ -15,7 +15,8 @@ from learn_tasks.orchestration.airflow_env import DAGS_FOLDER, configure_airflow
 from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, run_dir
 from learn_tasks.orchestration.summary import summarize
 from learn_tasks.schema import to_utc
-from learn_tasks.storage import exclusive, read_json
+from learn_tasks.state import exclusive
+from learn_tasks.storage import read_json
 
 
 def load_dag(dag_id: str):
@@ -47,7 +48,7 @@ def run_dag(cfg: Settings, dag_id: str, conf: Mapping[str, Any], logical_date: d
     """
     home = cfg.paths.home.resolve()
     lock_path = cfg.paths.locks() / "airflow-run.lock"
-    with exclusive(lock_path, wait=False) as locked:
+    with exclusive(cfg, lock_path, wait=False) as locked:
         if not locked:
             raise PipelineError(f"another `learn run` is using {home} (lock {lock_path})")
         os.environ["LEARN_HOME"] = cfg.remote_home or str(home)  # the tasks' load_settings() must find the same home

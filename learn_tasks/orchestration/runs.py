@@ -29,7 +29,8 @@ import pandas as pd
 from learn_tasks.config import MODEL_KINDS, Settings
 from learn_tasks.data.validation import run_key
 from learn_tasks.schema import to_utc
-from learn_tasks.storage import exclusive, read_json, write_json
+from learn_tasks.state import exclusive
+from learn_tasks.storage import read_json, write_json
 
 log = logging.getLogger("learn.pipeline")
 
@@ -212,6 +213,7 @@ def data_fingerprint(cfg: Settings, dataset: str) -> str:
 
 @contextmanager
 def dataset_lock(cfg: Settings, dataset: str) -> Iterator[None]:
-    """One writer at a time for a dataset's tables (``learn_pipeline`` and ``item_ingest`` both publish)."""
-    with exclusive(cfg.paths.locks() / f"{dataset}.lock"):
+    """One writer at a time for a dataset's tables (``learn_pipeline`` and ``item_ingest`` both publish), on
+    whichever host their tasks run (``state.backend``)."""
+    with exclusive(cfg, cfg.paths.locks() / f"{dataset}.lock"):
         yield

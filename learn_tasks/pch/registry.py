@@ -1,18 +1,18 @@
-"""Model registry on the file system: one folder per training run, and a promoted pointer per dataset.
+"""Model registry: one folder per training run on the file system, and a promoted pointer per dataset.
 
-Layout under ``$LEARN_HOME/models/<dataset>/``::
+Runs live under ``$LEARN_HOME/models/<dataset>/<run_id>/`` (model.safetensors, config.json, items.parquet,
+meta.json, train_log.jsonl, metrics.json). A run folder appears only when complete (training builds it
+under a temporary name and renames it), so a reader never sees half a checkpoint.
 
-    <run_id>/            model.safetensors, config.json, items.parquet, meta.json, train_log.jsonl, metrics.json
-    PROMOTED             the promoted run id (one line, replaced atomically)
-    promotions.jsonl     every promotion, appended, for audit
-
-A run folder appears only when complete (training builds it under a temporary name and renames it), so a
-reader never sees half a checkpoint, and ``PROMOTED`` always names a complete run.
+The promoted run of each dataset and every promotion (for audit) are shared state
+(:mod:`learn_tasks.state`, ``state.backend``): ``models/<dataset>/PROMOTED`` and ``promotions.jsonl`` on
+the embedded stack, PostgreSQL tables (pointer and audit row in one transaction) in production. Only a
+complete run is ever promoted, and :func:`promoted` returns None for a run whose folder is gone.
 
 When LEARN_HOME is a URL (:mod:`learn_tasks.artifacts`), a complete run is also published there
 (:func:`publish_run`: its files, then its manifest), and a run exists only once published: :func:`runs`
-and :func:`latest` list the published runs of every host, and the runs they return (and :func:`find_run`'s)
-are fetched into the local working directory first.
+and :func:`latest` list the published runs of every host, and the runs they return (and :func:`find_run`'s,
+:func:`promoted`'s) are fetched into the local working directory first.
 """
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ import logging
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from learn_tasks import artifacts
 from learn_tasks.config import Settings
-from learn_tasks.storage import read_json, write_text
+from learn_tasks.state import open_state
+from learn_tasks.storage import read_json
 
 log = logging.getLogger(__name__)
 
-PROMOTED = "PROMOTED"
 META = "meta.json"
 _LISTED_META = ("kind", "protocol", "created", "dataset")  # meta.json fields a published run's manifest carries
 
@@ -114,25 +115,25 @@ def latest(cfg: Settings, dataset: str, kind: str | None = None, protocol: str |
 
 
 def promote(cfg: Settings, dataset: str, run_dir: str | Path, reason: str = "") -> Path:
-    """Point the dataset's ``PROMOTED`` file at ``run_dir`` (which must be a complete run of that dataset)."""
+    """Make ``run_dir`` (which must be a complete run of that dataset) the dataset's promoted run, with an
+    audit entry; promoting the run that is already promoted changes nothing (a retried task adds no entry)."""
     run_dir = Path(run_dir)
     root = dataset_models(cfg, dataset)
     if run_dir.parent.resolve() != root.resolve() or not (run_dir / META).exists():
         raise ValueError(f"{run_dir}: not a complete run of dataset {dataset!r} under {root}")
-    write_text(run_dir.name + "\n", root / PROMOTED)
-    entry = {"run_id": run_dir.name, "at": datetime.now(timezone.utc).isoformat(), "reason": reason}
-    with open(root / "promotions.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    open_state(cfg).promote(dataset, run_dir.name, reason)
     return run_dir
 
 
 def promoted(cfg: Settings, dataset: str) -> Path | None:
     """The promoted run folder, or None when nothing was promoted (or the run was removed)."""
-    pointer = dataset_models(cfg, dataset) / PROMOTED
-    if not pointer.exists():
-        return None
-    path = dataset_models(cfg, dataset) / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / META).exists() else None
+    run_id = open_state(cfg).promoted_run(dataset)
+    return find_run(cfg, dataset, run_id) if run_id else None  # under a URL home: fetched from the store
+
+
+def promotions(cfg: Settings, dataset: str) -> list[dict[str, Any]]:
+    """Every promotion of the dataset, oldest first: ``{"run_id", "at" (UTC ISO time), "reason"}``."""
+    return open_state(cfg).promotions(dataset)
 
 
 def run_kind(run_dir: str | Path) -> str | None:
