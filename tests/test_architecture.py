@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "learn_tasks"
 
 # The bottom: imported by all, importing nothing above the core (state builds on config, storage, postgres).
-CORE = ("config", "schema", "storage", "processes", "postgres", "state", "artifacts", "artifact_log")
+CORE = ("paths", "config", "schema", "storage", "processes", "postgres", "state", "artifacts", "artifact_log")
 LAYERS = ("data", "ceg", "pch", "evaluation", "training", "online", "monitoring", "orchestration", "ops", "cli")
 MAX_LINES = 600
 # Imports of our own modules belong at module top, with two exceptions made for start-up cost: cli.py
