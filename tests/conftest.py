@@ -32,3 +32,14 @@ def synth_dataset(settings: Settings, tmp_path: Path) -> str:
     src = synth.write_seqrec(tmp_path / "synth_src", synth.SynthSpec(n_users=200, n_items=300))
     data.prepare_dataset(settings, "seqrec", src, "synth")
     return "synth"
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session (the
+    pipeline runs of ``runner.run_pipeline(..., airflow_home=...)`` share it)."""
+    from learn_tasks.orchestration import airflow_env
+
+    home = tmp_path_factory.mktemp("airflow_home")
+    airflow_env.configure_airflow(home)
+    return home
