@@ -149,9 +149,9 @@ class Sender(threading.Thread):
             self.error = exc
 
 
-def _served_count(cfg: Settings) -> int:
+def _served_count(cfg: Settings, dataset: str) -> int:
     with open_log(cfg) as log:
-        return log.status("synth")[L.SERVED]["records"]
+        return log.status(dataset)[L.SERVED]["records"]
 
 
 def _run_args(summary: dict) -> runs.RunArgs:
@@ -251,7 +251,7 @@ def test_the_loop_is_closed(settings: Settings, synth_dataset: str, airflow_home
         wait_for(sender.paused.is_set, "the first two batches were not acknowledged", timeout_s=120)
         assert sender.answered == 2
         # What the service served so far is in the served log before the kill (it writes every 0.05 s).
-        wait_for(lambda: _served_count(cfg) == len(c.responses), "the served log lags the responses", timeout_s=30)
+        wait_for(lambda: _served_count(cfg, ds) == len(c.responses), "the served log lags the responses", timeout_s=30)
         service.kill9()
         sender.resume.set()
         wait_for(lambda: sender.transport_errors > 0, "the client never met the killed service", timeout_s=30)
@@ -348,7 +348,7 @@ def test_the_loop_is_closed(settings: Settings, synth_dataset: str, airflow_home
     t_end = pd.Timestamp.now(tz="UTC")
 
     # ---- 8. monitoring of the test's window: the online values of the traffic the test saw
-    assert _served_count(cfg) == len(c.responses)  # the orderly stop flushed the served log
+    assert _served_count(cfg, ds) == len(c.responses)  # the orderly stop flushed the served log
     res = monitor_window(cfg, ds, run_id="loop-e2e", run_date=today, online_start=t_start, online_end=t_end)
     got = res["values"]
     sent = c.responses
