@@ -57,3 +57,14 @@ def pg_url() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session (the
+    pipeline runs of ``runner.run_pipeline(..., airflow_home=...)`` share it)."""
+    from learn_tasks.orchestration import airflow_env
+
+    home = tmp_path_factory.mktemp("airflow_home")
+    airflow_env.configure_airflow(home)
+    return home

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,8 @@ import pytest
 
 from learn_tasks import schema as S
 from learn_tasks.config import load_settings
+
+from helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -176,12 +177,6 @@ def test_train_killed_leaves_no_partial_run_and_reruns_once(home: Path, encoded:
 # ==================================================================================================
 # 3. Index load: killed half-way through inserting a new version; the alias keeps the old one
 # ==================================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rows(seed: int, n: int = 2000):
     from learn_tasks.online import index
 
@@ -195,7 +190,7 @@ def test_index_load_killed_never_exposes_a_half_loaded_collection(home: Path) ->
     from learn_tasks.online import milvus_server
 
     cfg = _cfg(home)
-    milvus_server.start(cfg, port=_free_port())  # a server shared by processes, as Milvus is in production
+    milvus_server.start(cfg, port=free_port())  # a server shared by processes, as Milvus is in production
     try:
         client = index.connect(cfg)
         assert index.resolve_uri(cfg)[2] == "lite-server"

@@ -2,10 +2,10 @@
 upsert, recall check, a clear error when the data is locked, and the shared local server."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +16,8 @@ from learn_tasks.online import index
 from learn_tasks.online import milvus_server
 from learn_tasks.online.milvus_server import IndexLockedError, IndexStoreError
 from learn_tasks.config import Settings
+
+from helpers import free_port
 
 
 def unit(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -129,16 +131,10 @@ def test_locked_lite_data_gives_a_clear_error(settings: Settings) -> None:
         holder.wait(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_local_server_is_shared_by_processes(settings: Settings) -> None:
-    cfg = settings.with_overrides(index={"server_port": _free_port(), "index_type": "FLAT"})
+    cfg = settings.with_overrides(index={"server_port": free_port(), "index_type": "FLAT"})
     started = milvus_server.start(cfg)
     try:
         assert started["running"] and milvus_server.start(cfg)["started"] is False  # idempotent
@@ -162,3 +158,21 @@ def test_local_server_is_shared_by_processes(settings: Settings) -> None:
         stopped = milvus_server.stop(cfg)
     assert stopped["stopped"] and not milvus_server.status(cfg)["running"]
     assert index.resolve_uri(cfg)[2] == "lite"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_new_client_after_an_idle_while_reaches_the_local_server(settings: Settings) -> None:
+    """pymilvus keeps one connection per server in a process and hands it to the next client. The Milvus Lite
+    server drops a connection that pings while idle; the next client (a pipeline task after another one
+    closed its client, in the same process) must still connect."""
+    cfg = settings.with_overrides(index={"server_port": free_port(), "index_type": "FLAT"})
+    milvus_server.start(cfg)
+    try:
+        built = index.build(cfg, "books", "v1", rows(n=20))
+        index.close(cfg)  # as load_milvus and upsert_items end
+        time.sleep(40)  # longer than pymilvus' idle check (30 s) and three of its 10 s keepalive pings
+        assert index.current(cfg, "books") == built["collection"]
+    finally:
+        index.close(cfg)
+        milvus_server.stop(cfg)

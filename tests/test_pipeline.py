@@ -13,7 +13,7 @@ import pytest
 from learn_tasks import schema as S
 from learn_tasks.ceg import store
 from learn_tasks.config import Settings
-from learn_tasks.orchestration import airflow_env, gate, landing, runner, runs, stages, tasks
+from learn_tasks.orchestration import gate, landing, runner, runs, stages, tasks
 
 
 # ------------------------------------------------------------------------------------------- gate
@@ -273,14 +273,6 @@ def test_failure_callback_writes_a_clear_note(settings: Settings) -> None:
 
 
 # ---------------------------------------------------------------- end to end through Airflow's runner
-@pytest.fixture(scope="session")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    airflow_env.configure_airflow(home)
-    return home
-
-
 def _milvus_state(cfg: Settings, dataset: str) -> tuple[str | None, int]:
     from learn_tasks.online import index
 

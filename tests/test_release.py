@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from learn_tasks.config import Settings, load_settings
 from learn_tasks.data import datasets as data
 from learn_tasks.online import index, releases
 from learn_tasks.online import service as serve
+
+from helpers import free_port, wait_for
 
 TOKEN = "release-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -107,35 +108,21 @@ class _Server:
     """The app under uvicorn in a thread (lifespan on: the release watcher runs), on a free port."""
 
     def __init__(self, app):
-        import socket
-
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
         self.thread.start()
-        _wait(lambda: self.server.started, "the server did not start")
+        wait_for(lambda: self.server.started, "the server did not start")
         return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-def _wait(pred, what: str, timeout_s: float = 180.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @pytest.mark.integration
@@ -165,7 +152,7 @@ def test_service_starts_without_a_release_then_follows_each_one_without_a_failed
         # 2. A release is written: the running service serves it, no restart.
         rel1 = _release(cfg, run1)["release"]
         assert rel1["new"] and rel1["model_version"] == run1.name
-        _wait(lambda: http.get(f"/recommendations/{user}").json()["model_version"] == run1.name,
+        wait_for(lambda: http.get(f"/recommendations/{user}").json()["model_version"] == run1.name,
               "the service never served the first release")
         body = http.get(f"/recommendations/{user}", params={"k": 5}).json()
         assert body["strategy"] == "personalized" and body["index_collection"] == rel1["collection"]
@@ -189,11 +176,11 @@ def test_service_starts_without_a_release_then_follows_each_one_without_a_failed
         asker = threading.Thread(target=ask)
         asker.start()
         try:
-            _wait(lambda: len(seen) >= 5, "no request answered before the swap")
+            wait_for(lambda: len(seen) >= 5, "no request answered before the swap")
             rel2 = _release(cfg, run2)["release"]
-            _wait(lambda: any(v == run2.name for _, v in seen), "the service never served the second release")
+            wait_for(lambda: any(v == run2.name for _, v in seen), "the service never served the second release")
             n = len(seen)
-            _wait(lambda: len(seen) >= n + 5, "no request answered after the swap")
+            wait_for(lambda: len(seen) >= n + 5, "no request answered after the swap")
         finally:
             stop.set()
             asker.join(timeout=60)
@@ -219,7 +206,7 @@ def test_service_starts_without_a_release_then_follows_each_one_without_a_failed
         assert back["to"] == rel1["collection"] and back["release_id"] == rel2["release_id"] + 1
         rec = releases.current(cfg, "synth")
         assert rec["model_version"] == run1.name and rec["source"] == "learn rollback"
-        _wait(lambda: http.get(f"/recommendations/{user}").json()["model_version"] == run1.name,
+        wait_for(lambda: http.get(f"/recommendations/{user}").json()["model_version"] == run1.name,
               "the service never followed the rollback")
         assert http.get("/explorer/api/status").json()["model_version"] == run1.name
 

@@ -42,7 +42,7 @@ from learn_tasks.data import datasets as data
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.online import features, milvus_server, releases
 from learn_tasks.online.bundle import ModelBundle, encode_pending_items, load_new_items
-from learn_tasks.online.milvus_server import IndexStoreError, check_lite_lock
+from learn_tasks.online.milvus_server import LITE_GRPC_OPTIONS, IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
 
 if TYPE_CHECKING:
@@ -103,13 +103,14 @@ def connect(cfg: Settings) -> "MilvusClient":
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             check_lite_lock(uri)
             try:
-                client = MilvusClient(uri=uri)
+                client = MilvusClient(uri=uri, grpc_options=LITE_GRPC_OPTIONS)
             except Exception as exc:  # noqa: BLE001 - pymilvus says only "Open local milvus failed"
                 check_lite_lock(uri)  # lost a race with another process: say so clearly
                 raise IndexStoreError(f"cannot open Milvus Lite at {uri}: {exc}") from exc
         else:
             try:
-                client = MilvusClient(uri=uri, token=token or "", timeout=30)
+                opts = {"grpc_options": LITE_GRPC_OPTIONS} if kind == "lite-server" else {}
+                client = MilvusClient(uri=uri, token=token or "", timeout=30, **opts)
             except Exception as exc:  # noqa: BLE001
                 raise IndexStoreError(f"cannot reach Milvus at {uri}: {exc}") from exc
         _clients[(uri, token)] = client

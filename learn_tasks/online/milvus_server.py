@@ -28,6 +28,13 @@ from learn_tasks.processes import alive, pid_record, port_open, terminate
 from learn_tasks.storage import read_json, write_json
 
 HOST = "127.0.0.1"
+# gRPC channel options of a client of a Milvus Lite server (this one, or the one pymilvus runs in-process for
+# a ``*.db`` URI). That server keeps gRPC's default ping policy: at most one ping per 5 minutes on a
+# connection without data, else it drops the connection ("too_many_pings"). pymilvus pings every 10 s, also
+# while idle, so a connection idle for about 30 s would be dropped, and the next client of the same process
+# (pymilvus hands it the same shared connection) would fail at once ("Fail connecting to server"). So: no
+# pings while idle, and none more often than the server accepts.
+LITE_GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_time_ms": 300_000}
 
 
 class IndexStoreError(RuntimeError):
