@@ -109,8 +109,8 @@ def connect(cfg: Settings) -> "MilvusClient":
                 raise IndexStoreError(f"cannot open Milvus Lite at {uri}: {exc}") from exc
         else:
             try:
-                opts = {"grpc_options": LITE_GRPC_OPTIONS} if kind == "lite-server" else {}
-                client = MilvusClient(uri=uri, token=token or "", timeout=30, **opts)
+                client = MilvusClient(uri=uri, token=token or "", timeout=30,
+                                      **({"grpc_options": LITE_GRPC_OPTIONS} if kind == "lite-server" else {}))
             except Exception as exc:  # noqa: BLE001
                 raise IndexStoreError(f"cannot reach Milvus at {uri}: {exc}") from exc
         _clients[(uri, token)] = client
@@ -125,8 +125,7 @@ def close(cfg: Settings) -> None:
     if client is not None:
         client.close()
     if kind == "lite":
-        from milvus_lite.server_manager import server_manager_instance
-
+        from milvus_lite.server_manager import server_manager_instance  # only where Milvus Lite runs in-process
         server_manager_instance.release_server(uri)
 
 
