@@ -353,16 +353,18 @@ def worker_count(cfg: Settings, workers: int | None = None) -> int:
 
 
 def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies, so worker processes never outlive a killed
-    ``learn serve`` (they would keep its port and serve on without a supervisor)."""
+    """Linux: this worker is killed when its parent dies. A supervisor that is stopped in order stops its
+    workers itself; one that is killed (SIGKILL, out of memory) takes them down with it at once, as one
+    service, instead of leaving workers that keep its port without a supervisor. Whatever they were
+    answering is unacknowledged, so clients send it again (event ids make that safe)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the supervisor's process group stop still applies
         pass
     if os.getppid() == 1:  # the parent died before the call above
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def worker_app() -> "FastAPI":
