@@ -180,10 +180,16 @@ class FeaturesConfig(_Section):
     feature_service: str = Field("recommender_v1", description="feature service the recommender reads")
     online_store: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite = embedded, redis = production")
     registry: Literal["file", "sql"] = Field("file", description="file = embedded, sql = production (PostgreSQL)")
+    offline_store: Literal["file", "postgres"] = Field(
+        "file", description="file = Parquet under LEARN_HOME, written online directly; postgres = PostgreSQL tables, "
+                            "materialised through Feast (production only)")
     # Connection strings: set them through the environment only (LEARN_FEATURES__REDIS_URL,
-    # LEARN_FEATURES__REGISTRY_URL), never in a YAML file; rendered feature_store.yaml files keep ${...}.
+    # LEARN_FEATURES__REGISTRY_URL, LEARN_FEATURES__OFFLINE_URL), never in a YAML file; rendered
+    # feature_store.yaml files keep ${...}.
     redis_url: str = Field("127.0.0.1:6379", description="Feast Redis connection string (host:port[,password=..])")
     registry_url: str | None = Field(None, description="SQLAlchemy URL of the SQL registry")
+    offline_url: str | None = Field(None, description="PostgreSQL URL of the offline tables; None = the registry's "
+                                                      "database (registry_url)")
 
 
 class EventLogConfig(_Section):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_SCRIPTS = ("encode", "serve", "pipeline", "load", "quality", "data_prepare")
+BENCH_SCRIPTS = ("encode", "serve", "pipeline", "load", "quality", "data_prepare", "features")
 
 
 @pytest.fixture(scope="module")

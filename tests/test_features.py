@@ -3,17 +3,21 @@ point-in-time training reads, online event pushes, and the production stack agai
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from learn_tasks import schema as S
 from learn_tasks.data import datasets as data
-from learn_tasks.online import features, updates
+from learn_tasks.online import feast_config, feast_postgres, features, offline_tables, updates
 from learn_tasks.config import Settings
 
 
@@ -71,9 +75,70 @@ def test_append_event_keeps_time_order_and_length() -> None:
 def test_project_name_and_production_needs_both_and_env_only(settings: Settings) -> None:
     assert features.project_name("amazon-books") == "learn_amazon_books"
     with pytest.raises(features.FeaturesError, match="both"):
-        features._template(settings.with_overrides(features={"online_store": "redis"}))
+        feast_config._template(settings.with_overrides(features={"online_store": "redis"}))
     with pytest.raises(features.FeaturesError, match="LEARN_FEATURES__REGISTRY_URL"):
-        features._env_values(settings.with_overrides(features={"online_store": "redis", "registry": "sql"}), "x")
+        feast_config._env_values(settings.with_overrides(features={"online_store": "redis", "registry": "sql"}), "x")
+    with pytest.raises(features.FeaturesError, match="production feature store"):
+        feast_config._template(settings.with_overrides(features={"offline_store": "postgres"}))
+
+
+def test_offline_store_urls_are_parsed_and_bad_ones_named() -> None:
+    f = offline_tables.connection_fields("postgresql+psycopg2://feast:p%40ss@db.example:6543/feast?sslmode=require")
+    assert f == {"host": "db.example", "port": 6543, "database": "feast", "user": "feast", "password": "p@ss",
+                 "sslmode": "require"}
+    f = offline_tables.connection_fields("postgres://postgres@127.0.0.1/learn")
+    assert (f["port"], f["password"], f["sslmode"]) == (5432, "", "prefer")
+    with pytest.raises(offline_tables.OfflineTablesError, match="scheme 'mysql'"):
+        offline_tables.connection_fields("mysql://u@h/db")
+    with pytest.raises(offline_tables.OfflineTablesError, match="database '\\(none\\)'"):
+        offline_tables.connection_fields("postgresql://u@h:5432/")
+    with pytest.raises(offline_tables.OfflineTablesError, match="placeholder"):
+        offline_tables.connection_fields("${LEARN_FEATURES__OFFLINE_URL}")  # what Feast leaves of an unset variable
+    assert issubclass(offline_tables.OfflineTablesError, features.FeaturesError)  # `learn features` reports it
+
+
+def test_postgres_offline_store_renders_and_loads_without_secrets(settings: Settings) -> None:
+    """The production template with each offline store; the URL stays a placeholder, the registry's when
+    no offline URL of its own is set, and Feast loads the URL-configured PostgreSQL store from it."""
+    secret = "postgresql+psycopg2://feast:s3cret@db.example:5432/feast"
+    prod = {"online_store": "redis", "registry": "sql", "registry_url": secret}
+    cfg = settings.with_overrides(features={**prod, "offline_store": "postgres"})
+    conf = features.repo_config(cfg, "books")
+    rendered = (features.store_dir(cfg, "books") / "feature_store.yaml").read_text()
+    assert "s3cret" not in rendered
+    assert "url: ${LEARN_FEATURES__REGISTRY_URL}" in rendered and "db_schema: learn_books" in rendered
+    assert conf.offline_store.type == feast_postgres.STORE_TYPE
+    assert (conf.offline_store.host, conf.offline_store.database, conf.offline_store.password,
+            conf.offline_store.db_schema) == ("db.example", "feast", "s3cret", "learn_books")
+
+    own = settings.with_overrides(features={**prod, "offline_store": "postgres",
+                                            "offline_url": "postgresql://off@db2.example/offline"})
+    assert features.repo_config(own, "books").offline_store.host == "db2.example"
+    rendered = (features.store_dir(own, "books") / "feature_store.yaml").read_text()
+    assert "url: ${LEARN_FEATURES__OFFLINE_URL}" in rendered
+    assert features.store_identity(own, "books") != features.store_identity(cfg, "books")
+
+    file_cfg = settings.with_overrides(features=prod)  # Redis + SQL registry, Parquet offline tables
+    assert features.repo_config(file_cfg, "books").offline_store.type == "file"
+    rendered = yaml.safe_load((features.store_dir(file_cfg, "books") / "feature_store.yaml").read_text())
+    assert rendered["offline_store"] == {"type": "file"} and rendered["online_store"]["type"] == "redis"
+
+
+def test_data_sources_follow_the_offline_store() -> None:
+    """One definition of the feature views; the batch sources change kind, never name."""
+    from feast import FileSource
+    from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+
+    file_defs = features.load_definitions(offline_store="file")
+    pg_defs = features.load_definitions(offline_store="postgres")
+    batch = {v.name: v.batch_source for v in pg_defs["feature_views"]}
+    assert all(isinstance(s, PostgreSQLSource) for s in batch.values())
+    assert {n: s.get_table_query_string() for n, s in batch.items()} == {
+        v: t for v, t in features.TABLES.items()}
+    assert all(isinstance(v.batch_source, FileSource) for v in file_defs["feature_views"])
+    assert ({v.name: v.batch_source.name for v in file_defs["feature_views"]} ==
+            {v.name: v.batch_source.name for v in pg_defs["feature_views"]})
+    assert "LEARN_FEAST_OFFLINE_STORE" not in os.environ  # set only while the definitions load
 
 
 # ------------------------------------------------------------------------------------- real Feast
@@ -218,3 +283,167 @@ def test_incremental_refresh_writes_only_changed_rows_and_ends_like_a_full_rebui
     assert full["written"]["rows"][features.USER_RECENT_VIEW] == n_users  # a full rebuild writes every row
     store = features.get_store(cfg, synth_dataset)
     assert (features.online_user_features(store, all_users), features.online_item_stats(store, all_items)) == after_inc
+
+
+# ------------------------------------------------------------------------------------- PostgreSQL offline store
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@pytest.fixture
+def pg_feast_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for a Feast registry and its offline tables, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    admin.autocommit = True
+    name = f"learn_t_feast_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _redis_or_skip() -> None:
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no Redis on 127.0.0.1:6379: {exc}")
+
+
+def _feast_cli(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The `feast` command of this environment, run in the rendered repo directory as an operator would."""
+    feast = Path(sys.executable).with_name("feast")
+    return subprocess.run([str(feast), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _intervals(cfg: Settings, dataset: str) -> dict[str, list[tuple[datetime, datetime]]]:
+    store = features.get_store(cfg, dataset)  # a new store reads the registry afresh
+    return {fv.name: list(fv.materialization_intervals) for fv in store.list_feature_views()}
+
+
+def _utc(t: datetime | pd.Timestamp) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _online(cfg: Settings, dataset: str, users: list[int], items: list[int]) -> tuple[dict, dict]:
+    store = features.get_store(cfg, dataset)
+    return features.online_user_features(store, users), features.online_item_stats(store, items)
+
+
+@pytest.mark.production
+def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues(
+        settings: Settings, synth_dataset: str, pg_feast_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production profile's offline store: the tables in PostgreSQL, materialisation by Feast (intervals in
+    the registry), `feast materialize-incremental` from the rendered repo directory, and an increment (new
+    events and a late one) that writes only the changed rows yet ends like a full materialisation."""
+    from learn_tasks.config import load_settings
+    from learn_tasks.storage import write_parquet
+
+    _redis_or_skip()
+    name = f"pgoff_{uuid.uuid4().hex[:8]}"  # its own Feast project: Redis keys, registry rows, PostgreSQL schema
+    src, dst = settings.paths.dataset(synth_dataset), settings.paths.dataset(name)
+    dst.mkdir(parents=True)
+    for f in src.glob("*.*"):
+        (dst / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("LEARN_FEATURES__REGISTRY_URL", pg_feast_url)  # credentials: environment only
+    cfg = load_settings(overrides=["features.online_store=redis", "features.registry=sql",
+                                   "features.offline_store=postgres", "features.recent_items=5"])
+    schema = features.project_name(name)
+    try:
+        first = features.materialize_features(cfg, name)
+        assert first["materialized"] and first["written"]["by"] == "feast" and not first["written"]["changed_only"]
+        assert set(first["offline_synced"]) == set(features.TABLES.values())
+        root = Path(first["store"])
+        rendered = (root / "feature_store.yaml").read_text()
+        assert "url: ${LEARN_FEATURES__REGISTRY_URL}" in rendered and pg_feast_url not in rendered
+
+        # The PostgreSQL tables hold what the Parquet files hold.
+        for table in ("user_recent", "user_activity"):
+            pq_rows = pd.read_parquet(root / "data" / f"{table}.parquet").sort_values(
+                [S.USER_ID, S.EVENT_TIMESTAMP]).reset_index(drop=True)
+            pg_rows = offline_tables.read_table(pg_feast_url, schema, table)
+            assert len(pg_rows) == len(pq_rows)
+            for col in pq_rows.columns:
+                assert [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pq_rows[col]] == \
+                       [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pg_rows[col]], col
+
+        intervals = _intervals(cfg, name)
+        assert set(intervals) == set(features.TABLES) and all(intervals.values())
+        window_end = pd.Timestamp(first["window"]["end"])
+
+        inter = data.load_interactions(cfg, name)
+        items = data.load_items(cfg, name)
+        all_users = inter[S.USER_ID].unique().tolist()
+        all_items = items[S.ITEM_ID].tolist()
+        online = _online(cfg, name, all_users, all_items)
+        for u in all_users[:20]:
+            ev = inter[inter[S.USER_ID] == u]
+            assert online[0][u][S.RECENT_ITEM_IDS] == ev[S.ITEM_ID].tolist()[-5:]
+            assert online[0][u][S.EVENT_COUNT] == len(ev)
+        stats = pd.read_parquet(root / "data" / "item_stats.parquet").set_index(S.ITEM_ID)
+        assert {i: online[1][i][S.POPULARITY] for i in all_items} == stats[S.POPULARITY].to_dict()
+        # Point-in-time reads come from PostgreSQL too.
+        ex = features.training_examples(cfg, name, protocol=S.PROTOCOL_LOO, stage=S.TEST)
+        row = ex.iloc[0]
+        ev = inter[inter[S.USER_ID] == row[S.USER_ID]]
+        history = ev[ev[S.EVENT_TIMESTAMP] < row[S.EVENT_TIMESTAMP]][S.ITEM_ID].tolist()
+        assert list(row[S.RECENT_ITEM_IDS]) == history[-5:]
+
+        # `feast materialize-incremental` in the rendered directory, with the production variables only.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEARN_")}
+        env.update(LEARN_FEATURES__REGISTRY_URL=pg_feast_url, LEARN_FEATURES__REDIS_URL=cfg.features.redis_url)
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        done = _feast_cli(root, env, "materialize-incremental", now.isoformat())
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        after_cli = _intervals(cfg, name)
+        for view, spans in after_cli.items():
+            assert len(spans) == len(intervals[view]) + 1
+            start, end = (_utc(x) for x in spans[-1])
+            assert start <= window_end and end == _utc(now)  # it continued where learn stopped
+        assert _online(cfg, name, all_users, all_items) == online
+
+        again = features.materialize_features(cfg, name)
+        assert not (again["rebuilt"] or again["applied"] or again["materialized"]) and again["offline_synced"] == {}
+
+        # An increment: two users with new events (one on a new item) and a late event of a third user.
+        users = inter[S.USER_ID].drop_duplicates().head(3).tolist()
+        new_item = int(items[S.ITEM_ID].max()) + 1
+        when = inter[S.EVENT_TIMESTAMP].max() + pd.Timedelta(hours=1)
+        late_user_last = inter.loc[inter[S.USER_ID] == users[2], S.EVENT_TIMESTAMP].max()
+        added = pd.DataFrame({S.USER_ID: users, S.ITEM_ID: [int(inter[S.ITEM_ID].iloc[0]), new_item,
+                                                              int(inter[S.ITEM_ID].iloc[1])],
+                              S.EVENT_TIMESTAMP: [when, when + pd.Timedelta(minutes=1),
+                                                  late_user_last - pd.Timedelta(hours=1)]})
+        for col in inter.columns.difference(added.columns):
+            added[col] = inter[col].iloc[0]
+        write_parquet(pd.concat([inter, added[inter.columns]], ignore_index=True), dst / "interactions.parquet")
+        new_items = pd.concat([items, items.tail(1).assign(**{S.ITEM_ID: new_item})], ignore_index=True)
+        write_parquet(new_items, dst / "items.parquet")
+
+        inc = features.materialize_features(cfg, name, incremental=True)
+        assert inc["rebuilt"] and inc["materialized"] and inc["written"]["changed_only"]
+        written = inc["written"]["rows"]
+        # the two users through Feast's range, the late one directly (its rows are stamped before that range)
+        assert written[features.USER_RECENT_VIEW] == written[features.USER_ACTIVITY_VIEW] == 3
+        assert inc["written"]["late_rows"] == {features.USER_RECENT_VIEW: 1, features.USER_ACTIVITY_VIEW: 1}
+        assert 1 <= written[features.ITEM_STATS_VIEW] < len(new_items)
+        assert all(len(s) == len(after_cli[v]) + 1 for v, s in _intervals(cfg, name).items())
+        all_items = new_items[S.ITEM_ID].tolist()
+        after_inc = _online(cfg, name, all_users, all_items)
+        assert after_inc[0][users[1]][S.RECENT_ITEM_IDS][-1] == new_item
+        assert after_inc[0][users[2]][S.EVENT_COUNT] == online[0][users[2]][S.EVENT_COUNT] + 1
+
+        full = features.materialize_features(cfg, name, force=True)
+        assert full["written"]["rows"][features.USER_RECENT_VIEW] == len(all_users)
+        assert _online(cfg, name, all_users, all_items) == after_inc
+
+    finally:
+        features.teardown(cfg, name)

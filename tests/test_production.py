@@ -185,6 +185,7 @@ def test_production_profile_loads_against_the_compose_environment(tmp_path: Path
         container_env["LEARN_HOME"] = str(tmp_path / "home")
         cfg = load_settings(env=container_env)
         assert cfg.features.online_store == "redis" and cfg.features.registry == "sql"
+        assert cfg.features.offline_store == "postgres"
         assert cfg.features.registry_url == (f"postgresql+psycopg2://feast:{env['FEAST_DB_PASSWORD']}"
                                              "@postgres:5432/feast")
         assert cfg.features.redis_url == f"redis:6379,db=0,password={env['REDIS_PASSWORD']}"
@@ -212,6 +213,10 @@ def test_compose_environment_makes_a_valid_feast_config(tmp_path: Path) -> None:
     cfg = load_settings(env=container_env)
     conf = features.repo_config(cfg, "books", write=True)
     assert conf.online_store.type == "redis" and conf.registry.registry_type == "sql"
+    # The offline tables: PostgreSQL, in the registry's database (no URL of their own in the compose file).
+    assert cfg.features.offline_store == "postgres" and cfg.features.offline_url is None
+    assert (conf.offline_store.host, conf.offline_store.database, conf.offline_store.user,
+            conf.offline_store.db_schema) == ("postgres", "feast", "feast", "learn_books")
     rendered = (features.store_dir(cfg, "books") / "feature_store.yaml").read_text(encoding="utf-8")
     assert env["REDIS_PASSWORD"] not in rendered and env["FEAST_DB_PASSWORD"] not in rendered
 

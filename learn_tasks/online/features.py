@@ -1,8 +1,9 @@
-"""Feast features: build the feature Parquet, apply the repo, materialise a bounded window, read them back.
+"""Feast features: build the feature tables, apply the repo, materialise a bounded window, read them back.
 
 The Feast objects (entities, sources, feature views, feature services) live in ``feature_repo/``; this
 module turns a prepared dataset into the tables those sources read and runs Feast on them. Every
-dataset gets its own store directory, which is the Feast repo path of that store::
+dataset gets its own store directory, which is the Feast repo path of that store
+(``learn_tasks.online.feast_config``)::
 
     $LEARN_HOME/feast/<dataset>/
         feature_store.yaml        rendered from feature_repo/ (connection strings stay ${...} placeholders)
@@ -16,59 +17,56 @@ Why one row per (user, event time): Feast joins point-in-time on the row timesta
 example at time t reads exactly the history before t (``training_examples``), and materialising a
 window puts each user's latest state inside it into the online store.
 
-Online rows are stamped with the time they are written (:func:`write_stamp`), and the feature tables
-record the event log's landing watermark they were built at (``state.json``: ``tables.log_upto``), from
-which ``learn_tasks.online.updates`` puts the events logged later back on top of a rebuild.
+Two ways into the online store, by offline store (``features.offline_store``):
 
-The production stack (Redis online store, SQL registry) uses the same definitions and data; it is
-selected by ``features.online_store`` / ``features.registry`` and connects with strings taken from the
-environment only (``LEARN_FEATURES__REDIS_URL``, ``LEARN_FEATURES__REGISTRY_URL``).
+* ``file`` (default): the tables are the Parquet files, and :func:`materialize` writes the latest row of
+  each entity through Feast's online write API. Feast's file offline store (dask) hashes object columns
+  row by row and takes minutes on array features of a few hundred thousand rows; Arrow reads them in a
+  second. Feast's registry records no materialisation interval on this path.
+* ``postgres`` (production): the tables are also synced to PostgreSQL (``offline_tables``), the sources
+  are PostgreSQL sources, and :func:`materialize` runs ``FeatureStore.materialize``, so the registry
+  records every interval and ``feast materialize-incremental`` continues from the last one.
+
+Online rows written directly are stamped with the time they are written (:func:`write_stamp`), and the
+feature tables record the event log's landing watermark they were built at (``state.json``:
+``tables.log_upto``), from which ``learn_tasks.online.updates`` puts the events logged later back on top
+of a rebuild. The Parquet files are written in both cases: the online updates and the index read them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib
 import logging
-import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from learn_tasks import schema as S
-from learn_tasks.config import REPO_ROOT, Settings
+from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
 from learn_tasks.data import eventlog
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.splits import load_split
-from learn_tasks.online import feature_delta
+from learn_tasks.online import feature_delta, offline_tables
+from learn_tasks.online.feast_config import (  # noqa: F401 - re-exported: callers reach them as features.X
+    ITEM_STATS_SERVICE, ITEM_STATS_VIEW, TABLES, USER_ACTIVITY_VIEW, USER_RECENT_VIEW, FeaturesError,
+    definitions_hash, get_store, load_definitions, load_state, offline_url, project_name, repo_config, state_path,
+    store_dir, store_identity)
 from learn_tasks.pch.catalogue import item_slices
-from learn_tasks.storage import atomic_path, read_json, write_json, write_text
+from learn_tasks.storage import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:  # feast is heavy; imported where used
     from feast import FeatureStore
 
 log = logging.getLogger("learn.features")
-
-FEATURE_REPO = REPO_ROOT / "feature_repo"
-DEFINITION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")  # import order
-USER_RECENT_VIEW, USER_ACTIVITY_VIEW, ITEM_STATS_VIEW = "user_recent_items", "user_activity", "item_stats"
-ITEM_STATS_SERVICE = "item_stats_v1"
-TABLES = {USER_RECENT_VIEW: "user_recent", USER_ACTIVITY_VIEW: "user_activity", ITEM_STATS_VIEW: "item_stats"}
-_ENV = {"LEARN_FEAST_PROJECT", "LEARN_FEATURES__REDIS_URL", "LEARN_FEATURES__REGISTRY_URL"}
-
-
-class FeaturesError(RuntimeError):
-    """A feature store that cannot be built or read, with what to do about it."""
 
 
 # ==================================================================================================
@@ -77,15 +75,6 @@ class FeaturesError(RuntimeError):
 def recent_len(cfg: Settings) -> int:
     """L, the number of recent items kept per user (``features.recent_items`` or ``model.max_len``)."""
     return int(cfg.features.recent_items or cfg.model.max_len)
-
-
-def store_dir(cfg: Settings, dataset: str) -> Path:
-    return cfg.paths.feast() / dataset
-
-
-def project_name(dataset: str) -> str:
-    """Feast project of a dataset: namespaces Redis keys and SQL registry rows per dataset."""
-    return "learn_" + re.sub(r"[^0-9A-Za-z_]", "_", dataset).strip("_").lower()
 
 
 def epoch_seconds(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
@@ -230,142 +219,8 @@ def data_fingerprint(interactions: pd.DataFrame, item_ids: np.ndarray, recent: i
 
 
 # ==================================================================================================
-# Feast configuration and definitions
-# ==================================================================================================
-def _template(cfg: Settings) -> Path:
-    production = cfg.features.online_store == "redis" or cfg.features.registry == "sql"
-    if production and not (cfg.features.online_store == "redis" and cfg.features.registry == "sql"):
-        raise FeaturesError("the production feature store uses both Redis (features.online_store=redis) and "
-                            "a SQL registry (features.registry=sql); set both or neither")
-    return FEATURE_REPO / ("feature_store.production.yaml" if production else "feature_store.yaml")
-
-
-def _env_values(cfg: Settings, dataset: str) -> dict[str, str]:
-    values = {"LEARN_FEAST_PROJECT": project_name(dataset), "LEARN_FEATURES__REDIS_URL": cfg.features.redis_url}
-    if cfg.features.registry == "sql":
-        if not cfg.features.registry_url:
-            raise FeaturesError("features.registry=sql needs LEARN_FEATURES__REGISTRY_URL "
-                                "(e.g. postgresql+psycopg2://user@127.0.0.1:5432/postgres) in the environment")
-        values["LEARN_FEATURES__REGISTRY_URL"] = cfg.features.registry_url
-    return values
-
-
-def _substitute(text: str, values: dict[str, str]) -> str:
-    def repl(m: re.Match) -> str:
-        name = m.group(1)
-        if name not in values:
-            raise FeaturesError(f"{name} is not set (feature_store.yaml placeholder)")
-        return values[name]
-
-    return re.sub(r"\$\{([A-Z0-9_]+)\}", repl, text)
-
-
-def repo_config(cfg: Settings, dataset: str, write: bool = True):
-    """The Feast RepoConfig of a dataset's store; also renders its feature_store.yaml for the ``feast`` CLI.
-
-    The rendered file fills in the project only; connection strings stay ``${...}`` so no secret is
-    written to disk (``feast`` expands them from the environment when it reads the file).
-    """
-    from feast.repo_config import RepoConfig
-
-    root = store_dir(cfg, dataset)
-    text = _template(cfg).read_text(encoding="utf-8")
-    values = _env_values(cfg, dataset)
-    if write:
-        rendered = _substitute(text, {"LEARN_FEAST_PROJECT": values["LEARN_FEAST_PROJECT"]} |
-                               {k: "${%s}" % k for k in _ENV - {"LEARN_FEAST_PROJECT"}})
-        target = root / "feature_store.yaml"
-        if not target.exists() or target.read_text(encoding="utf-8") != rendered:
-            write_text(rendered, target)
-    raw = yaml.safe_load(_substitute(text, values))
-    # Absolute paths for the embedded stores, so the store works whatever the working directory.
-    if isinstance(raw.get("registry"), str):
-        raw["registry"] = str(root / raw["registry"])
-    if raw.get("online_store", {}).get("type") == "sqlite":
-        raw["online_store"]["path"] = str(root / raw["online_store"]["path"])
-    conf = RepoConfig(**raw)
-    conf.repo_path = root
-    return conf
-
-
-_definitions_lock = threading.Lock()
-
-
-def get_store(cfg: Settings, dataset: str) -> "FeatureStore":
-    """A FeatureStore on the dataset's store directory (the data sources resolve under it)."""
-    from feast import FeatureStore
-
-    root = store_dir(cfg, dataset)
-    root.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(root), config=repo_config(cfg, dataset))
-
-
-def load_definitions(repo: Path = FEATURE_REPO) -> dict[str, list]:
-    """Import the Feast objects of ``feature_repo/`` the way ``feast apply`` does (each file as a module).
-
-    The files import each other by plain module name (``from entities import user``), as ``feast apply``
-    requires; they are imported with the repo folder on ``sys.path`` and removed from ``sys.modules``
-    afterwards so they never shadow anything else.
-    """
-    from feast import Entity, FeatureService, FeatureView
-    from feast.data_source import DataSource
-
-    found: dict[str, list] = {"entities": [], "data_sources": [], "feature_views": [], "feature_services": []}
-    kinds = (("entities", Entity), ("feature_views", FeatureView), ("feature_services", FeatureService),
-             ("data_sources", DataSource))
-    with _definitions_lock:
-        saved_path = list(sys.path)
-        saved_modules = {name: sys.modules.pop(name) for name in DEFINITION_MODULES if name in sys.modules}
-        sys.path.insert(0, str(repo))
-        try:
-            for name in DEFINITION_MODULES:
-                module = importlib.import_module(name)
-                if Path(module.__file__).resolve().parent != repo.resolve():
-                    raise FeaturesError(f"module {name!r} resolved to {module.__file__}, not {repo}")
-                for attr in sorted(vars(module)):
-                    obj = getattr(module, attr)
-                    for key, kind in kinds:
-                        if isinstance(obj, kind) and not any(obj is o for o in found[key]):
-                            found[key].append(obj)
-                            break
-        finally:
-            sys.path[:] = saved_path
-            for name in DEFINITION_MODULES:
-                sys.modules.pop(name, None)
-            sys.modules.update(saved_modules)
-    return found
-
-
-def definitions_hash(repo: Path = FEATURE_REPO) -> str:
-    h = hashlib.sha256()
-    for path in sorted(repo.glob("*.py")) + sorted(repo.glob("*.yaml")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _store_identity(cfg: Settings, dataset: str) -> str:
-    """Which physical stores a state record refers to (no secrets: hashed)."""
-    f = cfg.features
-    key = f"{project_name(dataset)}|{f.online_store}|{f.registry}"
-    if f.online_store == "redis":
-        key += "|" + hashlib.sha256(f.redis_url.encode()).hexdigest()[:12]
-    if f.registry == "sql":
-        key += "|" + hashlib.sha256((f.registry_url or "").encode()).hexdigest()[:12]
-    return key
-
-
-# ==================================================================================================
 # Build, apply, materialise
 # ==================================================================================================
-def _state_path(cfg: Settings, dataset: str) -> Path:
-    return store_dir(cfg, dataset) / "state.json"
-
-
-def _load_state(cfg: Settings, dataset: str) -> dict[str, Any]:
-    path = _state_path(cfg, dataset)
-    return read_json(path) if path.exists() else {}
-
-
 def write_tables(cfg: Settings, dataset: str, tables: dict[str, pa.Table]) -> dict[str, int]:
     folder = store_dir(cfg, dataset) / "data"
     rows = {}
@@ -376,6 +231,24 @@ def write_tables(cfg: Settings, dataset: str, tables: dict[str, pa.Table]) -> di
     return rows
 
 
+def sync_offline(cfg: Settings, dataset: str, fingerprint: str, tables: dict[str, pa.Table] | None = None,
+                 force: bool = False) -> dict[str, dict[str, int]] | None:
+    """With the PostgreSQL offline store, make its tables hold the feature tables of ``fingerprint``.
+
+    ``tables`` defaults to the Parquet files. Returns the per-table counts of the sync, ``{}`` when the
+    tables already held that data (nothing written), None with the file offline store.
+    """
+    if cfg.features.offline_store != "postgres":
+        return None
+    url, schema = offline_url(cfg), project_name(dataset)
+    if not force and offline_tables.synced_fingerprint(url, schema) == fingerprint:
+        return {}
+    if tables is None:
+        data_dir = store_dir(cfg, dataset) / "data"
+        tables = {t: pq.read_table(data_dir / f"{t}.parquet") for t in TABLES.values()}
+    return offline_tables.sync_tables(url, schema, tables, fingerprint)
+
+
 def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, force: bool = False) -> bool:
     """Register the feature_repo/ objects in the dataset's registry; True when something was applied.
 
@@ -383,9 +256,9 @@ def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, forc
     holds them, so re-running changes nothing.
     """
     store = store or get_store(cfg, dataset)
-    state = _load_state(cfg, dataset)
-    defs = load_definitions()
-    key = {"definitions": definitions_hash(), "stores": _store_identity(cfg, dataset)}
+    state = load_state(cfg, dataset)
+    defs = load_definitions(offline_store=cfg.features.offline_store)
+    key = {"definitions": definitions_hash(), "stores": store_identity(cfg, dataset)}
     if not force and state.get("applied") == key:
         try:
             registered = {fv.name for fv in store.list_feature_views()}
@@ -396,7 +269,7 @@ def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, forc
     objects = defs["entities"] + defs["data_sources"] + defs["feature_views"] + defs["feature_services"]
     store.apply(objects)
     state["applied"] = key
-    write_json(state, _state_path(cfg, dataset))
+    write_json(state, state_path(cfg, dataset))
     return True
 
 
@@ -412,46 +285,108 @@ def latest_in_window(table: pa.Table, key: str, window: Window) -> pa.Table:
     return table.take(pa.array(rows[order][last]))
 
 
+def _entity(view: str) -> str:
+    return S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID
+
+
+def _rows_to_write(cfg: Settings, dataset: str, view: str, window: Window, previous: dict[str, pa.Table] | None,
+                   touched_users: np.ndarray | None) -> pa.Table:
+    """The latest row in ``window`` of each entity of a view; with ``previous``, only the rows that differ
+    from it, plus those of ``touched_users``."""
+    entity = _entity(view)
+    latest = latest_in_window(pq.read_table(store_dir(cfg, dataset) / "data" / f"{TABLES[view]}.parquet"),
+                              entity, window)
+    if previous is not None and view in previous:
+        features_of = [c for c in latest.column_names if c not in (entity, S.EVENT_TIMESTAMP)]
+        keep = feature_delta.changed_rows(latest, previous[view], entity, features_of)
+        if entity == S.USER_ID and touched_users is not None and len(touched_users):
+            keep |= np.isin(latest.column(entity).to_numpy(), touched_users)
+        latest = latest.filter(pa.array(keep))
+    return latest
+
+
+def _write_online(store: "FeatureStore", view: str, rows: pa.Table, batch: int) -> None:
+    """Write rows through Feast's online write API, stamped with the time of writing."""
+    for lo in range(0, rows.num_rows, batch):
+        frame = rows.slice(lo, batch).to_pandas()
+        for col in (S.RECENT_ITEM_IDS, S.RECENT_TIMESTAMPS):  # Feast wants Python lists for arrays
+            if col in frame:
+                frame[col] = [v.tolist() for v in frame[col]]
+        frame[S.EVENT_TIMESTAMP] = write_stamp()  # a rebuild replaces what the service wrote before it
+        store.write_to_online_store(view, frame)
+
+
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def _materialize_with_feast(cfg: Settings, dataset: str, window: Window, store: "FeatureStore",
+                            done: dict[str, Any] | None, previous: dict[str, pa.Table] | None,
+                            touched_users: np.ndarray | None, batch: int) -> dict[str, Any]:
+    """``FeatureStore.materialize`` per view from the PostgreSQL tables; the registry records each interval.
+
+    Without ``previous`` every view is materialised over the window (item_stats from the epoch: its rows
+    keep the stamp of their last change, see ``offline_tables``). With it (an increment), each view over
+    the time since the last materialisation only: the users with new events and the items whose
+    statistics moved. A changed user row stamped before that range (a late event) is not in it; those
+    rows are written directly, so the online values end as after a full materialisation.
+    """
+    url, schema = offline_url(cfg), project_name(dataset)
+    last = window.end - pd.Timedelta(microseconds=1)  # Feast's range includes its end; the window does not
+    prev_end = pd.Timestamp(done["window"]["end"]) if previous is not None and done else None
+    if prev_end is not None and prev_end > window.end:  # the window moved back: everything again
+        prev_end = None
+    rows: dict[str, int] = {}
+    late: dict[str, int] = {}
+    for view, table in TABLES.items():
+        if prev_end is None:
+            lo = _EPOCH if view == ITEM_STATS_VIEW else window.start
+        elif view == ITEM_STATS_VIEW:  # a changed item is stamped one second before the window end
+            lo = min(prev_end, window.end - pd.Timedelta(seconds=1))
+        else:
+            lo = max(prev_end, window.start)
+        rows[view] = offline_tables.entities_in_range(url, schema, table, lo.to_pydatetime(), last.to_pydatetime())
+        with contextlib.redirect_stdout(sys.stderr):  # Feast prints progress; stdout may carry --json output
+            store.materialize(lo.to_pydatetime(), last.to_pydatetime(), feature_views=[view])
+        if prev_end is not None and view != ITEM_STATS_VIEW:
+            changed = _rows_to_write(cfg, dataset, view, window, previous, touched_users)
+            ts = changed.column(S.EVENT_TIMESTAMP).to_numpy()  # datetime64[us], UTC
+            before = changed.filter(pa.array(ts < np.datetime64(lo.tz_convert("UTC").tz_localize(None), "us")))
+            _write_online(store, view, before, batch)
+            late[view] = before.num_rows
+            rows[view] += before.num_rows
+    return {"rows": rows, "changed_only": prev_end is not None, "by": "feast", "late_rows": late}
+
+
 def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
                 store: "FeatureStore | None" = None, force: bool = False, batch: int = 10_000,
                 previous: dict[str, pa.Table] | None = None, touched_users: np.ndarray | None = None) -> bool:
     """Put the latest row of every entity inside ``window`` into the online store (True when it ran).
 
-    This is what ``feast materialize`` does, written through Feast's online write API: the file
-    offline store (dask) hashes object columns row by row and takes minutes on array features of a few
-    hundred thousand rows, while reading the Parquet with Arrow takes a second. Skipped when the same
-    window of the same data was already written to the same stores.
+    File offline store: what ``feast materialize`` does, written through Feast's online write API (see
+    the module doc). PostgreSQL offline store: ``FeatureStore.materialize`` itself
+    (:func:`_materialize_with_feast`). Skipped when the same window of the same data was already
+    written to the same stores.
 
     ``previous`` (per view, the rows written last time) limits the write to new or changed rows plus
     ``touched_users`` (landed events): the online values end the same as after writing every row.
     """
     store = store or get_store(cfg, dataset)
-    state = _load_state(cfg, dataset)
-    key = {"window": window.as_dict(), "fingerprint": fingerprint, "stores": _store_identity(cfg, dataset)}
+    state = load_state(cfg, dataset)
+    key = {"window": window.as_dict(), "fingerprint": fingerprint, "stores": store_identity(cfg, dataset)}
     if not force and state.get("materialized") == key:
         return False
-    data_dir = store_dir(cfg, dataset) / "data"
-    written: dict[str, int] = {}
-    for view, table_name in TABLES.items():
-        entity = S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID
-        latest = latest_in_window(pq.read_table(data_dir / f"{table_name}.parquet"), entity, window)
-        if previous is not None and view in previous:
-            features_of = [c for c in latest.column_names if c not in (entity, S.EVENT_TIMESTAMP)]
-            keep = feature_delta.changed_rows(latest, previous[view], entity, features_of)
-            if entity == S.USER_ID and touched_users is not None and len(touched_users):
-                keep |= np.isin(latest.column(entity).to_numpy(), touched_users)
-            latest = latest.filter(pa.array(keep))
-        written[view] = latest.num_rows
-        for lo in range(0, latest.num_rows, batch):
-            frame = latest.slice(lo, batch).to_pandas()
-            for col in (S.RECENT_ITEM_IDS, S.RECENT_TIMESTAMPS):  # Feast wants Python lists for arrays
-                if col in frame:
-                    frame[col] = [v.tolist() for v in frame[col]]
-            frame[S.EVENT_TIMESTAMP] = write_stamp()  # a rebuild replaces what the service wrote before it
-            store.write_to_online_store(view, frame)
+    if cfg.features.offline_store == "postgres":
+        written = _materialize_with_feast(cfg, dataset, window, store, state.get("materialized"), previous,
+                                          touched_users, batch)
+    else:
+        written = {"rows": {}, "changed_only": previous is not None, "by": "online_write"}
+        for view in TABLES:
+            rows = _rows_to_write(cfg, dataset, view, window, previous, touched_users)
+            _write_online(store, view, rows, batch)
+            written["rows"][view] = rows.num_rows
     state["materialized"] = key
-    state["written"] = {"rows": written, "changed_only": previous is not None}
-    write_json(state, _state_path(cfg, dataset))
+    state["written"] = written
+    write_json(state, state_path(cfg, dataset))
     return True
 
 
@@ -459,19 +394,18 @@ def _previous_latest(cfg: Settings, dataset: str, state: dict[str, Any]) -> dict
     """The rows the last materialisation wrote, when the tables and stores are still those; else None."""
     done = state.get("materialized") or {}
     data_dir = store_dir(cfg, dataset) / "data"
-    if (done.get("stores") != _store_identity(cfg, dataset) or (state.get("tables") or {}).get("fingerprint")
+    if (done.get("stores") != store_identity(cfg, dataset) or (state.get("tables") or {}).get("fingerprint")
             != done.get("fingerprint") or not all((data_dir / f"{t}.parquet").exists() for t in TABLES.values())):
         return None
     w = Window(pd.Timestamp(done["window"]["start"]), pd.Timestamp(done["window"]["end"]))
-    return {view: latest_in_window(pq.read_table(data_dir / f"{t}.parquet"),
-                                   S.ITEM_ID if view == ITEM_STATS_VIEW else S.USER_ID, w)
+    return {view: latest_in_window(pq.read_table(data_dir / f"{t}.parquet"), _entity(view), w)
             for view, t in TABLES.items()}
 
 
 def materialize_features(cfg: Settings, dataset: str, start: str | datetime | None = None,
                          end: str | datetime | None = None, force: bool = False,
                          interactions: pd.DataFrame | None = None, incremental: bool = False) -> dict[str, Any]:
-    """Build the feature Parquet, apply the repo and materialise the window. Idempotent.
+    """Build the feature tables, apply the repo and materialise the window. Idempotent.
 
     ``interactions`` defaults to the dataset's prepared (validated) interactions; the window defaults to
     the whole history, or its last ``features.window_days`` days. Re-running with the same data and
@@ -488,11 +422,11 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
     recent = recent_len(cfg)
     fp = data_fingerprint(inter, item_ids, recent, window, cfg.evaluate.tail_share)
     root = store_dir(cfg, dataset)
-    state = _load_state(cfg, dataset)
+    state = load_state(cfg, dataset)
 
     files_present = all((root / "data" / f"{t}.parquet").exists() for t in TABLES.values())
     rebuilt = force or state.get("tables", {}).get("fingerprint") != fp or not files_present
-    previous, touched = None, None
+    previous, touched, tables = None, None, None
     old_upto = (state.get("tables") or {}).get("log_upto")
     if rebuilt and not force and incremental and old_upto is not None:
         # An increment: write only the rows it changes (and the users whose events landed since).
@@ -500,27 +434,43 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
         with open_log(cfg) as log:
             landed = log.read(dataset, eventlog.EVENTS, after=int(old_upto), upto=log_upto)
         touched = landed[S.USER_ID].to_numpy(np.int64) if len(landed) else np.zeros(0, np.int64)
+    seconds, clock = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+
     if rebuilt:
-        rows = write_tables(cfg, dataset, build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share))
+        tables = build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share)
+        rows = write_tables(cfg, dataset, tables)
         state["tables"] = {"fingerprint": fp, "rows": rows, "recent_items": recent, "window": window.as_dict(),
                            "log_upto": log_upto}
-        write_json(state, _state_path(cfg, dataset))
+        write_json(state, state_path(cfg, dataset))
+    lap("tables")
+    synced = sync_offline(cfg, dataset, fp, tables, force=force)
+    lap("offline_sync")
     store = get_store(cfg, dataset)
     applied = apply(cfg, dataset, store, force=force)
+    lap("apply")
     materialized = materialize(cfg, dataset, window, fp, store, force=force, previous=previous, touched_users=touched)
-    state = _load_state(cfg, dataset)
+    lap("materialize")
+    state = load_state(cfg, dataset)
     return {
         "dataset": dataset, "store": str(root), "project": project_name(dataset),
         "online_store": cfg.features.online_store, "registry": cfg.features.registry,
+        "offline_store": cfg.features.offline_store, "offline_synced": synced,
         "fingerprint": fp, "window": window.as_dict(), "recent_items": recent,
-        "rows": state["tables"]["rows"], "log_upto": state["tables"].get("log_upto"), "rebuilt": rebuilt, "applied": applied, "materialized": materialized,
+        "rows": state["tables"]["rows"], "log_upto": state["tables"].get("log_upto"), "rebuilt": rebuilt,
+        "applied": applied, "materialized": materialized,
         "written": state.get("written") if materialized else None,
-        "feature_service": cfg.features.feature_service,
+        "feature_service": cfg.features.feature_service, "seconds": seconds,
     }
 
 
 def teardown(cfg: Settings, dataset: str) -> None:
-    """Remove the dataset's online tables/keys and registry entries (the Parquet stays)."""
+    """Remove the dataset's online tables/keys and registry entries (the feature tables stay: the Parquet
+    files, and the PostgreSQL tables of the postgres offline store)."""
     store = get_store(cfg, dataset)
     # Not FeatureStore.teardown(): it deletes *every* project of the registry, which on a shared SQL
     # registry would take other datasets' (and other teams') definitions with it.
@@ -529,7 +479,7 @@ def teardown(cfg: Settings, dataset: str) -> None:
         store.registry.delete_project(store.project, commit=True)
     except Exception as exc:  # noqa: BLE001 - already gone is fine
         log.info("registry project %s not deleted: %s", store.project, exc)
-    path = _state_path(cfg, dataset)
+    path = state_path(cfg, dataset)
     if path.exists():
         state = read_json(path)
         state.pop("applied", None)
@@ -565,20 +515,29 @@ def online_item_stats(store: "FeatureStore", item_ids: Iterable[int]) -> dict[in
     return _rows_to_dicts(store.get_online_features(features=fs, entity_rows=rows).to_dict(), S.ITEM_ID)
 
 
+_ROW = "learn_entity_row"  # the entity frame's row number, through Feast and back
+
+
 def historical_features(cfg: Settings, dataset: str, entity_df: pd.DataFrame,
                         service: str | None = None, store: "FeatureStore | None" = None) -> pd.DataFrame:
     """Point-in-time-correct features for ``entity_df`` (``user_id``, ``event_timestamp``, any extra columns).
 
-    Each row gets the latest feature row with a timestamp <= its own, from the offline (Parquet) store.
+    Each row gets the latest feature row with a timestamp <= its own, from the offline store (Parquet or
+    PostgreSQL). Rows come back in ``entity_df``'s order with its columns as they were: only the keys and
+    the query time go through Feast, the rest is joined back by row (PostgreSQL would return its
+    timestamps without their time zone).
     """
     missing = {S.USER_ID, S.EVENT_TIMESTAMP} - set(entity_df.columns)
     if missing:
         raise ValueError(f"entity_df lacks column(s) {sorted(missing)}")
     store = store or get_store(cfg, dataset)
     fs = store.get_feature_service(service or cfg.features.feature_service)
-    df = entity_df.copy()
+    df = entity_df.reset_index(drop=True)
     df[S.EVENT_TIMESTAMP] = pd.to_datetime(df[S.EVENT_TIMESTAMP], utc=True)
-    return store.get_historical_features(entity_df=df, features=fs).to_df()
+    query = df[[S.USER_ID, S.EVENT_TIMESTAMP]].assign(**{_ROW: np.arange(len(df), dtype=np.int64)})
+    got = store.get_historical_features(entity_df=query, features=fs).to_df()
+    got = got.drop(columns=[S.USER_ID, S.EVENT_TIMESTAMP]).set_index(_ROW).reindex(np.arange(len(df)))
+    return pd.concat([df, got.reset_index(drop=True)], axis=1)
 
 
 def training_examples(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, stage: str = S.TEST,
