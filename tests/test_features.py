@@ -17,7 +17,7 @@ import yaml
 
 from learn_tasks import schema as S
 from learn_tasks.data import datasets as data
-from learn_tasks.online import feast_config, feast_postgres, features, offline_tables, updates
+from learn_tasks.online import feast_config, feast_postgres, feature_delta, features, offline_tables, updates
 from learn_tasks.config import Settings
 
 
@@ -122,6 +122,31 @@ def test_postgres_offline_store_renders_and_loads_without_secrets(settings: Sett
     assert features.repo_config(file_cfg, "books").offline_store.type == "file"
     rendered = yaml.safe_load((features.store_dir(file_cfg, "books") / "feature_store.yaml").read_text())
     assert rendered["offline_store"] == {"type": "file"} and rendered["online_store"]["type"] == "redis"
+
+
+def test_table_delta_finds_exactly_the_changed_and_removed_rows() -> None:
+    import pyarrow as pa
+
+    def table(rows: list[tuple[int, int, list[int], bool]]) -> pa.Table:
+        return pa.table({S.USER_ID: pa.array([r[0] for r in rows], pa.int64()),
+                         S.EVENT_TIMESTAMP: pa.array([r[1] * 1_000_000 for r in rows], pa.timestamp("us", tz="UTC")),
+                         S.RECENT_ITEM_IDS: pa.array([r[2] for r in rows], pa.list_(pa.int64())),
+                         S.IS_COLD_START: pa.array([r[3] for r in rows], pa.bool_())})
+
+    old = table([(1, 10, [1, 2], False), (1, 20, [1, 2, 3], False), (2, 10, [7], True), (3, 5, [], False),
+                 (4, 1, [9, 9], False)])
+    new = table([(4, 1, [9, 9], False),           # unchanged (rows may come in any order)
+                 (1, 20, [1, 2, 4], False),       # same length, one element differs
+                 (1, 10, [1, 2], False),          # unchanged
+                 (2, 10, [7], False),             # a scalar differs
+                 (3, 5, [5], False),              # an empty list got an element
+                 (5, 1, [1], False)])             # a new key
+    upsert, delete = feature_delta.table_delta(new, old, [S.USER_ID, S.EVENT_TIMESTAMP],
+                                               [S.RECENT_ITEM_IDS, S.IS_COLD_START])
+    assert upsert.tolist() == [False, True, False, True, True, True]
+    assert delete.tolist() == [False] * 5
+    gone = feature_delta.table_delta(old.slice(0, 2), old, [S.USER_ID, S.EVENT_TIMESTAMP], [S.RECENT_ITEM_IDS])[1]
+    assert gone.tolist() == [False, False, True, True, True]
 
 
 def test_data_sources_follow_the_offline_store() -> None:
@@ -309,6 +334,20 @@ def pg_feast_url() -> Iterator[str]:
         admin.close()
 
 
+def _assert_offline_tables_hold_the_parquet(root: Path, url: str, schema: str) -> None:
+    """The PostgreSQL user tables equal the Parquet ones, row for row; item_stats equals them in values."""
+    for table in ("user_recent", "user_activity", "item_stats"):
+        keys = list(offline_tables.KEYS[table])
+        pq_rows = pd.read_parquet(root / "data" / f"{table}.parquet").sort_values(keys).reset_index(drop=True)
+        pg_rows = offline_tables.read_table(url, schema, table)
+        assert len(pg_rows) == len(pq_rows), table
+        for col in pq_rows.columns:
+            if table == "item_stats" and col == S.EVENT_TIMESTAMP:
+                continue  # there: the window end at which the item's values last changed
+            assert [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pq_rows[col]] == \
+                   [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pg_rows[col]], (table, col)
+
+
 def _redis_or_skip() -> None:
     redis = pytest.importorskip("redis")
     try:
@@ -365,15 +404,7 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
         rendered = (root / "feature_store.yaml").read_text()
         assert "url: ${LEARN_FEATURES__REGISTRY_URL}" in rendered and pg_feast_url not in rendered
 
-        # The PostgreSQL tables hold what the Parquet files hold.
-        for table in ("user_recent", "user_activity"):
-            pq_rows = pd.read_parquet(root / "data" / f"{table}.parquet").sort_values(
-                [S.USER_ID, S.EVENT_TIMESTAMP]).reset_index(drop=True)
-            pg_rows = offline_tables.read_table(pg_feast_url, schema, table)
-            assert len(pg_rows) == len(pq_rows)
-            for col in pq_rows.columns:
-                assert [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pq_rows[col]] == \
-                       [list(v) if isinstance(v, (list, np.ndarray)) else v for v in pg_rows[col]], col
+        _assert_offline_tables_hold_the_parquet(root, pg_feast_url, schema)
 
         intervals = _intervals(cfg, name)
         assert set(intervals) == set(features.TABLES) and all(intervals.values())
@@ -430,11 +461,24 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
 
         inc = features.materialize_features(cfg, name, incremental=True)
         assert inc["rebuilt"] and inc["materialized"] and inc["written"]["changed_only"]
+        # PostgreSQL received the difference only: a new row per user and, for the late user, every later row
+        # (its event count moved); nothing else was sent.
+        late_at = late_user_last - pd.Timedelta(hours=1)
+        mine = inter.loc[inter[S.USER_ID] == users[2], S.EVENT_TIMESTAMP].dt.floor("s")
+        later = int(mine[mine > late_at].nunique())
+        act, rec = inc["offline_synced"]["user_activity"], inc["offline_synced"]["user_recent"]
+        assert act["sent"] == act["written"] == 3 + later and act["deleted"] == 0
+        assert 3 <= rec["sent"] == rec["written"] <= 3 + later
+        assert act["rows"] == first["offline_synced"]["user_activity"]["rows"] + 3
+        _assert_offline_tables_hold_the_parquet(root, pg_feast_url, schema)
         written = inc["written"]["rows"]
         # the two users through Feast's range, the late one directly (its rows are stamped before that range)
         assert written[features.USER_RECENT_VIEW] == written[features.USER_ACTIVITY_VIEW] == 3
         assert inc["written"]["late_rows"] == {features.USER_RECENT_VIEW: 1, features.USER_ACTIVITY_VIEW: 1}
         assert 1 <= written[features.ITEM_STATS_VIEW] < len(new_items)
+        stamps = offline_tables.read_table(pg_feast_url, schema, "item_stats")[S.EVENT_TIMESTAMP]
+        new_stamp = pd.Timestamp(inc["window"]["end"]) - pd.Timedelta(seconds=1)
+        assert int((stamps == new_stamp).sum()) == written[features.ITEM_STATS_VIEW]  # only the moved items
         assert all(len(s) == len(after_cli[v]) + 1 for v, s in _intervals(cfg, name).items())
         all_items = new_items[S.ITEM_ID].tolist()
         after_inc = _online(cfg, name, all_users, all_items)

@@ -231,22 +231,28 @@ def write_tables(cfg: Settings, dataset: str, tables: dict[str, pa.Table]) -> di
     return rows
 
 
+def read_tables(cfg: Settings, dataset: str) -> dict[str, pa.Table]:
+    data_dir = store_dir(cfg, dataset) / "data"
+    return {t: pq.read_table(data_dir / f"{t}.parquet") for t in TABLES.values()}
+
+
 def sync_offline(cfg: Settings, dataset: str, fingerprint: str, tables: dict[str, pa.Table] | None = None,
-                 force: bool = False) -> dict[str, dict[str, int]] | None:
+                 force: bool = False, base: tuple[str, dict[str, pa.Table]] | None = None
+                 ) -> dict[str, dict[str, int]] | None:
     """With the PostgreSQL offline store, make its tables hold the feature tables of ``fingerprint``.
 
-    ``tables`` defaults to the Parquet files. Returns the per-table counts of the sync, ``{}`` when the
-    tables already held that data (nothing written), None with the file offline store.
+    ``tables`` defaults to the Parquet files; ``base`` (fingerprint and tables of the previous build) lets
+    an increment send only what it changed (``offline_tables.sync_tables``). Returns the per-table counts
+    of the sync, ``{}`` when the tables already held that data (nothing written), None with the file
+    offline store. ``force`` sends every row.
     """
     if cfg.features.offline_store != "postgres":
         return None
     url, schema = offline_url(cfg), project_name(dataset)
     if not force and offline_tables.synced_fingerprint(url, schema) == fingerprint:
         return {}
-    if tables is None:
-        data_dir = store_dir(cfg, dataset) / "data"
-        tables = {t: pq.read_table(data_dir / f"{t}.parquet") for t in TABLES.values()}
-    return offline_tables.sync_tables(url, schema, tables, fingerprint)
+    return offline_tables.sync_tables(url, schema, tables if tables is not None else read_tables(cfg, dataset),
+                                      fingerprint, base=None if force else base)
 
 
 def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, force: bool = False) -> bool:
@@ -441,6 +447,10 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
         seconds[name] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
 
+    old_fp = (state.get("tables") or {}).get("fingerprint")
+    base = None
+    if rebuilt and not force and cfg.features.offline_store == "postgres" and files_present and old_fp:
+        base = (old_fp, read_tables(cfg, dataset))  # what the PostgreSQL tables hold if their sync completed
     if rebuilt:
         tables = build_tables(inter, item_ids, recent, window, cfg.evaluate.tail_share)
         rows = write_tables(cfg, dataset, tables)
@@ -448,7 +458,7 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
                            "log_upto": log_upto}
         write_json(state, state_path(cfg, dataset))
     lap("tables")
-    synced = sync_offline(cfg, dataset, fp, tables, force=force)
+    synced = sync_offline(cfg, dataset, fp, tables, force=force, base=base)
     lap("offline_sync")
     store = get_store(cfg, dataset)
     applied = apply(cfg, dataset, store, force=force)

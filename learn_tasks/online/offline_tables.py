@@ -30,6 +30,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from learn_tasks import schema as S
+from learn_tasks.online import feature_delta
 from learn_tasks.online.feast_config import FeaturesError
 
 log = logging.getLogger("learn.features")
@@ -125,18 +126,37 @@ def _columns(cur: psycopg.Cursor, schema: str, table: str) -> list[tuple[str, st
     return [(name, kind) for name, kind in cur.fetchall()]
 
 
-def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table) -> dict[str, int]:
-    """Make ``schema.name`` equal ``table`` (see the module doc); counts of rows written and deleted."""
+def _copy(cur: psycopg.Cursor, target: sql.Composable, cols: list[tuple[str, str]], table: pa.Table) -> None:
+    """Binary ``COPY`` of ``table``'s columns ``cols`` into ``target``."""
+    col_ids = sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols)
+    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, col_ids)) as copy:
+        copy.set_types([t for _, t in cols])
+        for rows in _python_columns(table.select([c for c, _ in cols])):
+            for row in rows:
+                copy.write_row(row)
+
+
+def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table,
+                 base: pa.Table | None) -> dict[str, int]:
+    """Make ``schema.name`` equal ``table`` (see the module doc); counts of rows sent, written and deleted.
+
+    ``base``: the table the stored one equals (its fingerprint is recorded), or None. With it only the
+    difference is sent (:func:`feature_delta.table_delta`); without it, every row, and the stored rows
+    whose keys are not among them are deleted.
+    """
     keys = KEYS[name]
     missing = [k for k in keys if k not in table.column_names]
     if missing:
         raise OfflineTablesError(f"feature table {name!r} lacks key column(s) {missing}")
     cols = [(f.name, _pg_type(f)) for f in table.schema]
+    updated = [c for c, _ in cols if c not in keys]
+    values = [c for c in updated if c != S.EVENT_TIMESTAMP]  # item_stats: the stamp moves only with them
     target = sql.Identifier(schema, name)
     if _columns(cur, schema, name) not in ([], [(c, _FORMATTED.get(t, t)) for c, t in cols]):
         # Another column set (the definitions changed): the table is rebuilt from this one.
         log.info("offline table %s.%s: columns changed, recreating it", schema, name)
         cur.execute(sql.SQL("DROP TABLE {}").format(target))
+        base = None
     cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
         target, sql.SQL(", ").join(sql.SQL("{} {} NOT NULL").format(sql.Identifier(c), sql.SQL(t)) for c, t in cols),
         sql.SQL(", ").join(map(sql.Identifier, keys))))
@@ -144,18 +164,14 @@ def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table) -
     cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
         sql.Identifier(f"{name}_{S.EVENT_TIMESTAMP}_idx"), target, sql.Identifier(S.EVENT_TIMESTAMP)))
 
+    total, gone = table.num_rows, None
+    if base is not None and base.schema.names == table.schema.names:
+        upsert, delete = feature_delta.table_delta(table, base, keys, values)
+        table, gone = table.filter(pa.array(upsert)), base.filter(pa.array(delete)).select(list(keys))
     stage = sql.Identifier(f"stage_{name}")
     cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, target))
+    _copy(cur, stage, cols, table)
     col_ids = sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols)
-    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, col_ids)) as copy:
-        copy.set_types([t for _, t in cols])
-        for rows in _python_columns(table):
-            for row in rows:
-                copy.write_row(row)
-    cur.execute(sql.SQL("ANALYZE {}").format(stage))
-
-    updated = [c for c, _ in cols if c not in keys]
-    values = [c for c in updated if c != S.EVENT_TIMESTAMP]  # item_stats: the stamp moves only with them
     cur.execute(sql.SQL("INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) DO UPDATE SET {set} "
                         "WHERE ({old}) IS DISTINCT FROM ({new})").format(
         t=target, s=stage, cols=col_ids, keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
@@ -163,17 +179,30 @@ def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table) -
         old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
         new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values)))
     written = cur.rowcount
-    cur.execute(sql.SQL("DELETE FROM {t} AS t WHERE NOT EXISTS (SELECT 1 FROM {s} AS s WHERE {match})").format(
-        t=target, s=stage, match=sql.SQL(" AND ").join(
-            sql.SQL("s.{k} = t.{k}").format(k=sql.Identifier(k)) for k in keys)))
-    return {"rows": table.num_rows, "written": written, "deleted": cur.rowcount}
+    match = sql.SQL(" AND ").join(sql.SQL("s.{k} = t.{k}").format(k=sql.Identifier(k)) for k in keys)
+    if gone is None:  # every row was sent: what is not among them goes
+        cur.execute(sql.SQL("DELETE FROM {t} AS t WHERE NOT EXISTS (SELECT 1 FROM {s} AS s WHERE {m})").format(
+            t=target, s=stage, m=match))
+        deleted = cur.rowcount
+    else:
+        gone_stage = sql.Identifier(f"gone_{name}")
+        cur.execute(sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+            gone_stage, sql.SQL(", ").join(map(sql.Identifier, keys)), target))
+        _copy(cur, gone_stage, [c for c in cols if c[0] in keys], gone)
+        cur.execute(sql.SQL("DELETE FROM {t} AS t USING {s} AS s WHERE {m}").format(t=target, s=gone_stage, m=match))
+        deleted = cur.rowcount
+        cur.execute(sql.SQL("DROP TABLE {}").format(gone_stage))
+    return {"rows": total, "sent": table.num_rows, "written": written, "deleted": deleted}
 
 
-def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint: str) -> dict[str, dict[str, int]]:
+def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint: str,
+                base: tuple[str, dict[str, pa.Table]] | None = None) -> dict[str, dict[str, int]]:
     """Make the schema's tables equal ``tables`` and record ``fingerprint``; one transaction, idempotent.
 
-    Returns per table: rows in it, rows inserted or updated, rows deleted. Concurrent syncs of one schema
-    queue on a transaction-scoped advisory lock.
+    ``base`` = (fingerprint, tables) of the data the tables held before, when known: each table still
+    recorded with that fingerprint then receives only the rows that differ from it (an increment sends
+    what it changed, not the whole history). Returns per table: rows in it, rows sent, rows inserted or
+    updated, rows deleted. Concurrent syncs of one schema queue on a transaction-scoped advisory lock.
     """
     unknown = set(tables) - set(KEYS)
     if unknown:
@@ -185,8 +214,11 @@ def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint:
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, fingerprint text NOT NULL, "
                             "rows bigint NOT NULL, synced_at timestamptz NOT NULL)").format(
             sql.Identifier(schema, META_TABLE)))
+        cur.execute(sql.SQL("SELECT name, fingerprint FROM {}").format(sql.Identifier(schema, META_TABLE)))
+        recorded = dict(cur.fetchall())
         for name, table in tables.items():
-            out[name] = _merge_table(cur, schema, name, table)
+            held = base[1].get(name) if base is not None and recorded.get(name) == base[0] else None
+            out[name] = _merge_table(cur, schema, name, table, held)
             cur.execute(sql.SQL("INSERT INTO {} (name, fingerprint, rows, synced_at) VALUES (%s, %s, %s, now()) "
                                 "ON CONFLICT (name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
                                 "rows = EXCLUDED.rows, synced_at = EXCLUDED.synced_at").format(
