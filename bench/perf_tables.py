@@ -143,6 +143,32 @@ def loop_block(d: dict[str, Any]) -> str:
     ]) + "\n\n" + provenance(d)
 
 
+def features_block(d: dict[str, Any]) -> str:
+    rows = []
+    for name, ds in (d.get("datasets") or {}).items():
+        sides = ds.get("sides") or {}
+        direct, feast = sides.get("direct") or {}, sides.get("feast") or {}
+        fd, ff = direct.get("full_s") or {}, feast.get("full_s") or {}
+        idd, iff = direct.get("increment_s") or {}, feast.get("increment_s") or {}
+        cli = feast.get("feast_cli_materialize_incremental") or {}
+        user_rows = (direct.get("rows") or {}).get("user_recent")
+        rows += [
+            (f"**{name}**: users, items, rows per user table", f"{num(ds.get('users'))}, {num(ds.get('items'))}, "
+                                                               f"{num(user_rows)}"),
+            ("full stage, direct / feast (feast: PostgreSQL sync + materialise)",
+             f"{num(fd.get('total'), 2)} / {num(ff.get('total'), 2)} s ({num(ff.get('offline_sync'), 2)} + "
+             f"{num(ff.get('materialize'), 2)})"),
+            ("materialise only: direct / feast (ratio)", f"{num(fd.get('materialize'), 2)} / "
+                                                         f"{num(ff.get('materialize'), 2)} s "
+                                                         f"({num(ds.get('feast_over_direct_materialize'), 2)})"),
+            (f"increment of {num(direct.get('increment_users'))} users, direct / feast (feast: sync + materialise)",
+             f"{num(idd.get('total'), 2)} / {num(iff.get('total'), 2)} s ({num(iff.get('offline_sync'), 2)} + "
+             f"{num(iff.get('materialize'), 2)})"),
+            ("`feast materialize-incremental` after the run", f"{num(cli.get('seconds'), 1)} s, exit {num(cli.get('rc'))}"),
+        ]
+    return table(rows) + "\n\n" + provenance(d)
+
+
 # block name -> (result file, renderer)
 BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "encode": ("encode.json", encode_block),
@@ -151,6 +177,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "pipeline": ("pipeline.json", pipeline_block),
     "loop-embedded": ("loop_embedded.json", loop_block),
     "loop-production": ("loop_production.json", loop_block),
+    "features": ("features.json", features_block),
 }
 
 

@@ -8,7 +8,6 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -311,29 +310,6 @@ def test_incremental_refresh_writes_only_changed_rows_and_ends_like_a_full_rebui
 
 
 # ------------------------------------------------------------------------------------- PostgreSQL offline store
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-
-
-@pytest.fixture
-def pg_feast_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for a Feast registry and its offline tables, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
-    admin.autocommit = True
-    name = f"learn_t_feast_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def _assert_offline_tables_hold_the_parquet(root: Path, url: str, schema: str) -> None:
     """The PostgreSQL user tables equal the Parquet ones, row for row; item_stats equals them in values."""
     for table in ("user_recent", "user_activity", "item_stats"):
@@ -379,7 +355,7 @@ def _online(cfg: Settings, dataset: str, users: list[int], items: list[int]) -> 
 
 @pytest.mark.production
 def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues(
-        settings: Settings, synth_dataset: str, pg_feast_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        settings: Settings, synth_dataset: str, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The production profile's offline store: the tables in PostgreSQL, materialisation by Feast (intervals in
     the registry), `feast materialize-incremental` from the rendered repo directory, and an increment (new
     events and a late one) that writes only the changed rows yet ends like a full materialisation."""
@@ -392,7 +368,7 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
     dst.mkdir(parents=True)
     for f in src.glob("*.*"):
         (dst / f.name).write_bytes(f.read_bytes())
-    monkeypatch.setenv("LEARN_FEATURES__REGISTRY_URL", pg_feast_url)  # credentials: environment only
+    monkeypatch.setenv("LEARN_FEATURES__REGISTRY_URL", pg_url)  # credentials: environment only
     cfg = load_settings(overrides=["features.online_store=redis", "features.registry=sql",
                                    "features.offline_store=postgres", "features.recent_items=5"])
     schema = features.project_name(name)
@@ -402,9 +378,9 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
         assert set(first["offline_synced"]) == set(features.TABLES.values())
         root = Path(first["store"])
         rendered = (root / "feature_store.yaml").read_text()
-        assert "url: ${LEARN_FEATURES__REGISTRY_URL}" in rendered and pg_feast_url not in rendered
+        assert "url: ${LEARN_FEATURES__REGISTRY_URL}" in rendered and pg_url not in rendered
 
-        _assert_offline_tables_hold_the_parquet(root, pg_feast_url, schema)
+        _assert_offline_tables_hold_the_parquet(root, pg_url, schema)
 
         intervals = _intervals(cfg, name)
         assert set(intervals) == set(features.TABLES) and all(intervals.values())
@@ -430,7 +406,7 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
 
         # `feast materialize-incremental` in the rendered directory, with the production variables only.
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEARN_")}
-        env.update(LEARN_FEATURES__REGISTRY_URL=pg_feast_url, LEARN_FEATURES__REDIS_URL=cfg.features.redis_url)
+        env.update(LEARN_FEATURES__REGISTRY_URL=pg_url, LEARN_FEATURES__REDIS_URL=cfg.features.redis_url)
         now = datetime.now(timezone.utc).replace(microsecond=0)
         done = _feast_cli(root, env, "materialize-incremental", now.isoformat())
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -470,13 +446,13 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
         assert act["sent"] == act["written"] == 3 + later and act["deleted"] == 0
         assert 3 <= rec["sent"] == rec["written"] <= 3 + later
         assert act["rows"] == first["offline_synced"]["user_activity"]["rows"] + 3
-        _assert_offline_tables_hold_the_parquet(root, pg_feast_url, schema)
+        _assert_offline_tables_hold_the_parquet(root, pg_url, schema)
         written = inc["written"]["rows"]
         # the two users through Feast's range, the late one directly (its rows are stamped before that range)
         assert written[features.USER_RECENT_VIEW] == written[features.USER_ACTIVITY_VIEW] == 3
         assert inc["written"]["late_rows"] == {features.USER_RECENT_VIEW: 1, features.USER_ACTIVITY_VIEW: 1}
         assert 1 <= written[features.ITEM_STATS_VIEW] < len(new_items)
-        stamps = offline_tables.read_table(pg_feast_url, schema, "item_stats")[S.EVENT_TIMESTAMP]
+        stamps = offline_tables.read_table(pg_url, schema, "item_stats")[S.EVENT_TIMESTAMP]
         new_stamp = pd.Timestamp(inc["window"]["end"]) - pd.Timedelta(seconds=1)
         assert int((stamps == new_stamp).sum()) == written[features.ITEM_STATS_VIEW]  # only the moved items
         assert all(len(s) == len(after_cli[v]) + 1 for v, s in _intervals(cfg, name).items())

@@ -29,6 +29,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from learn_tasks import postgres
 from learn_tasks import schema as S
 from learn_tasks.online import feature_delta
 from learn_tasks.online.feast_config import FeaturesError
@@ -76,13 +77,15 @@ def connection_fields(url: str) -> dict[str, Any]:
 
 
 def connect(url: str) -> psycopg.Connection:
+    """A psycopg 3 connection (Feast's PostgreSQL store uses psycopg 3; the other stores psycopg2)."""
     f = connection_fields(url)
     try:
         return psycopg.connect(host=f["host"], port=f["port"], dbname=f["database"], user=f["user"] or None,
-                               password=f["password"] or None, sslmode=f["sslmode"], connect_timeout=10)
+                               password=f["password"] or None, sslmode=f["sslmode"],
+                               connect_timeout=postgres.CONNECT_TIMEOUT_S, application_name="learn feature tables",
+                               **postgres.KEEPALIVES)
     except psycopg.OperationalError as exc:
-        raise OfflineTablesError(f"cannot connect to the offline store PostgreSQL at {f['host']}:{f['port']}/"
-                                 f"{f['database']} as {f['user'] or '(default user)'}: {exc}") from exc
+        raise OfflineTablesError(f"cannot connect to the offline store at {postgres.redact(url)}: {exc}") from exc
 
 
 # ==================================================================================================
@@ -209,7 +212,7 @@ def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint:
         raise OfflineTablesError(f"unknown feature table(s) {sorted(unknown)}; expected {sorted(KEYS)}")
     out: dict[str, dict[str, int]] = {}
     with connect(url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"learn_offline:{schema}",))
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (postgres.lock_key(f"feature_tables:{schema}"),))
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, fingerprint text NOT NULL, "
                             "rows bigint NOT NULL, synced_at timestamptz NOT NULL)").format(
