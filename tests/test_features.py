@@ -465,5 +465,15 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
         assert full["written"]["rows"][features.USER_RECENT_VIEW] == len(all_users)
         assert _online(cfg, name, all_users, all_items) == after_inc
 
+        # The window moved back (an explicit earlier end): every item's stamp comes down with it, so the
+        # materialisation reaches every item, and the online statistics are those of that window.
+        back = features.materialize_features(cfg, name, end=window_end)
+        assert back["materialized"] and back["written"]["rows"][features.ITEM_STATS_VIEW] == len(new_items)
+        stamps = offline_tables.read_table(pg_url, schema, "item_stats")[S.EVENT_TIMESTAMP]
+        assert (stamps == window_end - pd.Timedelta(seconds=1)).all()
+        stats = pd.read_parquet(root / "data" / "item_stats.parquet").set_index(S.ITEM_ID)
+        online_items = features.online_item_stats(features.get_store(cfg, name), all_items)
+        assert {i: online_items[i][S.POPULARITY] for i in all_items} == stats[S.POPULARITY].to_dict()
+
     finally:
         features.teardown(cfg, name)

@@ -9,8 +9,9 @@ longer has), so a re-run, or a run after a crash, changes nothing more.
 
 Keys: the user tables by (user id, event_timestamp), one row per user and event time as in Parquet.
 ``item_stats`` by item id alone, and an item's ``event_timestamp`` moves to the new window end only when
-its values change: a materialisation of the time range since the last one then holds exactly the items
-whose statistics moved, not the whole catalogue (the Parquet table stamps every item at the window end).
+its values change (or when the window end moved back before it): a materialisation of the time range
+since the last one then holds exactly the items whose statistics moved, not the whole catalogue (the
+Parquet table stamps every item at the window end).
 
 A table ``learn_feature_tables`` in the same schema records the fingerprint of the data each table was
 last synced from, so the caller can tell an up-to-date schema from one to sync (a new database, say).
@@ -27,6 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import sql
 
 from learn_tasks import postgres
@@ -129,6 +131,16 @@ def _columns(cur: psycopg.Cursor, schema: str, table: str) -> list[tuple[str, st
     return [(name, kind) for name, kind in cur.fetchall()]
 
 
+def _earliest(table: pa.Table) -> int:
+    ts = table.column(S.EVENT_TIMESTAMP).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    return int(pc.min(ts).as_py()) if table.num_rows else 2 ** 62
+
+
+def _latest(table: pa.Table) -> int:
+    ts = table.column(S.EVENT_TIMESTAMP).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    return int(pc.max(ts).as_py()) if table.num_rows else -(2 ** 62)
+
+
 def _copy(cur: psycopg.Cursor, target: sql.Composable, cols: list[tuple[str, str]], table: pa.Table) -> None:
     """Binary ``COPY`` of ``table``'s columns ``cols`` into ``target``."""
     col_ids = sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols)
@@ -168,6 +180,9 @@ def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table,
         sql.Identifier(f"{name}_{S.EVENT_TIMESTAMP}_idx"), target, sql.Identifier(S.EVENT_TIMESTAMP)))
 
     total, gone = table.num_rows, None
+    stamp_moves = S.EVENT_TIMESTAMP in updated  # item_stats: one row per key, stamped as of the window end
+    if stamp_moves and base is not None and _earliest(table) < _latest(base):
+        base = None  # the window end moved back: every stamp must come down with it, so send every row
     if base is not None and base.schema.names == table.schema.names:
         upsert, delete = feature_delta.table_delta(table, base, keys, values)
         table, gone = table.filter(pa.array(upsert)), base.filter(pa.array(delete)).select(list(keys))
@@ -175,12 +190,16 @@ def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table,
     cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, target))
     _copy(cur, stage, cols, table)
     col_ids = sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols)
+    # Rows change when their values do; a kept stamp never stays later than the new one (a window that
+    # moved back), so a materialisation of the new window always reaches every row.
+    later = sql.SQL(" OR t.{ts} > EXCLUDED.{ts}").format(ts=sql.Identifier(S.EVENT_TIMESTAMP)) if stamp_moves \
+        else sql.SQL("")
     cur.execute(sql.SQL("INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) DO UPDATE SET {set} "
-                        "WHERE ({old}) IS DISTINCT FROM ({new})").format(
+                        "WHERE ({old}) IS DISTINCT FROM ({new}){later}").format(
         t=target, s=stage, cols=col_ids, keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
         set=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated),
         old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
-        new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values)))
+        new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values), later=later))
     written = cur.rowcount
     match = sql.SQL(" AND ").join(sql.SQL("s.{k} = t.{k}").format(k=sql.Identifier(k)) for k in keys)
     if gone is None:  # every row was sent: what is not among them goes
