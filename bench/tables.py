@@ -129,8 +129,11 @@ def diff_table(data: dict[str, Any]) -> list[str]:
              "| protocol | comparison | slice | " + " | ".join(h for _, h in DIFF_METRICS) + " |",
              "|---" * (3 + len(DIFF_METRICS)) + "|"]
     for protocol in PROTOCOLS:
-        for pair, by_slice in data["diffs"].get(protocol, {}).items():
-            other = pair.split("_vs_", 1)[1]
+        diffs = data["diffs"].get(protocol, {})
+        order = [p for p in data["meta"].get("pairs", []) if p in diffs] + sorted(
+            p for p in diffs if p not in data["meta"].get("pairs", []))  # the benchmark's order of comparisons
+        for pair in order:
+            by_slice, other = diffs[pair], pair.split("_vs_", 1)[1]
             for s in SLICE_NAMES:
                 if s in by_slice:
                     lines.append(f"| {protocol} | vs {other} | {SLICE_NAMES[s]} | "

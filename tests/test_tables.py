@@ -56,7 +56,8 @@ def fake_result(dataset: str = "movielens-latest-small", mode: str = "quick") ->
         "seeds": {"learn": [0, 1, 2], "learn_hybrid": [0, 1, 2], "sasrec": [0, 1, 2]},
         "selection": {"loo": sel, "temporal": sel},
         "final": {p: {k: {"runs": [{"best_epoch": e} for e in (3, 4, 4)]} for k in chosen} for p in ("loo", "temporal")},
-        "meta": {"mode": mode, "dataset": dataset, "metric": "recall@200", "patience": 10, "max_epochs": 4, "refit": True,
+        "meta": {"mode": mode, "dataset": dataset, "metric": "recall@200",
+                 "pairs": ["learn_hybrid_vs_sasrec", "learn_hybrid_vs_learn", "learn_hybrid_vs_recent_popular"], "patience": 10, "max_epochs": 4, "refit": True,
                  "plan": {"configs": 4, "eta": 2, "min_epochs": 1, "budget_epochs": 8,
                           "rungs": [{"candidates": 4, "epochs": 1}, {"candidates": 2, "epochs": 2}]}},
         "commit": "0123456789abcdef", "command": "python bench/quality.py --quick --dataset movielens-latest-small",
@@ -77,6 +78,7 @@ def test_tables_show_every_model_both_protocols_intervals_coverage_and_ties(tabl
     assert "| 18.00 |" in docs  # learn_hybrid's coverage@10
     assert "| loo | vs sasrec | all | +2.00 [+1.00, +3.00] better" in docs
     assert "| temporal | vs learn | cold-start | +0.10 [-1.00, +1.20] tie" in docs
+    assert docs.index("| loo | vs sasrec | all") < docs.index("| loo | vs learn | all")  # the benchmark's order
     assert "Not tabulated: `bench/results/quality_old.json`" in docs
     assert "loo 12 of 9,742 items" in docs and "mix_k 10.0" in docs and "best epoch per seed 3, 4, 4" in docs
     readme = tables.render_readme(current, earlier)
