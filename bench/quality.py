@@ -314,6 +314,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, default)
     if args.seeds < 3:
         ap.error("--seeds must be at least 3: intervals carry seed-to-seed noise")
+    if not args.quick and args.patience < 10:
+        ap.error("a full run trains to convergence: --patience must be at least 10 validation rounds")
     args.seed_list = list(range(args.seeds))
     args.jobs = args.jobs or max(1, os.cpu_count() or 1)
     return args

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from learn_tasks import schema as S
 from learn_tasks.evaluation import compare
@@ -157,6 +160,25 @@ def test_a_small_search_then_final_and_refit_runs(settings, synth_dataset):
     res = tuning.run_eval(tuning.EvalJob(cfg, synth_dataset, "temporal", "learn_hybrid", refit["run_dir"],
                                          model_overrides={"mix_k": 5.0}, embeddings=emb))
     assert res["meta"]["model_overrides"] == {"mix_k": 5.0} and len(res["per_case"]["ranks"]) == res["meta"]["users"]
+
+
+def test_results_do_not_depend_on_how_many_workers_run_them(settings, synth_dataset):
+    """The benchmark spreads runs over worker processes: the same jobs give the same figures in a pool of two
+    (one thread each) as one after another in this process."""
+    cfg = small(settings)
+    params = {**tuning.sample_configs(cfg, "sasrec", 1)[0], "train.batch_size": 32}
+    jobs = [tuning.TrainJob(cfg, synth_dataset, "loo", "sasrec", {**params, **tuning.trial_controls(2, 2, seed, 0)}, 2,
+                            keep=False) for seed in (0, 1)]
+    threads = torch.get_num_threads()
+    tuning.worker_init(1)
+    try:
+        alone = [tuning.run_job(j)["val_last"] for j in jobs]
+    finally:
+        torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx, initializer=tuning.worker_init) as pool:
+        pooled = [r["val_last"] for r in pool.map(tuning.run_job, jobs)]
+    assert pooled == alone and alone[0] != alone[1]  # and the seed does matter
 
 
 # ------------------------------------------------------------------------------------------ comparison
