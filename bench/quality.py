@@ -1,35 +1,41 @@
-"""Recommendation quality on the Amazon Books sample: LEARN, the hybrid, SASRec and baselines, both protocols.
+"""Recommendation quality: LEARN, the hybrid, SASRec and the baselines under both protocols, tuned on validation.
 
-The full run, in order (every choice is made on validation, never on test):
+    python bench/quality.py --quick --dataset movielens-latest-small   # a smoke run: minutes on 2 cores
+    python bench/quality.py --dataset amazon-books-2014-sample         # the full run
 
-1. throughput: one epoch of each neural kind alone on the machine (training sequences/s);
-2. a one-setting-at-a-time sweep of learn_hybrid and SASRec on loo validation (temperature, random
-   negatives, logQ, dropout, learning rate; ``--sweep-budget-s`` per run);
-3. learn_hybrid's ID dropout on temporal validation, against the content-only model's cold-start recall;
-4. every neural model trained to convergence with the chosen settings: early stopping on validation
-   Recall@200 (``train.patience`` epochs), ``--epochs`` and ``--budget-s`` as caps; ``--jobs`` training
-   processes at a time, one thread each, each in its own process so its peak memory is its own;
-5. full-ranking evaluation of every model and baseline with the same harness (``learn_tasks.evaluation.harness``);
-6. the LEARN ablation (loo).
+For each protocol (``loo``, ``temporal``), every choice is made on that protocol's validation cases, never
+on test:
 
-    python bench/quality.py --quick      # 1 epoch per model, 4,000 test users per protocol, no sweep
-    python bench/quality.py              # the full run above, every test user
+1. baselines: ``recent_popular``'s window in days and ``item_knn``'s neighbours, each from a grid;
+2. every neural kind: successive halving over its search space with the same budget in epochs for every
+   kind, on the whole validation set (``learn_tasks/training/tuning.py``);
+3. the chosen configuration's final runs, one per seed: early stopping on validation after ``--patience``
+   rounds without improvement (``--max-epochs`` caps it), then a refit on train + valid for the epochs
+   validation chose (``--no-refit``: the early-stopped model is tested); ``learn_hybrid``'s evidence
+   weighting (``mix_k``) is chosen on the validation runs;
+4. test: every model and baseline on the same cases. Per slice the mean over seeds and cases with a
+   bootstrap 95% interval, catalogue coverage@10, and paired differences of ``learn_hybrid`` (the product
+   default) against ``sasrec``, ``learn`` and ``recent_popular``.
 
-Writes ``bench/results/quality_amazon_books.json``:
-``{"loo"|"temporal": {model: {slice: {"recall@10", ..., "ndcg@200"}}}, "train": {model: {...}},
-"configs": {model: settings}, "sweep": ..., "id_dropout": ..., "chosen": ..., "throughput": ...}``.
-A registered dataset is prepared and encoded under LEARN_HOME (``--home``) when missing.
+Training budgets are epochs; ``--budget-s`` (off by default) may stop a run early but never changes its
+schedule, and the results do not depend on ``--jobs`` or on the machine's load.
+
+Writes ``bench/results/quality_<dataset>[_quick].json`` (``amazon_books``, ``movielens``):
+``{"loo"|"temporal": {model: {slice: {"recall@K", "recall@K_ci", "ndcg@K", "ndcg@K_ci", "cases"}}},
+"diffs", "coverage", "cold_pool", "seeds", "final", "selection", "timing", "meta"}`` plus the hygiene keys
+(``noisy``, ``load_avg``, ``commit``, ``command``, ``hygiene``). ``python bench/tables.py`` turns the
+files into the tables of docs/results.md and README.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import os
 import platform
-import subprocess
+import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,330 +44,326 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hygiene  # noqa: E402  (bench/hygiene.py: quiet machine, noisy flag, commit, command)
 
-from learn_tasks import schema as S  # noqa: E402
-from learn_tasks.config import BASELINE_KINDS, MODEL_KINDS, load_settings  # noqa: E402
+import numpy as np  # noqa: E402
 
-RESULT = REPO / "bench" / "results" / "quality_amazon_books.json"
+from learn_tasks import schema as S  # noqa: E402
+from learn_tasks.ceg import encode, store  # noqa: E402
+from learn_tasks.config import BASELINE_KINDS, MODEL_KINDS, load_settings  # noqa: E402
+from learn_tasks.data import public  # noqa: E402
+from learn_tasks.data.splits import load_split  # noqa: E402
+from learn_tasks.evaluation import compare  # noqa: E402
+from learn_tasks.storage import write_json  # noqa: E402
+from learn_tasks.training import tuning  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
 NEURAL = MODEL_KINDS
 BASELINES = BASELINE_KINDS
-KEEP = ("recall@10", "recall@50", "recall@200", "ndcg@10", "ndcg@50", "ndcg@200")
-# LEARN ablation (protocol loo): each variant changes one thing of the `learn` model.
-ABLATION = {
-    "learn_next_item_loss": ["train.per_model.learn.train.loss=next_item"],
-    "learn_item_tower_b": ["train.per_model.learn.model.item_tower=b"],
-    "learn_item_tower_c": ["train.per_model.learn.model.item_tower=c"],
-}
+PRODUCT = "learn_hybrid"
+PAIRS = [(PRODUCT, "sasrec"), (PRODUCT, "learn"), (PRODUCT, "recent_popular")]
+NAMES = {"amazon-books-2014-sample": "amazon_books", "movielens-latest-small": "movielens"}
+# Grids chosen from on validation.
+RECENT_DAYS = [7.0, 30.0, 90.0, 365.0, 0.0]  # 0 = every event known at the time
+KNN_NEIGHBOURS = [20, 50, 100, 200, 500]
+MIX_K = [0.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+COLD_SHARE = 0.9  # mix_k must keep this share of the content-only model's validation cold-start recall
+# (first rung's epochs, the final runs' epoch cap): a MovieLens epoch is one window per user (610 users),
+# about a twentieth of an Amazon epoch, so its rungs are longer.
+EPOCHS = {"movielens-latest-small": (10, 300)}
+DEFAULT_EPOCHS = (1, 60)
+FULL = {"configs": 27, "eta": 3, "max_users": 0, "val_users": 0, "train_users": 0}
+QUICK = {"configs": 4, "eta": 2, "max_users": 300, "val_users": 300, "train_users": 1500,
+         "min_epochs": 1, "max_epochs": 4}
 
 
-def train_subprocess(home: str, dataset: str, protocol: str, model: str, budget: float, epochs: int,
-                     sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "learn_tasks.cli"]
-    for s in sets:
-        cmd += ["--set", s]
-    cmd += ["train", "--dataset", dataset, "--protocol", protocol, "--model", model, "--budget-s", str(budget),
-            "--epochs", str(epochs), "--json"]
-    env = {**os.environ, "LEARN_HOME": home, "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"training {model} ({protocol}) failed")
-    epochs_log = [line.split("learn.train ")[-1] for line in proc.stderr.splitlines() if " epoch " in line]
-    label = " ".join([protocol, model, *[s.split(".", 3)[-1] for s in sets if s.startswith(f"train.per_model.{model}.")]])
-    print(f"   [{label}]\n" + "".join(f"     {line}\n" for line in epochs_log), end="", flush=True)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+def output_name(dataset: str, quick: bool) -> str:
+    """``quality_<normalised dataset>[_quick].json``."""
+    norm = NAMES.get(dataset) or re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
+    return f"quality_{norm}{'_quick' if quick else ''}.json"
 
 
-def train_many(jobs: int, specs: list[tuple]) -> list[dict]:
-    """Run ``train_subprocess(*spec)`` for every spec, ``jobs`` processes at a time (one thread each)."""
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda spec: train_subprocess(*spec), specs))
+class Bench:
+    """The run's settings, worker pool and what it records."""
+
+    def __init__(self, args: argparse.Namespace, cfg, pool: ProcessPoolExecutor):
+        self.args, self.cfg, self.pool = args, cfg, pool
+        self.metric = cfg.train.early_stop_metric
+        self.budget_stops: list[dict] = []
+        self.timing: dict = {}
+
+    def log(self, msg: str) -> None:
+        hygiene.log(msg)
+
+    def train(self, jobs: list[tuning.TrainJob]) -> list[dict]:
+        out = list(self.pool.map(tuning.run_job, jobs))
+        for job, res in zip(jobs, out):
+            t = self.timing.setdefault(job.protocol, {}).setdefault(job.kind, {
+                "runs": 0, "epochs": 0, "train_s": 0.0, "setup_s": 0.0, "wall_s": 0.0, "val_rounds": 0})
+            # validation rounds: every epoch of a final run, one per search trial, none in a refit
+            rounds = (res["epochs_run"] if job.params.get("train.val_every") == 1 else 1) if res["val_users"] else 0
+            t["runs"] += 1
+            t["epochs"] += res["epochs_run"]
+            t["train_s"] += res["train_seconds"]
+            t["setup_s"] += res["setup_seconds"]
+            t["wall_s"] += res["wall_s"]
+            t["val_rounds"] += rounds
+            if res["stopped"] == "budget":
+                self.budget_stops.append({"protocol": job.protocol, "kind": job.kind, "epochs_run": res["epochs_run"],
+                                          "epochs": job.epochs, "params": job.params})
+        return out
+
+    def evaluate(self, jobs: list[tuning.EvalJob]) -> list[dict]:
+        return list(self.pool.map(tuning.run_eval, jobs))
+
+    def eval_cfg(self, stage: str, **evaluate):
+        users = self.args.val_users if stage == S.VALID else self.args.max_users
+        return self.cfg.with_overrides(evaluate={"max_users": users, **evaluate})
+
+    # ------------------------------------------------------------------------------- baselines
+    def choose_baselines(self, protocol: str) -> dict:
+        """recent_popular's days and item_knn's neighbours on validation."""
+        out = {}
+        for model, field, grid in (("recent_popular", "recent_days", RECENT_DAYS),
+                                   ("item_knn", "knn_neighbours", KNN_NEIGHBOURS)):
+            res = self.evaluate([tuning.EvalJob(self.eval_cfg(S.VALID, **{field: v}), self.args.dataset, protocol,
+                                                model, stage=S.VALID) for v in grid])
+            by = {v: r for v, r in zip(grid, res)}
+            out[model] = {"setting": f"evaluate.{field}", **tuning.choose_value(
+                grid, lambda v: {self.metric: by[v]["all"][self.metric], "ndcg@10": by[v]["all"]["ndcg@10"]},
+                self.metric)}
+            self.log(f"{protocol}: {model} {field} = {out[model]['chosen']}")
+        return out
+
+    # ------------------------------------------------------------------------------- search
+    def search(self, protocol: str, kind: str, plan: tuning.Plan, users) -> dict:
+        a = self.args
+        candidates = tuning.sample_configs(self.cfg, kind, plan.configs, seed=a.search_seed)
+
+        def run(pairs):
+            jobs = [tuning.TrainJob(self.cfg, a.dataset, protocol, kind,
+                                    {**params, **tuning.trial_controls(epochs, a.max_epochs, a.search_seed, a.val_users)},
+                                    epochs, a.budget_s, users, keep=False) for params, epochs in pairs]
+            return [{"score": (r["val_last"] or {}).get(self.metric), "val": r["val_last"], "epochs_run": r["epochs_run"],
+                     "stopped": r["stopped"], "train_seconds": round(r["train_seconds"], 2)} for r in self.train(jobs)]
+
+        result = tuning.successive_halving(candidates, plan, run, say=lambda m: self.log(f"{protocol}/{kind}: {m}"))
+        result.update({"metric": self.metric, "space": tuning.SPACES[kind], "space_size": len(tuning.space_configs(kind)),
+                       "schedule_epochs": a.max_epochs, "validation_users": a.val_users or "all"})
+        return result
+
+    # ------------------------------------------------------------------------------- final runs
+    def finals(self, protocol: str, chosen: dict[str, dict], users) -> dict:
+        """Per kind and seed: early stopping on validation, then (``--refit``) train + valid for its best epochs."""
+        a = self.args
+        specs = [(kind, seed) for kind in NEURAL for seed in a.seed_list]
+        es = self.train([tuning.TrainJob(self.cfg, a.dataset, protocol, kind,
+                                         {**chosen[kind], **tuning.final_controls(a.max_epochs, seed, a.val_users, a.patience)},
+                                         a.max_epochs, a.budget_s, users) for kind, seed in specs])
+        out = {kind: {"params": chosen[kind], "runs": []} for kind in NEURAL}
+        for (kind, seed), r in zip(specs, es):
+            out[kind]["runs"].append({"seed": seed, "valid_run": r["run_dir"], "best_epoch": r["best_epoch"],
+                                      "epochs_run": r["epochs_run"], "stopped": r["stopped"], "val": r["val_last"],
+                                      "train_seconds": round(r["train_seconds"], 2)})
+        if a.refit:
+            refits = self.train([tuning.TrainJob(self.cfg, a.dataset, protocol, kind,
+                                                 {**chosen[kind], **tuning.refit_controls(a.max_epochs, seed)},
+                                                 max(1, r["best_epoch"]), a.budget_s, users)
+                                 for (kind, seed), r in zip(specs, es)])
+            for (kind, seed), r in zip(specs, refits):
+                run = next(x for x in out[kind]["runs"] if x["seed"] == seed)
+                run.update({"test_run": r["run_dir"], "refit_epochs": r["epochs_run"], "refit_stopped": r["stopped"]})
+        for kind in NEURAL:
+            for run in out[kind]["runs"]:
+                run.setdefault("test_run", run["valid_run"])
+        return out
+
+    def choose_mix_k(self, protocol: str, finals: dict) -> dict:
+        """learn_hybrid's evidence weighting on validation: the best all-items metric among the values that keep
+        COLD_SHARE of the content-only model's cold-start figure (when validation has cold-start cases)."""
+        a, m = self.args, self.metric
+        hybrid = [r["valid_run"] for r in finals[PRODUCT]["runs"]]
+        learn = [r["valid_run"] for r in finals["learn"]["runs"]]
+        jobs = [tuning.EvalJob(self.eval_cfg(S.VALID), a.dataset, protocol, "learn", run, S.VALID) for run in learn]
+        jobs += [tuning.EvalJob(self.eval_cfg(S.VALID), a.dataset, protocol, PRODUCT, run, S.VALID, {"mix_k": k})
+                 for k in MIX_K for run in hybrid]
+        res = self.evaluate(jobs)
+        ref, rest = res[:len(learn)], res[len(learn):]
+
+        def mean(results, s):
+            vals = [r[s][m] for r in results if s in r]
+            return float(np.mean(vals)) if vals else None
+
+        floor = mean(ref, S.SLICE_COLD_START)
+        floor = COLD_SHARE * floor if floor is not None else None
+        by = {k: rest[i * len(hybrid):(i + 1) * len(hybrid)] for i, k in enumerate(MIX_K)}
+        choice = tuning.choose_value(
+            MIX_K, lambda k: {m: mean(by[k], S.SLICE_ALL), f"cold_start_{m}": mean(by[k], S.SLICE_COLD_START)}, m,
+            admissible=None if floor is None else (lambda r: (r[f"cold_start_{m}"] or 0.0) >= floor),
+            fallback_key=f"cold_start_{m}")
+        self.log(f"{protocol}: learn_hybrid mix_k = {choice['chosen']} (cold-start floor {floor})")
+        return {**choice, "cold_start_floor": floor, "rule": f"best all-items validation {m} among the values whose "
+                f"cold-start {m} is at least {COLD_SHARE} x the content-only learn model's (mean over seeds)"}
+
+    # ------------------------------------------------------------------------------- one protocol
+    def protocol(self, protocol: str, plan: tuning.Plan, result: dict) -> None:
+        a = self.args
+        users = self.train_users(protocol)
+        selection = {"metric": self.metric, "stage": S.VALID}
+        self.log(f"== {protocol}: baselines on validation")
+        selection.update(self.choose_baselines(protocol))
+        self.log(f"== {protocol}: search, {plan.configs} configurations per kind, {plan.budget_epochs} epochs each kind")
+        with ThreadPoolExecutor(max_workers=len(NEURAL)) as threads:  # the kinds' rungs share the worker pool
+            searches = dict(zip(NEURAL, threads.map(lambda k: self.search(protocol, k, plan, users), NEURAL)))
+        selection.update(searches)
+        self.log(f"== {protocol}: final runs, seeds {a.seed_list}")
+        finals = self.finals(protocol, {k: searches[k]["chosen"] for k in NEURAL}, users)
+        selection["mix_k"] = self.choose_mix_k(protocol, finals)
+        self.log(f"== {protocol}: test")
+        jobs, owners = [], []
+        for kind in NEURAL:
+            over = {"mix_k": selection["mix_k"]["chosen"]} if kind == PRODUCT else None
+            for run in finals[kind]["runs"]:
+                jobs.append(tuning.EvalJob(self.eval_cfg(S.TEST), a.dataset, protocol, kind, run["test_run"], S.TEST, over))
+                owners.append(kind)
+        chosen_eval = {"recent_popular": {"recent_days": selection["recent_popular"]["chosen"]},
+                       "item_knn": {"knn_neighbours": selection["item_knn"]["chosen"]}}
+        for model in BASELINES:
+            jobs.append(tuning.EvalJob(self.eval_cfg(S.TEST, **chosen_eval.get(model, {})), a.dataset, protocol, model))
+            owners.append(model)
+        per_model: dict[str, list] = {}
+        for model, r in zip(owners, self.evaluate(jobs)):
+            per_model.setdefault(model, []).append(r)
+        metrics = [f"{name}@{k}" for k in self.cfg.evaluate.ks for name in ("recall", "ndcg")]
+        summary = compare.summarise(per_model, metrics, PAIRS, a.n_boot, seed=0)
+        result[protocol] = summary["models"]
+        result["diffs"][protocol] = summary["diffs"]
+        result["coverage"][protocol] = {
+            model: {"coverage@10": float(np.mean([r["coverage"]["coverage@10"] for r in rs])),
+                    "per_seed": [r["coverage"]["coverage@10"] for r in rs],
+                    "cold_start_share@10": float(np.mean([r["coverage"]["cold_start_share@10"] for r in rs])),
+                    "long_tail_share@10": float(np.mean([r["coverage"]["long_tail_share@10"] for r in rs]))}
+            for model, rs in per_model.items()}
+        meta = per_model["popular"][0]["meta"]
+        result["cold_pool"][protocol] = {"test": meta["cold_pool"], "items": meta["items"]}
+        result["users"][protocol] = {"test": meta["users"], "test_available": meta["users_available"],
+                                     "train_users": len(users) if users is not None else "all"}
+        for kind in NEURAL:
+            for run in finals[kind]["runs"]:
+                for key in ("valid_run", "test_run"):
+                    run[key] = Path(run[key]).name if run.get(key) else None
+        result["final"][protocol] = finals
+        result["selection"][protocol] = selection
+        for model in (PRODUCT, "sasrec", "learn", "recent_popular"):
+            m = result[protocol][model]["all"]
+            self.log(f"{protocol}/{model}: recall@10 {m['recall@10']:.4f} {m['recall@10_ci']}, ndcg@10 {m['ndcg@10']:.4f}")
+
+    def train_users(self, protocol: str):
+        """A seeded sample of training users (``--train-users``; None = every user)."""
+        if not self.args.train_users:
+            return None
+        split = load_split(self.cfg, self.args.dataset, protocol)
+        ids = np.unique(split.loc[split[S.SPLIT] == S.TRAIN, S.USER_ID].to_numpy())
+        if len(ids) <= self.args.train_users:
+            return None
+        return np.sort(np.random.default_rng(0).choice(ids, size=self.args.train_users, replace=False))
 
 
-# One-at-a-time sweep on loo validation (never test): each run changes one setting of the kind's defaults
-# (configs/models/<kind>.yaml); a value equal to the default is skipped. Per setting the value with the best
-# validation Recall@200 is kept when it beats the defaults.
-SWEEP: dict[str, list] = {
-    "train.temperature": [0.02, 0.1],
-    "train.n_random_negatives": [128, 2048],
-    "train.logq": [True],
-    "model.dropout": [0.2],
-    "train.lr": [1e-3, 3e-3],
-}
-# learn_hybrid must keep LEARN's cold-start and long-tail strength, which loo validation barely sees (few
-# cold items). Its ID dropout, and whether the loo sweep's logQ choice stays (logQ raises recall of popular
-# items at the tail's expense), are chosen on temporal validation against the content-only model: the best
-# all-items Recall@200 among the candidates whose cold-start Recall@50 is at least COLD_SHARE of the
-# content-only model's and whose long-tail Recall@50 is at least its.
-ID_DROPOUTS = [0.3, 0.5, 0.7]
-COLD_SHARE = 0.9
+def plain(obj):
+    """``obj`` with numpy scalars and arrays as Python numbers and lists (JSON would write them as strings)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    return obj.item() if isinstance(obj, np.generic) else obj
 
 
-def _set(kind: str, key: str, value) -> str:
-    section, field = key.split(".")
-    return f"train.per_model.{kind}.{section}.{field}={json.dumps(value)}"
-
-
-def sweep(home: str, dataset: str, kinds: list[str], budget: float, epochs: int, sets: list[str], jobs: int) -> dict:
-    """Train each variant under loo (``jobs`` at a time) and keep the values that beat the defaults."""
-    from learn_tasks.pch.kinds import resolve
-
-    cfg = load_settings(overrides=sets)
-    out: dict = {}
-    for kind in kinds:
-        c = resolve(cfg, kind)
-        variants: list[tuple[str, object] | None] = [None]
-        for key, values in SWEEP.items():
-            section, field = key.split(".")
-            variants += [(key, v) for v in values if getattr(getattr(c, section), field) != v]
-        results = train_many(jobs, [(home, dataset, "loo", kind, budget, epochs,
-                                     sets + ([_set(kind, *v)] if v else [])) for v in variants])
-        runs = [{"change": ({v[0]: v[1]} if v else None), "val_recall@200": (tr["val"] or {}).get("recall@200", -1.0),
-                 "epochs_run": tr["epochs_run"], "best_epoch": tr["best_epoch"], "stopped": tr["stopped"],
-                 "sequences_per_s": tr["sequences_per_s"]} for v, tr in zip(variants, results)]
-        base = runs[0]["val_recall@200"]
-        chosen: dict = {}
-        for key in SWEEP:
-            tried = [r for r in runs if r["change"] and key in r["change"]]
-            best = max(tried, key=lambda r: r["val_recall@200"], default=None)
-            if best is not None and best["val_recall@200"] > base:
-                chosen[key] = best["change"][key]
-        for r in runs:
-            print(f"   sweep {kind} {r['change']}: val recall@200 {r['val_recall@200']:.4f}", flush=True)
-        out[kind] = {"runs": runs, "chosen": chosen, "base_val_recall@200": base, "budget_s": budget,
-                     "max_epochs": epochs, "protocol": "loo", "stage": "valid"}
-    return out
-
-
-def choose_id_dropout(home: str, dataset: str, budget: float, epochs: int, sets: list[str], jobs: int,
-                      logq: bool) -> dict:
-    """learn_hybrid's ID dropout (and logQ, when the loo sweep chose it) on temporal validation (see above)."""
-    from learn_tasks.evaluation.harness import evaluate_run
-
-    grid = [{"model.id_dropout": p, "train.logq": q} for q in ([True, False] if logq else [False]) for p in ID_DROPOUTS]
-    specs = [(home, dataset, "temporal", "learn", budget, epochs, sets)]
-    specs += [(home, dataset, "temporal", "learn_hybrid", budget, epochs, sets + [_set("learn_hybrid", k, v)
-                                                                                  for k, v in g.items()]) for g in grid]
-    results = train_many(jobs, specs)
-    cfg = load_settings(overrides=sets + ["evaluate.max_users=0"])
-
-    def valid(kind: str, tr: dict) -> dict:
-        m = evaluate_run(cfg, dataset, "temporal", kind, run_dir=tr["run_dir"], stage=S.VALID, write_report=False)
-        return {f"{s}_recall@{k}": m[s][f"recall@{k}"] for s in ("all", "cold_start", "long_tail", "head")
-                if s in m for k in (50, 200)} | {"users": m["meta"]["users"], "epochs_run": tr["epochs_run"]}
-
-    reference = valid("learn", results[0])
-    cold_floor = COLD_SHARE * reference["cold_start_recall@50"]
-    tail_floor = reference["long_tail_recall@50"]
-    rows = [{**g, **valid("learn_hybrid", tr)} for g, tr in zip(grid, results[1:])]
-    ok = [r for r in rows if r["cold_start_recall@50"] >= cold_floor and r["long_tail_recall@50"] >= tail_floor]
-    pick = max(ok, key=lambda r: r["all_recall@200"]) if ok else max(rows, key=lambda r: r["cold_start_recall@50"])
-    for r in rows:
-        r["chosen"] = r is pick
-        print(f"   {r['model.id_dropout']=} {r['train.logq']=}: valid cold R@50 {r['cold_start_recall@50']:.4f} "
-              f"(floor {cold_floor:.4f}), tail R@50 {r['long_tail_recall@50']:.4f} (floor {tail_floor:.4f}), "
-              f"all R@200 {r['all_recall@200']:.4f}", flush=True)
-    return {"rule": f"best all recall@200 with temporal-validation cold_start recall@50 >= {COLD_SHARE} x learn's "
-                    "and long_tail recall@50 >= learn's (else the best cold_start recall@50)",
-            "learn": reference, "runs": rows, "constraints_met": bool(ok),
-            "chosen": {k: pick[k] for k in grid[0]}, "budget_s": budget, "max_epochs": epochs}
-
-
-def throughput(home: str, dataset: str, sets: list[str]) -> dict:
-    """Training sequences/s of each neural kind alone on the machine (one epoch, loo, one thread)."""
-    out = {}
-    for kind in NEURAL:
-        tr = train_subprocess(home, dataset, "loo", kind, 0, 1, sets + ["train.val_users=200"])
-        out[kind] = {"sequences_per_s": tr["sequences_per_s"], "train_seconds": tr["train_seconds"],
-                     "train_sequences": tr["train_sequences"], "peak_rss_mb": tr["peak_rss_mb"]}
-        print(f"   throughput {kind}: {tr['sequences_per_s']:.0f} sequences/s", flush=True)
-    return out
-
-
-def chosen_sets(choices: dict[str, dict]) -> list[str]:
-    """``{kind: {"section.field": value}}`` -> per-model ``--set`` overrides."""
-    return [_set(kind, key, v) for kind, chosen in choices.items() for key, v in chosen.items()]
-
-
-def deep_merge(old: dict, new: dict) -> dict:
-    """``old`` updated with ``new``, nested dicts merged key by key (``meta`` is replaced whole)."""
-    out = dict(old)
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "meta":
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def slim(metrics: dict) -> dict:
-    return {s: {k: metrics[s][k] for k in KEEP} for s in S.SLICES if s in metrics}
-
-
-def table(result: dict, protocols: list[str], models: list[str]) -> str:
-    lines = []
-    for protocol in protocols:
-        lines += [f"\n{protocol}: Recall@10/50/200 and NDCG@10 (%)", "| model | slice | R@10 | R@50 | R@200 | N@10 | N@200 |",
-                  "|---|---|---|---|---|---|---|"]
-        for model in models:
-            for s, m in result[protocol].get(model, {}).items():
-                lines.append(f"| {model} | {s} | " + " | ".join(f"{100 * m[k]:.2f}" for k in
-                                                                   ("recall@10", "recall@50", "recall@200", "ndcg@10", "ndcg@200")) + " |")
-    return "\n".join(lines)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 4 configurations, epochs 1-4, user samples, still every seed; writes *_quick.json")
+    ap.add_argument("--dataset", default="amazon-books-2014-sample", help="a prepared or registered public dataset")
+    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
+    ap.add_argument("--protocols", default="loo,temporal")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds of every final configuration (>= 3)")
+    ap.add_argument("--configs", type=int, default=None, help="configurations drawn per kind (full 27, quick 4)")
+    ap.add_argument("--eta", type=int, default=None, help="successive halving factor (full 3, quick 2)")
+    ap.add_argument("--min-epochs", type=int, default=None, help="epochs of the first rung (dataset default)")
+    ap.add_argument("--max-epochs", type=int, default=None,
+                    help="epoch cap of the final runs and length of every run's step schedule (dataset default)")
+    ap.add_argument("--patience", type=int, default=10, help="validation rounds without improvement (>= 10 in full runs)")
+    ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                    help="refit on train + valid for the epochs validation chose before testing")
+    ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all; quick 300)")
+    ap.add_argument("--val-users", type=int, default=None, help="validation users (0 = all; quick 300)")
+    ap.add_argument("--train-users", type=int, default=None, help="training users sampled (0 = all; quick 1500)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="wall-clock cap per training run (0 = none): it may stop a run, never change its schedule")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes, one thread each (default: CPU count)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
+    ap.add_argument("--search-seed", type=int, default=0, help="seed of the configuration draw and of search trials")
+    ap.add_argument("--set", action="append", default=[], help="extra section.key=value for every run")
+    hygiene.add_arguments(ap)
+    args = ap.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    min_e, max_e = (QUICK["min_epochs"], QUICK["max_epochs"]) if args.quick else EPOCHS.get(args.dataset, DEFAULT_EPOCHS)
+    for key, default in (("configs", profile["configs"]), ("eta", profile["eta"]), ("min_epochs", min_e),
+                         ("max_epochs", max_e), ("max_users", profile["max_users"]),
+                         ("val_users", profile["val_users"]), ("train_users", profile["train_users"])):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.seeds < 3:
+        ap.error("--seeds must be at least 3: intervals carry seed-to-seed noise")
+    if not args.quick and args.patience < 10:
+        ap.error("a full run trains to convergence: --patience must be at least 10 validation rounds")
+    args.seed_list = list(range(args.seeds))
+    args.jobs = args.jobs or max(1, os.cpu_count() or 1)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="subset of test users, one epoch, no sweep")
-    ap.add_argument("--dataset", default="amazon-books-2014-sample")
-    ap.add_argument("--home", default=os.environ.get("LEARN_HOME", ".learn"), help="LEARN_HOME with the dataset")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="most training epochs per model; early stopping on validation ends runs sooner (quick 1, full 40)")
-    ap.add_argument("--budget-s", type=float, default=None, help="cap on training seconds per model (quick 150, full 600)")
-    ap.add_argument("--max-users", type=int, default=None, help="test users per protocol (0 = all)")
-    ap.add_argument("--models", default=",".join(NEURAL + BASELINES))
-    ap.add_argument("--protocols", default="loo,temporal")
-    ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
-                    help="also run the LEARN ablation under loo (default: on in full mode)")
-    ap.add_argument("--set", action="append", default=[], help="extra section.key=value for every run")
-    ap.add_argument("--sweep", default=None,
-                    help="comma-separated kinds to sweep on loo validation first (full default learn_hybrid,sasrec; '' = none)")
-    ap.add_argument("--id-dropout", action=argparse.BooleanOptionalAction, default=None,
-                    help="choose learn_hybrid's ID dropout on temporal validation first (default: on in full mode)")
-    ap.add_argument("--sweep-budget-s", type=float, default=120.0, help="training seconds per sweep run")
-    ap.add_argument("--sweep-epochs", type=int, default=10, help="most epochs per sweep run")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help="training processes at a time, one thread each (quick 1, full: the CPU count)")
-    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
-                    help="first time one epoch of each neural kind alone on the machine (default: on in full mode)")
-    ap.add_argument("--merge", action="store_true", help="keep the entries of an existing output this run does not produce")
-    ap.add_argument("--ablation-only", action="store_true",
-                    help="only the LEARN ablation, next to the `learn` results of the existing output (implies --merge)")
-    ap.add_argument("--output", type=Path, default=RESULT)
-    hygiene.add_arguments(ap)
-    args = ap.parse_args(argv)
+    args = parse(argv)
     run = hygiene.begin(args)
-
-    full = not args.quick
-    if args.ablation_only:  # the other phases and models come from the existing output
-        args.merge, args.ablation, args.sweep, args.id_dropout, args.throughput = True, True, "", False, False
-        args.models, args.protocols = "", "loo"
-    epochs = args.epochs if args.epochs is not None else (40 if full else 1)
-    budget = args.budget_s if args.budget_s is not None else (600.0 if full else 150.0)
-    max_users = args.max_users if args.max_users is not None else (0 if full else 4000)
-    ablation = args.ablation if args.ablation is not None else full
-    sweep_kinds = [k for k in (args.sweep if args.sweep is not None else ("learn_hybrid,sasrec" if full else "")).split(",") if k]
-    id_dropout = args.id_dropout if args.id_dropout is not None else full
-    jobs = args.jobs if args.jobs is not None else ((os.cpu_count() or 1) if full else 1)
-    if args.quick:  # a short budget leaves no room for long validations
-        args.set = ["train.val_users=1000"] + args.set
+    t_start = time.perf_counter()
     os.environ["LEARN_HOME"] = args.home
-    cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
-    from learn_tasks.data import public
-    from learn_tasks.ceg import encode, store
-    from learn_tasks.evaluation.harness import evaluate_run
-    from learn_tasks.pch.kinds import resolve
-
-    if args.dataset in public.DATASETS:  # a registered public dataset: fetch and prepare it when missing
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_settings(overrides=args.set)
+    if args.dataset in public.DATASETS:  # a registered public dataset: fetch (mirror) and prepare it when missing
         public.ensure_prepared(cfg, args.dataset)
     if store.current_fingerprint(cfg, args.dataset) is None:
-        print(f"== encoding {args.dataset} (once)", flush=True)
+        hygiene.log(f"encoding {args.dataset} (once)")
         encode.encode_catalogue(cfg, args.dataset)
-
-    models = [m for m in args.models.split(",") if m]
-    protocols = args.protocols.split(",")
-    result: dict = {p: {} for p in protocols}
-    details: dict = {p: {} for p in protocols}
-    result["train"], result["configs"] = {}, {}
-    t_start = time.perf_counter()
-    if args.throughput if args.throughput is not None else full:
-        print("== throughput (one epoch per kind, alone on the machine)", flush=True)
-        result["throughput"] = throughput(args.home, args.dataset, args.set)
-    choices: dict[str, dict] = {}
-    if sweep_kinds:
-        print(f"== sweep on loo validation: {sweep_kinds}, {jobs} at a time", flush=True)
-        result["sweep"] = sweep(args.home, args.dataset, sweep_kinds, args.sweep_budget_s, args.sweep_epochs, args.set, jobs)
-        choices = {k: dict(v["chosen"]) for k, v in result["sweep"].items()}
-    if id_dropout:
-        print("== learn_hybrid ID dropout on temporal validation", flush=True)
-        result["id_dropout"] = choose_id_dropout(args.home, args.dataset, args.sweep_budget_s, args.sweep_epochs,
-                                                 args.set + chosen_sets(choices), jobs,
-                                                 logq=resolve(load_settings(overrides=args.set + chosen_sets(choices)),
-                                                              "learn_hybrid").train.logq)
-        choices.setdefault("learn_hybrid", {}).update(result["id_dropout"]["chosen"])
-    if choices:
-        result["chosen"] = choices
-        args.set = args.set + chosen_sets(choices)
-        cfg = load_settings(overrides=args.set + [f"evaluate.max_users={max_users}"])
-
-    neural = [(p, m) for p in protocols for m in models if m in NEURAL]
-    print(f"== training {len(neural)} model(s), {jobs} at a time, up to {epochs} epochs / {budget:.0f} s each", flush=True)
-    trained = dict(zip(neural, train_many(jobs, [(args.home, args.dataset, p, m, budget, epochs, args.set)
-                                                  for p, m in neural])))
-    for (protocol, model), tr in trained.items():
-        result["train"].setdefault(model, {})[protocol] = {
-            k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "train_seconds", "epochs_run", "best_epoch",
-                               "stopped", "val", "run_id")}
-        c = resolve(cfg, model)
-        result["configs"][model] = {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"per_model"}),
-                                    "budget_s": budget, "max_epochs": epochs}
-    for protocol in protocols:
-        for model in models:
-            t0 = time.perf_counter()
-            tr = trained.get((protocol, model))
-            m = evaluate_run(cfg, args.dataset, protocol, model, run_dir=tr["run_dir"] if tr else None)
-            result[protocol][model] = slim(m)
-            details[protocol][model] = {"coverage": m["coverage"], "mrr": {s: m[s]["mrr"] for s in S.SLICES if s in m},
-                                        "cases": {s: m[s]["cases"] for s in S.SLICES if s in m},
-                                        **({"future": m["future"]} if "future" in m else {})}
-            print(f"   {protocol}/{model}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in result[protocol][model]["all"].items())
-                  + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
-    if ablation and "loo" in protocols:
-        print("== ablation (loo)", flush=True)
-        previous = json.loads(args.output.read_text(encoding="utf-8")) if args.ablation_only else {}
-        for key in ("learn", "sasrec", "learn_hybrid"):  # the reference rows of the ablation table
-            if key not in result["loo"] and key in previous.get("loo", {}):
-                result["loo"][key] = previous["loo"][key]
-        result["ablation_loo"] = {"learn": result["loo"].get("learn")}
-        runs = train_many(jobs, [(args.home, args.dataset, "loo", "learn", budget, epochs, args.set + sets)
-                                 for sets in ABLATION.values()])
-        for name, tr in zip(ABLATION, runs):
-            m = evaluate_run(cfg, args.dataset, "loo", "learn", run_dir=tr["run_dir"])
-            result["ablation_loo"][name] = slim(m)
-            result["train"][name] = {"loo": {k: tr[k] for k in ("sequences_per_s", "peak_rss_mb", "epochs_run",
-                                                                 "best_epoch", "stopped")}}
-        result["ablation_loo"]["content_vs_id"] = {
-            "content (learn)": result["loo"].get("learn"), "id (sasrec)": result["loo"].get("sasrec"),
-            "content + id (learn_hybrid)": result["loo"].get("learn_hybrid")}
-    # the flat entry the acceptance shape names: throughput and memory per model (loo run, else temporal)
-    for model, by in list(result["train"].items()):
-        first = by.get("loo") or next(iter(by.values()))
-        by.update({"sequences_per_s": first["sequences_per_s"], "peak_rss_mb": first["peak_rss_mb"]})
-        if model in result.get("throughput", {}):
-            by["sequences_per_s_alone"] = result["throughput"][model]["sequences_per_s"]
-    result["details"] = details
+    protocols = [p for p in args.protocols.split(",") if p]
+    for protocol in protocols:  # cache the splits before the workers read them
+        load_split(cfg, args.dataset, protocol)
+    plan = tuning.Plan(args.configs, args.min_epochs, args.eta)
+    if plan.max_epochs > args.max_epochs:
+        raise SystemExit(f"the search's longest rung ({plan.max_epochs} epochs) exceeds --max-epochs {args.max_epochs}")
+    result: dict = {"diffs": {}, "coverage": {}, "cold_pool": {}, "users": {}, "final": {}, "selection": {},
+                    "seeds": {kind: args.seed_list for kind in NEURAL}}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=tuning.worker_init) as pool:
+        bench = Bench(args, cfg, pool)
+        for protocol in protocols:
+            bench.protocol(protocol, plan, result)
+    result["timing"] = {p: {k: {**t, "train_s_per_epoch": t["train_s"] / max(t["epochs"], 1),
+                                "other_s_per_run": (t["wall_s"] - t["train_s"]) / max(t["runs"], 1)}
+                            for k, t in by.items()} for p, by in bench.timing.items()}
+    result["budget_stops"] = bench.budget_stops
     result["meta"] = {
-        "mode": "quick" if args.quick else "full", "dataset": args.dataset, "max_epochs_per_model": epochs,
-        "budget_s_cap_per_model": budget, "patience": cfg.train.patience, "jobs": jobs,
-        "max_users": max_users, "models": models, "protocols": protocols, "ablation": bool(ablation),
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-        "load_avg_at_end": os.getloadavg(), "wall_s": time.perf_counter() - t_start,
-        "created": datetime.now(timezone.utc).isoformat(), "extra_settings": args.set,
+        "mode": "quick" if args.quick else "full", "dataset": args.dataset, "protocols": protocols,
+        "plan": plan.to_dict(), "max_epochs": args.max_epochs, "patience": args.patience, "refit": args.refit,
+        "seeds": args.seed_list, "max_users": args.max_users, "val_users": args.val_users,
+        "train_users": args.train_users, "budget_s": args.budget_s, "jobs": args.jobs, "n_boot": args.n_boot,
+        "metric": cfg.train.early_stop_metric, "ks": list(cfg.evaluate.ks), "pairs": [f"{a}_vs_{b}" for a, b in PAIRS],
+        "extra_settings": args.set, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "python": platform.python_version(), "wall_s": round(time.perf_counter() - t_start, 1),
+        "created": datetime.now(timezone.utc).isoformat(),
     }
-    if args.merge and args.output.exists():  # the earlier run's meta stays; this run's goes beside it
-        result[f"meta_{'ablation' if args.ablation_only else 'update'}"] = result.pop("meta")
-        result = deep_merge(json.loads(args.output.read_text(encoding="utf-8")), result)
-    earlier_noisy = bool(result.get("noisy"))  # a merged file is only as clean as its noisiest run
     result.update(run.finish())
-    result["noisy"] = result["noisy"] or earlier_noisy
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(args.output)
-    print(table(result, protocols, models))
-    print(f"\nwrote {args.output} in {time.perf_counter() - t_start:.0f}s")
+    out = RESULTS / output_name(args.dataset, args.quick)
+    write_json(plain(result), out)
+    print(f"wrote {out.relative_to(REPO)} in {time.perf_counter() - t_start:.0f}s (noisy: {result['noisy']})")
     return 0
 
 

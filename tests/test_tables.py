@@ -1,0 +1,118 @@
+"""bench/tables.py: quality tables from the benchmark's JSON, and the committed pages match the committed JSON."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("bench_tables", REPO / "bench" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(value: float, cases: int = 100) -> dict:
+    out = {"cases": cases}
+    for k in (10, 50, 200):
+        for name in ("recall", "ndcg"):
+            v = value * (1 + k / 100) * (0.5 if name == "ndcg" else 1)
+            out[f"{name}@{k}"] = v
+            out[f"{name}@{k}_ci"] = [v - 0.01, v + 0.01]
+    return out
+
+
+def fake_result(dataset: str = "movielens-latest-small", mode: str = "quick") -> dict:
+    models = {"learn": 0.05, "learn_hybrid": 0.08, "sasrec": 0.06, "popular": 0.02, "recent_popular": 0.03,
+              "item_knn": 0.04, "content_knn": 0.01}
+    proto = {m: {"all": row(v), "cold_start": row(v / 2, 10), "long_tail": row(v / 3, 20), "head": row(v, 70),
+                 "cold_users": row(v, 5)} for m, v in models.items()}
+    diff = lambda mean, lo, hi: {"mean": mean, "lo": lo, "hi": hi,  # noqa: E731
+                                 "verdict": "better" if lo > 0 else "worse" if hi < 0 else "tie"}
+    pairs = {f"learn_hybrid_vs_{o}": {s: {m: diff(0.02, 0.01, 0.03) if o == "sasrec" else diff(0.001, -0.01, 0.012)
+                                          for m in ("recall@10", "ndcg@10", "recall@200")}
+                                      for s in ("all", "cold_start")}
+             for o in ("sasrec", "learn", "recent_popular")}
+    chosen = {"learn": {"model.dropout": 0.1, "train.lr": 0.001}, "learn_hybrid": {"model.id_dropout": 0.3},
+              "sasrec": {"train.loss": "bce"}}
+    sel = {**{k: {"chosen": v} for k, v in chosen.items()},
+           "recent_popular": {"setting": "evaluate.recent_days", "chosen": 30.0},
+           "item_knn": {"setting": "evaluate.knn_neighbours", "chosen": 100},
+           "mix_k": {"chosen": 10.0, "constraint_met": True}}
+    return {
+        "loo": proto, "temporal": copy.deepcopy(proto), "diffs": {"loo": pairs, "temporal": copy.deepcopy(pairs)},
+        "coverage": {p: {m: {"coverage@10": 0.1 + v} for m, v in models.items()} for p in ("loo", "temporal")},
+        "cold_pool": {"loo": {"test": 12, "items": 9742}, "temporal": {"test": 345, "items": 9742}},
+        "users": {"loo": {"test": 300, "test_available": 610}, "temporal": {"test": 55, "test_available": 55}},
+        "seeds": {"learn": [0, 1, 2], "learn_hybrid": [0, 1, 2], "sasrec": [0, 1, 2]},
+        "selection": {"loo": sel, "temporal": sel},
+        "final": {p: {k: {"runs": [{"best_epoch": e} for e in (3, 4, 4)]} for k in chosen} for p in ("loo", "temporal")},
+        "meta": {"mode": mode, "dataset": dataset, "metric": "recall@200",
+                 "pairs": ["learn_hybrid_vs_sasrec", "learn_hybrid_vs_learn", "learn_hybrid_vs_recent_popular"], "patience": 10, "max_epochs": 4, "refit": True,
+                 "plan": {"configs": 4, "eta": 2, "min_epochs": 1, "budget_epochs": 8,
+                          "rungs": [{"candidates": 4, "epochs": 1}, {"candidates": 2, "epochs": 2}]}},
+        "commit": "0123456789abcdef", "command": "python bench/quality.py --quick --dataset movielens-latest-small",
+        "noisy": False, "load_avg": 0.4,
+    }
+
+
+def test_tables_show_every_model_both_protocols_intervals_coverage_and_ties(tables, tmp_path):
+    (tmp_path / "quality_movielens_quick.json").write_text(json.dumps(fake_result()))
+    (tmp_path / "quality_old.json").write_text(json.dumps({"loo": {"learn": {"all": {"recall@10": 0.1}}}, "meta": {}}))
+    current, earlier = tables.load(tmp_path)
+    assert [n for n, _ in current] == ["quality_movielens_quick.json"] and earlier == ["quality_old.json"]
+    docs = tables.render_docs(current, earlier)
+    for model in tables.MODELS:
+        assert f"| {model} |" in docs
+    assert "**loo**" in docs and "**temporal**" in docs and "quick smoke run" in docs
+    assert "| learn_hybrid | 8.80 [7.80, 9.80] | 4.40 [3.40, 5.40]" in docs  # R@10 and N@10 with intervals, in %
+    assert "| 18.00 |" in docs  # learn_hybrid's coverage@10
+    assert "| loo | vs sasrec | all | +2.00 [+1.00, +3.00] better" in docs
+    assert "| temporal | vs learn | cold-start | +0.10 [-1.00, +1.20] tie" in docs
+    assert docs.index("| loo | vs sasrec | all") < docs.index("| loo | vs learn | all")  # the benchmark's order
+    assert "Not tabulated: `bench/results/quality_old.json`" in docs
+    assert "loo 12 of 9,742 items" in docs and "mix_k 10.0" in docs and "best epoch per seed 3, 4, 4" in docs
+    readme = tables.render_readme(current, earlier)
+    assert "| learn_hybrid | 8.80 [7.80, 9.80] | 4.40 [3.40, 5.40] | 8.80 [7.80, 9.80] | 4.40 [3.40, 5.40] | 18.00 / 18.00 |" in readme
+    assert readme.count("| ") > 7 and "not a result" in readme
+
+
+def test_full_runs_come_first_and_a_file_without_intervals_is_earlier(tables, tmp_path):
+    (tmp_path / "quality_movielens_quick.json").write_text(json.dumps(fake_result()))
+    (tmp_path / "quality_amazon_books.json").write_text(json.dumps(fake_result("amazon-books-2014-sample", "full")))
+    broken = fake_result()
+    del broken["loo"]["learn"]["all"]["recall@10_ci"]
+    (tmp_path / "quality_x.json").write_text(json.dumps(broken))
+    current, earlier = tables.load(tmp_path)
+    assert [n for n, _ in current] == ["quality_amazon_books.json", "quality_movielens_quick.json"]
+    assert earlier == ["quality_x.json"]
+    assert "### Amazon Books 2014 sample, full run" in tables.render_docs(current, earlier)
+    empty = tables.render_docs([], ["quality_amazon_books.json"])
+    assert "No output of the current benchmark" in empty and "quality_amazon_books.json" in empty
+
+
+def test_blocks_are_replaced_between_the_markers_only(tables):
+    page = f"# Title\n\nbefore\n{tables.BEGIN}\nold\n{tables.END}\nafter\n"
+    new = tables.replace_block(page, "new table\n", "page.md")
+    assert new == f"# Title\n\nbefore\n{tables.BEGIN}\nnew table\n{tables.END}\nafter\n"
+    assert tables.replace_block(new, "new table\n", "page.md") == new  # idempotent
+    with pytest.raises(ValueError, match="page.md: needs exactly one"):
+        tables.replace_block("# no markers\n", "x\n", "page.md")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        tables.replace_block(page + page, "x\n", "page.md")
+
+
+def test_committed_pages_match_the_committed_json(tables):
+    pages = tables.generate()
+    for path, text in pages.items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(REPO)} is stale: run python bench/tables.py"
+    assert tables.main(["--check"]) == 0
