@@ -17,9 +17,9 @@ from learn_tasks.data import datasets as data  # noqa: E402
 from learn_tasks.data import synth  # noqa: E402
 from learn_tasks.config import Settings, load_settings  # noqa: E402
 from learn_tasks import state  # noqa: E402
+from helpers import PG, pg_admin  # noqa: E402  (tests/helpers.py)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # the local server of production tests
 
 
 @pytest.fixture
@@ -41,12 +41,7 @@ def synth_dataset(settings: Settings, tmp_path: Path) -> str:
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for the test module (production tests), dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
-    admin.autocommit = True
+    admin = pg_admin()
     name = f"learn_t_pg_{uuid.uuid4().hex[:8]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')

@@ -19,6 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # the local server of production tests
+
+
+def pg_admin():
+    """An autocommit connection to the local PostgreSQL's ``postgres`` database (the test is skipped when
+    the server is not reachable)."""
+    import pytest
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    conn.autocommit = True
+    return conn
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -38,13 +38,13 @@ import psutil
 import pytest
 
 from compose_local import SECRET_VARS, LocalStack, free_port, stack_databases, uts_prefix, write_dotenv
+from helpers import PG, pg_admin
 from learn_tasks.config import load_settings
 from learn_tasks.data import synth
 from learn_tasks.processes import http_json, with_descendants
 
 pytestmark = pytest.mark.production
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 LISTENS = {"redis": [6379], "airflow-apiserver": [8080], "airflow-scheduler": [8974], "airflow-worker": [8793],
            "airflow-triggerer": [8794], "learn-api": [8000], "evidently-ui": [8000]}
 DATASET = "synth"
@@ -63,18 +63,13 @@ PIPELINE_TIMEOUT_S = 2400  # the whole DAG on two busy cores, every task a fresh
 def _prerequisites() -> list[str]:
     import shutil
 
-    import psycopg2
-
     uts = uts_prefix()
     if uts is None:
         pytest.skip("`unshare --uts` is not allowed here: each container needs its own hostname")
     for exe in ("redis-server", "redis-cli", "pg_isready", "bash"):
         if shutil.which(exe) is None:
             pytest.skip(f"{exe} is not installed")
-    try:
-        psycopg2.connect(dbname="postgres", connect_timeout=3, **PG).close()
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    pg_admin().close()  # skips when PostgreSQL is not reachable
     return uts
 
 

@@ -13,8 +13,8 @@ import pytest
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 HEAVY = ("torch", "transformers", "great_expectations", "feast", "pymilvus", "evidently", "learn_tasks")
 # What a DAG file may load of ours while it is parsed: the model kinds and the task helper, nothing of a stage.
-LIGHT = ("learn_tasks", "learn_tasks.config", "learn_tasks.orchestration", "learn_tasks.orchestration.dag_tasks",
-         "learn_tasks.orchestration.assets")
+LIGHT = ("learn_tasks", "learn_tasks.config", "learn_tasks.paths", "learn_tasks.orchestration",
+         "learn_tasks.orchestration.dag_tasks", "learn_tasks.orchestration.assets")
 
 
 @pytest.fixture(scope="module")

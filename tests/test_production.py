@@ -27,11 +27,11 @@ import yaml
 
 from compose_local import (COMPOSE, SECRET_VARS, env_example, generated_env, interpolate, load_compose, read_image,
                            service_env, stack_databases as make_stack_databases, variables)
+from helpers import PG, pg_admin
 from learn_tasks.config import REPO_ROOT, load_settings
 
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 PROFILE = REPO_ROOT / "configs" / "production.yaml"
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 LONG_RUNNING = {"postgres", "redis", "etcd", "minio", "milvus", "airflow-apiserver", "airflow-scheduler",
                 "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "learn-api", "evidently-ui"}
@@ -234,20 +234,12 @@ def test_profile_holds_no_credentials() -> None:
 # ==================================================================================================
 # For real: PostgreSQL and Redis on this machine
 # ==================================================================================================
-def _pg_admin():
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
-    conn.autocommit = True
-    return conn
 
 
 @pytest.fixture
 def stack_databases() -> Iterator[dict[str, str]]:
     """Fresh Airflow and Feast databases and roles, made by the stack's own init script, dropped after."""
-    _pg_admin().close()
+    pg_admin().close()
     secrets = {k: v for k, v in generated_env().items()
                if k in ("AIRFLOW_DB_PASSWORD", "FEAST_DB_PASSWORD", "LEARN_DB_PASSWORD")}
     with make_stack_databases(secrets, uuid.uuid4().hex[:8], PG) as names:
