@@ -54,10 +54,11 @@ def pg_url() -> Iterator[str]:
         admin.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once for the whole session (the
-    pipeline runs of ``runner.run_pipeline(..., airflow_home=...)`` share it)."""
+    """A temporary AIRFLOW_HOME whose SQLite metadata DB is migrated once per test module (the
+    pipeline runs of a test module's ``runner.run_pipeline(..., airflow_home=...)`` share it; modules do not,
+    since runs of the same DAG and day in one metadata DB would meet each other's task instances)."""
     from learn_tasks.orchestration import airflow_env
 
     home = tmp_path_factory.mktemp("airflow_home")

@@ -403,8 +403,9 @@ def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Pa
     lite = load_settings(env={"LEARN_HOME": str(home)})
     server = milvus_server.start(lite, port=_free_port())
     try:
+        # The profile's index settings on a server URI; its shared state (PostgreSQL) is another test's subject.
         cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(home), "LEARN_INDEX__URI": server["uri"]},
-                            overrides=["index.recall_queries=64"])
+                            overrides=["index.recall_queries=64", "state.backend=files"])
         assert index.resolve_uri(cfg)[2] == "server" and cfg.index.index_type == "HNSW"
         rng = np.random.default_rng(0)
         vecs = rng.standard_normal((2000, 64)).astype(np.float32)

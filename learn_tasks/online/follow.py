@@ -195,6 +195,8 @@ class ReleaseFollower:
                 self.status, self.reason = "degraded", f"release {rid} (model {version}) cannot be served: {msg}"
             return
         self._current, self.release = new, rel  # the swap: the next request reads the new one
+        for listener in self.listeners:  # at once, so every page of the service names the model it serves
+            listener(new)
         if old is not None:
             old.retire()  # waits for a write in progress; later writes go to the new one
         new.catch_up()
@@ -202,8 +204,6 @@ class ReleaseFollower:
         self.swaps += 1
         self.last_swap_s = time.perf_counter() - t0
         self.status, self.reason = "ok", None
-        for listener in self.listeners:
-            listener(new)
         if old is not None:
             old.close()
         log.info("serving release %d of %s: model %s, collection %s (loaded in %.1f s)", rid, self.dataset,
