@@ -34,7 +34,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import psutil
 import yaml
 
+from helpers import free_port
 from learn_tasks.config import REPO_ROOT
 from learn_tasks.processes import with_descendants
 
@@ -220,12 +220,6 @@ def _argv(value: Any) -> list[str] | None:
 # ==================================================================================================
 # Local processes
 # ==================================================================================================
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # In new UTS and mount namespaces: set the hostname, and make it resolve (Docker writes it into the
 # container's /etc/hosts; torchrun's rendezvous, for one, looks it up), then run the command.
 _AS_CONTAINER = 'hostname "$0" && mount --bind "$LOCAL_STACK_HOSTS" /etc/hosts && exec "$@"'

@@ -7,7 +7,6 @@ fetches and reads, byte for byte. A local LEARN_HOME is covered by every other t
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import free_port
 from learn_tasks import artifact_log, artifacts
 from learn_tasks.ceg import encode, store
 from learn_tasks.config import Settings, load_settings
@@ -32,15 +32,9 @@ moto_server = pytest.importorskip("moto.server", reason="moto[s3] (dev extra) ru
 s3fs = pytest.importorskip("s3fs", reason="s3fs reads and writes s3:// homes")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> str:
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -292,7 +286,7 @@ def test_check_writes_reads_and_removes_a_probe(hosts, s3_endpoint: str, tmp_pat
     with pytest.raises(artifacts.ArtifactError, match="cannot write, read and remove"):
         artifacts.check(fresh)  # no bucket
     assert artifacts.check(fresh, create_bucket=True)["home"] == fresh.remote_home
-    unreachable = host("s3://any/home", tmp_path / "d", f"http://127.0.0.1:{_free_port()}",  # fsspec options:
+    unreachable = host("s3://any/home", tmp_path / "d", f"http://127.0.0.1:{free_port()}",  # fsspec options:
                        LEARN_STORAGE__OPTIONS="{config_kwargs: {retries: {max_attempts: 1}}}")  # fail fast
     with pytest.raises(artifacts.ArtifactError, match="EndpointConnectionError"):
         artifacts.check(unreachable)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from helpers import free_port
 from learn_tasks.data import datasets as data
 from learn_tasks.monitoring import dashboard
 from learn_tasks.ops import stack
@@ -79,12 +79,6 @@ TOKEN = "browser-test-token"
 RUN_PARAMS = {"dataset": DATASET, "mode": "full", "epochs": 1, "budget_s": 5}  # seconds of training
 PIPELINE_TIMEOUT_S = 1500  # the whole DAG on two busy cores, every task a fresh process
 _runs: dict[str, Any] = {}  # the successful learn_pipeline run, for the tests after the Airflow one
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ==================================================================================================

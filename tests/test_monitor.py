@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import free_port
 from learn_tasks.data import datasets as data
 from learn_tasks.monitoring import dashboard, frames, monitor, quality, rules
 from learn_tasks.data import splits, synth
@@ -434,12 +434,6 @@ def test_dag_run_fails_on_alert_and_succeeds_without(home: Path, monkeypatch: py
     assert days and read_json(days[-1])["alerts"][0]["slice"] == "long_tail"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_ui_serves_the_dashboard_series_after_two_runs(home: Path) -> None:
     import httpx
@@ -447,7 +441,7 @@ def test_ui_serves_the_dashboard_series_after_two_runs(home: Path) -> None:
     cfg = _settings(home)
     name = _prepare(cfg, home.parent, "synth")
     res = [monitor.monitor_window(cfg, name, embeddings=_synth_embeddings()) for _ in range(2)]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LEARN_HOME": str(home), "DO_NOT_TRACK": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "learn_tasks.cli", "monitor", "ui", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -13,7 +13,6 @@ import json
 import shlex
 import os
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -27,7 +26,7 @@ import yaml
 
 from compose_local import (COMPOSE, SECRET_VARS, env_example, generated_env, interpolate, load_compose, read_image,
                            service_env, stack_databases as make_stack_databases, variables)
-from helpers import PG, pg_admin
+from helpers import PG, free_port, pg_admin
 from learn_tasks.config import REPO_ROOT, load_settings
 
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
@@ -387,12 +386,6 @@ def test_shared_state_in_the_stacks_database(stack_databases: dict[str, str], tm
         assert owners.get(table) == stack_databases["LEARN_DB_USER"], table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Path) -> None:
     """The index code against a server URI (here a Milvus Lite server) with the profile's HNSW parameters."""
@@ -401,7 +394,7 @@ def test_index_code_on_a_milvus_server_uri_with_the_production_hnsw(tmp_path: Pa
 
     home = tmp_path / "home"
     lite = load_settings(env={"LEARN_HOME": str(home)})
-    server = milvus_server.start(lite, port=_free_port())
+    server = milvus_server.start(lite, port=free_port())
     try:
         # The profile's index settings on a server URI; its shared state (PostgreSQL) is another test's subject.
         cfg = load_settings(files=[PROFILE], env={"LEARN_HOME": str(home), "LEARN_INDEX__URI": server["uri"]},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import free_port
 from learn_tasks.online import explorer
 from learn_tasks.ops import stack
 from learn_tasks.ops import supervisor
@@ -27,12 +27,6 @@ from learn_tasks.config import Settings, load_settings
 REPO = Path(__file__).resolve().parents[1]
 LEARN = str(Path(sys.executable).parent / "learn")
 TOKEN = "stack-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------- pure helpers
