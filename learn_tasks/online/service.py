@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import os
 import signal
 import time
@@ -44,7 +45,7 @@ from learn_tasks.config import Settings
 from learn_tasks.data import eventlog
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.validation import SOURCE_ID_REGEX
-from learn_tasks.online import events, explorer, milvus_server
+from learn_tasks.online import events, explorer, index, milvus_server, releases
 from learn_tasks.online.bundle import NEW_ITEM_FIELDS
 from learn_tasks.online.follow import ReleaseFollower
 from learn_tasks.online.recommender import Recommender, Retired, ServeError
@@ -342,6 +343,7 @@ def request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
+log = logging.getLogger("learn.serve")
 WORKER_ENV = "LEARN_SERVE_WORKER_SETTINGS"  # settings + dataset of the worker processes (JSON)
 
 
@@ -374,6 +376,19 @@ def worker_app() -> "FastAPI":
     return create_app(Settings.model_validate(spec["settings"]), spec["dataset"])
 
 
+def preload_release(cfg: Settings, dataset: str | None) -> None:
+    """Load the current release's collection once, before several workers start. Milvus Lite forgets what
+    was loaded when its server starts, and workers loading one collection at the same moment can leave one
+    of them reading it as released (it then serves popular items until ``serve.release_retry_s``)."""
+    try:
+        rel = releases.current(cfg, dataset or cfg.serve.dataset or cfg.pipeline.dataset)
+        if rel is not None:
+            index.ensure_loaded(index.connect(cfg), rel["collection"])
+            index.close(cfg)
+    except Exception as exc:  # noqa: BLE001 - the workers load it themselves and report what fails
+        log.warning("could not load the release's collection before the workers start: %s", exc)
+
+
 def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None, port: int | None = None,
               workers: int | None = None) -> None:
     """Serve the releases of ``dataset`` with uvicorn, following each new one (blocks until stopped).
@@ -393,6 +408,7 @@ def serve_api(cfg: Settings, dataset: str | None = None, host: str | None = None
         return
     # Milvus Lite in-process allows one process: share it through the local server (no-op when it runs).
     started = milvus_server.start(cfg).get("started") if not cfg.index.uri else False
+    preload_release(cfg, dataset)
     os.environ[WORKER_ENV] = json.dumps({"settings": cfg.model_dump(mode="json", by_alias=True), "dataset": dataset})
     try:
         uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, host=host, port=port,
