@@ -126,9 +126,10 @@ def twin_exposure(bundle, everything, queries: np.ndarray, k: int = 10) -> dict:
     exactly as often as warm items of the same content; a content-only model scores 1.0 by design).
     """
     if not bundle.uses_content:
-        return {"new_item_twin_topk_rate": 0.0, "new_item_twin_pairs": 0, "new_item_twin_median_rank": None}
+        return {"new_item_twin_topk_rate": None, "new_item_twin_pairs": 0, "new_item_twin_median_rank": None}  # ID-only
     scores = queries @ everything.vectors.T  # [Q, N]
-    top = np.argsort(-scores, axis=1)[:, :k]
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
     in_top, ranks = 0, []
     for q, rows in enumerate(top):
         ids = everything.item_ids[rows]
