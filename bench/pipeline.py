@@ -3,8 +3,8 @@
 The Amazon Books sample is split the way new data really arrives: 1% of the items (chosen at random) and
 the last ordinary day of events (the crawl's final days are nearly empty) are held out. The full run trains on the rest; the incremental run then lands
 the held-out items and the day of events (through ``$LEARN_HOME/incoming/``) and runs the pipeline in
-incremental mode (validate the new batch only, encode only new items, warm-start training with a
-small budget, reload Milvus). Each run executes in its own process through Airflow's runner, exactly as
+incremental mode (validate the new batch only, encode only new items, a sparse update of the promoted
+model, rewrite only the changed rows in Milvus). Each run executes in its own process through Airflow's runner, exactly as
 ``learn run`` does, so its peak RSS is its own.
 
     python bench/pipeline.py            # the whole sample, the configured training budgets

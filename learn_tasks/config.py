@@ -355,6 +355,10 @@ class PipelineConfig(_Section):
                                     "the promoted model (of any kind) on validation")
     epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
     budget_s: float = Field(150.0, description="full retrain: wall-clock training budget in seconds")
+    incremental_update: Literal["sparse", "dense"] = Field(
+        "sparse", description="incremental retrain: `sparse` keeps the promoted model's dense weights and trains only "
+                              "the ID rows of items with new training evidence, so only their index rows change; "
+                              "`dense` fine-tunes every weight (and the whole index is rebuilt)")
     incremental_epochs: int = Field(2, description="incremental retrain (warm start): epoch limit")
     incremental_budget_s: float = Field(30.0, description="incremental retrain: training budget in seconds")
     incremental_replay_users: int | None = Field(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -155,6 +156,8 @@ def test_incremental_fine_tune_trains_the_days_users_and_a_replay_sample(setting
     np.testing.assert_array_equal(users, stages.fine_tune_users(cfg, a))  # a re-run trains the same users
     assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": None}), a) is None
     assert stages.fine_tune_users(settings.with_overrides(pipeline={"incremental_replay_users": 10**6}), a) is None
+    # a sparse update trains on the window's users alone, whatever the replay setting
+    assert set(stages.fine_tune_users(settings, a, window_only=True).tolist()) == day_users
 
 
 # ------------------------------------------------------------------------------ retrain across kinds
@@ -438,3 +441,37 @@ def test_learn_pipeline_end_to_end_and_idempotent(settings: Settings, synth_data
     assert len(_release_events(synth_dataset)) == len(announced) + 1  # + 1: the re-run of day 1 announced it again
     assert _milvus_state(cfg, synth_dataset) == (collection, count + 3)
     assert _milvus_has(cfg, synth_dataset, [fresh]) == {fresh}
+
+    # the next day the gate promotes: a sparse update (only ID rows of items with new evidence train), whose
+    # few changed rows are rewritten in the live collection, which is then released as the new version
+    monkeypatch.setenv("LEARN_PIPELINE__PROMOTION_MARGIN", "1.0")  # floor = 0: always promote
+    day3 = pd.Timestamp("2021-01-03 10:00", tz="UTC")
+    pd.DataFrame({S.USER_ID: users[:3], S.ITEM_ID: items[S.ITEM_ID].iloc[5:8].to_numpy(),
+                  S.EVENT_TIMESTAMP: [day3 + pd.Timedelta(minutes=i) for i in range(3)]}).to_parquet(
+        incoming / "interactions-day3.parquet")
+    inc3 = runner.run_pipeline(cfg, dataset=synth_dataset, mode="incremental", day="2021-01-03", epochs=1,
+                               budget_s=30, airflow_home=airflow_home)
+    assert inc3["ok"], (inc3.get("failures"), inc3["tasks"])
+    assert inc3["training"]["update"] == "sparse" and inc3["training"]["sparse_rows"] > 0
+    assert inc3["promotion"]["promoted"] is True
+    new_run = registry.promoted(cfg, synth_dataset)
+    assert new_run != run_dir and inc3["training"]["run_dir"] == str(new_run)
+    m = inc3["milvus"]
+    assert m["collection"] == collection and m["updated_from"] == run_dir.name and m["released"] is True
+    assert 0 < m["upserted"] < count // 2  # the changed rows, not the catalogue
+    rel3 = releases.current(cfg, synth_dataset)
+    assert (rel3["model_version"], rel3["collection"]) == (new_run.name, collection)
+    assert _milvus_state(cfg, synth_dataset) == (collection, count + 3)
+    from learn_tasks.online import index
+    from learn_tasks.online.bundle import ModelBundle
+
+    client = index.connect(cfg)
+    try:
+        assert index.collection_version(client, collection) == new_run.name
+        stored = index.fetch_all(client, collection, vectors_only=True)
+    finally:
+        index.close(cfg)
+    bundle = ModelBundle.load(cfg, synth_dataset, new_run)
+    known = np.array([i for i in stored.item_ids if bundle.knows(int(i))], np.int64)
+    pos = np.searchsorted(stored.item_ids, known)
+    assert np.abs(stored.vectors[pos] - bundle.item_vectors(known)).max() < 1e-4  # every row is the new model's

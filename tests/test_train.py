@@ -431,3 +431,47 @@ def test_resolve_gives_the_validated_learn_hybrid_settings(settings):
     sasrec = kinds.resolve(settings, "sasrec")
     assert (sasrec.model.block, sasrec.model.dropout, sasrec.train.loss, sasrec.train.length_buckets) == \
         ("sasrec", 0.5, "bce", False)
+
+
+def test_sparse_update_trains_only_the_id_rows_of_items_with_new_evidence(settings, synth_dataset):
+    emb = topic_embeddings(settings, synth_dataset)
+    base = train.train_model(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    # The validation window's events become training evidence: the items they touch change, the rest do not.
+    cfg = small(settings, fit_splits="train_valid")
+    upd = train.train_model(cfg, synth_dataset, "temporal", "learn_hybrid", epochs=2, embeddings=emb,
+                            warm_start=base["run_dir"], update="sparse")
+    assert upd["update"] == "sparse" and upd["sparse_rows"] > 0 and upd["steps"] > 0
+    a, _ = load_checkpoint(base["run_dir"])
+    b, _ = load_checkpoint(upd["run_dir"])
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in sa:
+        if name not in ("item_id.weight", "id_count"):
+            assert torch.equal(sa[name], sb[name]), name  # dense weights and the content centring are kept
+    va = pd.read_parquet(Path(base["run_dir"]) / "items.parquet").set_index(S.ITEM_ID)
+    vb = pd.read_parquet(Path(upd["run_dir"]) / "items.parquet").set_index(S.ITEM_ID)
+    both = va.index[(va["item_idx"] > 0) & (vb.reindex(va.index)["item_idx"] > 0)]
+    changed = vb.loc[both, S.POPULARITY].to_numpy() != va.loc[both, S.POPULARITY].to_numpy()
+    assert changed.any() and (~changed).any()
+    rows_a = sa["item_id.weight"][torch.as_tensor(va.loc[both, "item_idx"].to_numpy())]
+    rows_b = sb["item_id.weight"][torch.as_tensor(vb.loc[both, "item_idx"].to_numpy())]
+    same = (rows_a == rows_b).all(1).numpy()
+    assert same[~changed].all() and not same[changed].all()
+    # so the item tower gives every item without new evidence exactly its old vector
+    ids, content = emb
+    keep = np.isin(ids, both[~changed])
+    ia = torch.as_tensor(va.reindex(ids)["item_idx"].fillna(0).to_numpy(np.int64))
+    ib = torch.as_tensor(vb.reindex(ids)["item_idx"].fillna(0).to_numpy(np.int64))
+    with torch.no_grad():
+        xa = a.eval().encode_items(torch.as_tensor(content), ia).numpy()
+        xb = b.eval().encode_items(torch.as_tensor(content), ib).numpy()
+    assert np.abs(xa[keep] - xb[keep]).max() < 1e-5
+    assert np.abs(xa[~keep] - xb[~keep]).max() > 1e-3
+    with pytest.raises(ValueError, match="warm start"):
+        train.train_model(cfg, synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb, update="sparse")
+    # a content-only model has no ID rows: its sparse update trains nothing and keeps every weight
+    base_c = train.train_model(small(settings), synth_dataset, "temporal", "learn", epochs=1, embeddings=emb)
+    upd_c = train.train_model(cfg, synth_dataset, "temporal", "learn", epochs=2, embeddings=emb,
+                              warm_start=base_c["run_dir"], update="sparse")
+    assert upd_c["steps"] == 0 and upd_c["sparse_rows"] == 0
+    ca, cb = load_checkpoint(base_c["run_dir"])[0].state_dict(), load_checkpoint(upd_c["run_dir"])[0].state_dict()
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)

@@ -23,7 +23,7 @@ import torch
 from scipy import sparse
 
 DAY_S = 86_400
-ScoreFn = Callable[[int, int], torch.Tensor]  # (lo, hi) -> [hi - lo, N] scores of cases lo..hi-1
+ScoreFn = Callable[[int, int], torch.Tensor]  # (lo, hi) -> a new [hi - lo, N] tensor: scores of cases lo..hi-1
 
 
 def popular_vectors(popularity: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:

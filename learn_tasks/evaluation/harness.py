@@ -166,13 +166,14 @@ def rank_all(user_vecs, item_vecs, cases: Cases, k_max: int, batch: int = 1024) 
 
 def rank_scores(score: ScoreFn, n: int, cases: Cases, k_max: int, batch: int = 1024) -> Ranked:
     """Rank the whole catalogue (``n`` items) for every case; ``score(lo, hi)`` gives the [hi - lo, n] scores
-    of cases lo..hi-1 (called in increasing order). History items other than the target are excluded."""
+    of cases lo..hi-1 (called in increasing order), a tensor of its own: history items other than the target
+    are excluded by overwriting their scores in place."""
     k_max = min(k_max, n)
     ranks, tops = [], []
     with torch.no_grad():
         for lo in range(0, len(cases), batch):
             hi = min(lo + batch, len(cases))
-            scores = score(lo, hi).clone()  # [b, N]
+            scores = score(lo, hi)  # [b, N]
             seg = cases.hist_rows[cases.hist_offsets[lo]:cases.hist_offsets[hi]]
             owner = np.repeat(np.arange(hi - lo), np.diff(cases.hist_offsets[lo:hi + 1]))
             tgt = torch.as_tensor(cases.target_rows[lo:hi])

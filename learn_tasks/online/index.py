@@ -42,6 +42,7 @@ from learn_tasks.data import datasets as data
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.online import features, milvus_server, releases
 from learn_tasks.online.bundle import ModelBundle, encode_pending_items, load_new_items
+from learn_tasks.online.exact import exact_topk, recall_at_k  # noqa: F401  (index.exact_topk is public)
 from learn_tasks.online.milvus_server import LITE_GRPC_OPTIONS, IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
 
@@ -204,44 +205,6 @@ def _index_params(client: "MilvusClient", cfg: Settings, n_rows: int):
 
 
 # ==================================================================================================
-# Exact search and recall (pure)
-# ==================================================================================================
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None,
-               item_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k: (rows [Q, k], scores [Q, k]), best first.
-
-    ``exclude[q]`` (item ids, needs ``item_ids``) are left out for query q. Fewer than k candidates
-    pad with row -1 and score -inf.
-    """
-    scores = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T  # [Q, N]
-    if exclude is not None:
-        pos = {int(i): r for r, i in enumerate(item_ids)} if item_ids is not None else None
-        for q, ex in enumerate(exclude):
-            rows = [pos[i] for i in ex if i in pos] if pos is not None else list(ex)
-            scores[q, rows] = -np.inf
-    k_eff = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff] if k_eff else np.zeros((len(scores), 0), int)
-    order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
-    rows = np.take_along_axis(part, order, 1)
-    top = np.take_along_axis(scores, rows, 1)
-    rows = np.where(np.isfinite(top), rows, -1)
-    if k_eff < k:
-        rows = np.pad(rows, ((0, 0), (0, k - k_eff)), constant_values=-1)
-        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
-    return rows, top
-
-
-def recall_at_k(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int) -> float:
-    """Mean over queries of |found[:k] ∩ exact[:k]| / |exact[:k]| (ids; -1 padding ignored)."""
-    vals = []
-    for f, e in zip(found, exact):
-        truth = {int(x) for x in list(e)[:k] if int(x) >= 0}
-        if truth:
-            vals.append(len({int(x) for x in list(f)[:k]} & truth) / len(truth))
-    return float(np.mean(vals)) if vals else 0.0
-
-
-# ==================================================================================================
 # Collections
 # ==================================================================================================
 def _properties(client: "MilvusClient", name: str) -> dict[str, str]:
@@ -261,6 +224,16 @@ def current(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -
     if alias not in client.list_aliases().get("aliases", []):
         return None
     return client.describe_alias(alias)["collection_name"]
+
+
+def collection_version(client: "MilvusClient", name: str) -> str | None:
+    """The model version whose item tower wrote ``name`` (a sparse update adopts its base's collection)."""
+    return _properties(client, name).get("version") if client.has_collection(name) else None
+
+
+def adopt(client: "MilvusClient", name: str, version: str, rows: int, meta: dict[str, Any]) -> None:
+    """Mark a complete collection as ``version``'s, once a sparse update has rewritten the rows it changed."""
+    _set_properties(client, name, version=version, rows=str(rows), meta=json.dumps(meta, default=str))
 
 
 def versions(cfg: Settings, dataset: str, client: "MilvusClient | None" = None) -> list[dict[str, Any]]:
@@ -349,6 +322,10 @@ def build(cfg: Settings, dataset: str, version: str, rows: ItemRows, queries: np
     """
     client = client or connect(cfg)
     name = collection_name(dataset, version)
+    if client.has_collection(name) and collection_version(client, name) not in (None, version):
+        # A sparse update took this version's collection over: rebuild it under another name (once).
+        own = [v["collection"] for v in versions(cfg, dataset, client) if v["version"] == version]
+        name = own[-1] if own else f"{name}_r{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
     alias = alias_name(cfg, dataset)
     t0 = time.perf_counter()
     reused = False
@@ -454,7 +431,8 @@ def verify_collection(client: "MilvusClient", name: str) -> dict[str, Any]:
         raise IndexStoreError(f"collection {name} is incomplete (an interrupted load): it cannot be released")
     ensure_loaded(client, name)
     expected = int(props.get("rows", 0))
-    got = client.query(name, filter=f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}", output_fields=["count(*)"])
+    # An empty filter counts from segment statistics; any filter makes Milvus evaluate it row by row (30x slower).
+    got = client.query(name, filter="", output_fields=["count(*)"])
     have = int(got[0]["count(*)"]) if got else 0
     if expected <= 0 or have < expected:
         raise IndexStoreError(f"collection {name} holds {have} rows, its load wrote {expected}")

@@ -150,10 +150,9 @@ class Recommender:
         # Milvus: the release's collection, or the one the alias points at now (it must be this model's).
         self.client = index.connect(cfg)
         self.collection = collection or index.current(cfg, self.dataset, self.client)
-        expected = collection or index.collection_name(self.dataset, self.bundle.version)
         if self.collection is None:
             raise ServeError(f"no item index for {self.dataset!r}: run `learn index --dataset {self.dataset}`", 503)
-        if self.collection != expected:
+        if collection is None and index.collection_version(self.client, self.collection) != self.bundle.version:
             raise ServeError(f"the index alias {index.alias_name(cfg, self.dataset)} points at {self.collection}, "
                              f"but the promoted model is {self.bundle.version}: run `learn index --dataset "
                              f"{self.dataset}` to index it (or roll the model back)", 503)

@@ -19,6 +19,8 @@ from learn_tasks.online import index, releases
 from learn_tasks.online.bundle import ModelBundle
 from learn_tasks.orchestration.assets import emit_release
 from learn_tasks.orchestration.runs import PIPELINE_DAG, RunArgs, record
+from learn_tasks.pch import registry
+from learn_tasks.storage import read_json
 
 
 def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None,
@@ -39,10 +41,16 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     quiet_grpc_noise()
     try:
         live = index.current(cfg, a.dataset)
+        live_version = index.collection_version(index.connect(cfg), live) if live is not None else None
         version = Path(serving).name if serving else None
-        if serving and live is not None and live == index.collection_name(a.dataset, version):
+        if serving and live is not None and live_version == version:
             res = refresh_live_collection(cfg, a.dataset, Path(serving), live)
             index.release(cfg, a.dataset, live, source=source, run_key=a.key)  # no new record when released
+        elif serving and live is not None and live_version is not None and sparse_base(Path(serving)) == live_version:
+            # A sparse update of the live model: only the rows of items whose vector or statistics changed
+            # are rewritten, in the live collection, which then carries (and releases) the new version.
+            res = refresh_live_collection(cfg, a.dataset, Path(serving), live, base=live_version)
+            index.release(cfg, a.dataset, live, source=source, run_key=a.key)
         else:
             res = index.index_catalogue(cfg, a.dataset, run_dir=serving, source=source, run_key=a.key)
     finally:
@@ -52,10 +60,27 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
     if released and outlet_events is not None:
         emit_release(outlet_events, rel)
     keep = ("collection", "alias", "rows", "version", "dim", "index_type", "index_recall_at_10", "reused",
-            "previous", "dropped", "run_dir", "uri_kind", "upserted", "refreshed")
+            "previous", "dropped", "run_dir", "uri_kind", "upserted", "refreshed", "updated_from")
     out = {k: res.get(k) for k in keep if k in res}
     out.update({"release_id": rel.get("release_id"), "released": released})
     return record(cfg, a, "milvus", out)
+
+
+def sparse_base(run_dir: Path) -> str | None:
+    """The version a sparse update (``pipeline.incremental_update: sparse``) started from, else None."""
+    meta = read_json(run_dir / registry.META)
+    if meta.get("update") != "sparse" or not meta.get("warm_start"):
+        return None
+    return Path(meta["warm_start"]).name
+
+
+def stat_columns(stats: pd.DataFrame, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Popularity, cold-start and long-tail columns of ``ids`` from a run's ``items.parquet`` (indexed by item
+    id): items the model never saw are cold-start, popularity 0, not long-tail."""
+    st = stats.reindex(ids)
+    return (st[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+            st[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+            st[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool))
 
 
 def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
@@ -63,12 +88,9 @@ def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
     model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
     feature table."""
     items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
-    stats = bundle.stats.reindex(ids)
-    return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids),
-                          popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
-                          first_seen=index.first_seen(cfg, dataset, ids),
-                          is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
-                          is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool),
+    popularity, cold, tail = stat_columns(bundle.stats, ids)
+    return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids), popularity=popularity,
+                          first_seen=index.first_seen(cfg, dataset, ids), is_cold_start=cold, is_long_tail=tail,
                           titles=items[S.TITLE].tolist() if S.TITLE in items else None)
 
 
@@ -78,8 +100,13 @@ def indexable(bundle: Any, ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return ids[usable], ids[~usable].tolist()
 
 
-def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str) -> dict[str, Any]:
-    """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date."""
+def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collection: str,
+                            base: str | None = None) -> dict[str, Any]:
+    """Upsert into the live collection of ``run_dir`` the catalogue items it lacks or holds out of date.
+
+    ``base``: the collection holds ``base``'s rows and ``run_dir`` is a sparse update of it. Rows whose vector
+    or model statistics (popularity, slice flags) differ are rewritten, then the collection is marked as
+    ``run_dir``'s (:func:`learn_tasks.online.index.adopt`) so releasing it serves the new model."""
     client = index.connect(cfg)
     stored = index.fetch_all(client, collection, vectors_only=True)
     bundle = ModelBundle.load(cfg, dataset, run_dir)
@@ -91,13 +118,28 @@ def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collecti
     if have.any():
         old = stored.vectors[pos[have].astype(np.int64).to_numpy()]
         stale[have] = np.abs(old - vectors[have]).max(axis=1) > 1e-4
-    todo = ids[~have | stale]
+    restated = np.zeros(len(ids), bool)
+    if base is not None:
+        base_dir = registry.find_run(cfg, dataset, base)
+        if base_dir is None:
+            raise index.IndexStoreError(f"{run_dir.name} updates {base}, whose run is not under {dataset}'s models")
+        before = pd.read_parquet(base_dir / "items.parquet").set_index(S.ITEM_ID)
+        restated = np.logical_or.reduce([x != y for x, y in zip(stat_columns(before, ids), stat_columns(bundle.stats, ids))])
+        restated &= have & ~stale
+    todo = ids[~have | stale | restated]
     if len(todo):
         index.upsert(cfg, dataset, item_rows(cfg, dataset, bundle, todo), target=collection, client=client)
-    return {"collection": collection, "alias": index.alias_name(cfg, dataset), "version": run_dir.name,
-            "rows": int(len(stored.item_ids) + (~have).sum()), "upserted": int(len(todo)),
-            "refreshed": {"new": int((~have).sum()), "changed": int(stale.sum()), "skipped_no_content": skipped[:50]},
-            "reused": True, "run_dir": str(run_dir)}
+    rows = int(len(stored.item_ids) + (~have).sum())
+    out = {"collection": collection, "alias": index.alias_name(cfg, dataset), "version": run_dir.name,
+           "rows": rows, "upserted": int(len(todo)),
+           "refreshed": {"new": int((~have).sum()), "changed": int(stale.sum()), "restated": int(restated.sum()),
+                         "skipped_no_content": skipped[:50]},
+           "reused": True, "run_dir": str(run_dir)}
+    if base is not None:
+        index.adopt(client, collection, run_dir.name, rows, {"run_dir": str(run_dir), "model_kind": bundle.kind,
+                                                             "updated_from": base})
+        out["updated_from"] = base
+    return out
 
 
 class _UnimplementedRpcFilter(logging.Filter):

@@ -91,18 +91,22 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         log.warning("promoted model %s is a %r, the candidate a %r: training from scratch", warm.name,
                     registry.run_kind(warm), kind)
         warm = None
-    users = None
+    users, update = None, "dense"
     if a.mode == INCREMENTAL and warm is not None:
         epochs = a.epochs if a.epochs is not None else p.incremental_epochs
         budget = a.budget_s if a.budget_s is not None else p.incremental_budget_s
-        users = fine_tune_users(cfg, a)
+        update = p.incremental_update
+        # A sparse update trains only rows of items with new evidence: the users who gave it are enough.
+        users = fine_tune_users(cfg, a, window_only=update == "sparse")
     else:
         epochs = a.epochs if a.epochs is not None else p.epochs
         budget = a.budget_s if a.budget_s is not None else p.budget_s
+    # A warm start is scored by the promotion gate on its fixed sample (evaluate): no validation round here.
     res = train.train_model(cfg, a.dataset, protocol=p.protocol, model=kind, epochs=epochs, budget_s=budget,
-                            warm_start=warm, users=users)
+                            warm_start=warm, users=users, update=update, validate_run=warm is None)
     keep = ("run_dir", "run_id", "dataset", "protocol", "kind", "stopped", "epochs_run", "best_epoch", "steps",
-            "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb")
+            "val", "train_seconds", "train_sequences", "items", "embedding_fingerprint", "peak_rss_mb", "update",
+            "sparse_rows")
     small = {k: res.get(k) for k in keep}
     small.update({"warm_start": str(warm) if warm else None, "epochs_limit": epochs, "budget_s": budget,
                   "encoded": _encode_totals(encoded), "reused": False, "trained_because": why,
@@ -110,16 +114,19 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
     return record(cfg, a, "train", small, inputs)
 
 
-def fine_tune_users(cfg: Settings, a: RunArgs) -> np.ndarray | None:
+def fine_tune_users(cfg: Settings, a: RunArgs, window_only: bool = False) -> np.ndarray | None:
     """Users an incremental warm start trains on: those with events in the run's window (what is new) and
-    ``pipeline.incremental_replay_users`` others drawn at random, so the model does not drift towards
-    the day's users; None (every user) when replay is None or covers everyone."""
+    ``pipeline.incremental_replay_users`` others drawn at random, so a dense fine-tune does not drift
+    towards the day's users; None (every user) when replay is None or covers everyone. ``window_only``:
+    the window's users alone (a sparse update, whose frozen dense weights cannot drift)."""
     replay = cfg.pipeline.incremental_replay_users
-    if replay is None:
+    if replay is None and not window_only:
         return None
     inter = data.load_interactions(cfg, a.dataset)
     ts = inter[S.EVENT_TIMESTAMP]
     new = np.unique(inter.loc[(ts >= a.accept_from) & (ts < a.end), S.USER_ID].to_numpy(np.int64))
+    if window_only:
+        return new
     others = np.setdiff1d(np.unique(inter[S.USER_ID].to_numpy(np.int64)), new)
     if len(others) <= replay:
         return None

@@ -94,8 +94,9 @@ def render_summary(s: Mapping[str, Any]) -> str:
         val = ", ".join(f"{k} {_f(v)}" for k, v in (t.get("val") or {}).items())
         lines += ["## Training (PCH)", "",
                   f"- run {t.get('run_id')} ({t.get('kind')}, {t.get('protocol')}): {t.get('epochs_run')} epoch(s), "
-                  f"stopped by {t.get('stopped')}, {_f(t.get('train_seconds'), 1)} s; validation {val or '-'}"
+                  f"stopped by {t.get('stopped')}, {_f(t.get('train_seconds'), 1)} s; validation {val or '- (scored by the gate)'}"
                   + (f"; warm start from {Path(t['warm_start']).name}" if t.get("warm_start") else "")
+                  + (f" (sparse update: {t.get('sparse_rows')} ID row(s) trained)" if t.get("update") == "sparse" else "")
                   + ("; reused (same inputs)" if t.get("reused") else ""), ""]
     ev = s.get("evaluation")
     if ev:

@@ -206,6 +206,32 @@ def _warm_start(model: PCH, pcfg: PCHConfig, cat: Catalogue, warm_dir: Path) -> 
     model.load_state_dict(new_state)
 
 
+def evidence_changed(cat: Catalogue, warm_dir: Path) -> np.ndarray:
+    """Catalogue rows (with an ID row) whose training evidence differs from the warm start's: items that got
+    training events since, or their first ones. A sparse update trains the ID rows of these items only."""
+    vocab = pd.read_parquet(warm_dir / "items.parquet", columns=[S.ITEM_ID, S.POPULARITY])
+    before = pd.Series(vocab[S.POPULARITY].to_numpy(np.int64), index=vocab[S.ITEM_ID].to_numpy())
+    old = before.reindex(cat.item_ids, fill_value=-1).to_numpy()
+    return np.flatnonzero((cat.item_idx > 0) & (old != cat.popularity))
+
+
+def _freeze_but_rows(net: PCH, rows: np.ndarray) -> int:
+    """Freeze every parameter but the ID embedding rows ``rows`` (ID vocab rows); returns how many rows train.
+
+    The other rows' gradients are zeroed by a hook. AdamW keeps them exactly where they are: their moment
+    estimates stay 0, and the ID table has no weight decay (see the optimiser's parameter groups)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if not net.config.uses_ids or not len(rows):
+        return 0
+    weight = net.item_id.weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[torch.as_tensor(rows, device=weight.device)] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda g: g * mask)
+    return int(len(rows))
+
+
 def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: bool,
                embeddings: tuple[np.ndarray, np.ndarray] | None, fit: tuple[str, ...] = (S.TRAIN,)) -> Catalogue:
     """The training catalogue. Building it never encodes; with ``train.encode_missing`` (and the CEG store
@@ -223,7 +249,8 @@ def _catalogue(cfg: Settings, dataset: str, split: pd.DataFrame, needs_content: 
 def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, model: str | None = None,
                 epochs: int | None = None, budget_s: float | None = None, warm_start: str | Path | None = None,
                 embeddings: tuple[np.ndarray, np.ndarray] | None = None,
-                users: np.ndarray | None = None) -> dict[str, Any]:
+                users: np.ndarray | None = None, update: str = "dense",
+                validate_run: bool = True) -> dict[str, Any]:
     """Train one model kind on a dataset's split; write a complete run folder and return its summary.
 
     Settings come from :func:`learn_tasks.pch.kinds.resolve` (``configs/models/<kind>.yaml``, then
@@ -232,8 +259,19 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     :func:`learn_tasks.ceg.store.load_embeddings`. ``model`` defaults to ``pipeline.model``. ``users``
     limits the training sequences to those users (an incremental fine-tune of a warm start); the
     catalogue, its popularity and the validation cases stay those of the whole split. A ``warm_start``
-    run validates once, after its last epoch (and keeps that epoch).
+    run validates once, after its last epoch (and keeps that epoch); ``validate_run=False`` skips that
+    round (the caller scores the model itself, as the pipeline's promotion gate does).
+
+    ``update="sparse"`` (with ``warm_start``) is the cheap daily update: the warm start's dense weights
+    (content adaptor, transformer, projection) and content centring stay as they are, and only the ID
+    embedding rows of items whose training evidence changed are trained (with their evidence weights). Every
+    other item keeps its exact vector, so the serving index needs only those rows rewritten. A content-only
+    model has no ID rows: its sparse update trains nothing and only takes the new item statistics.
     """
+    if update not in ("dense", "sparse"):
+        raise ValueError(f"update must be 'dense' or 'sparse', got {update!r}")
+    if update == "sparse" and not warm_start:
+        raise ValueError("a sparse update needs a warm start (the model whose dense weights it keeps)")
     model = model or cfg.pipeline.model
     if model not in MODEL_KINDS:
         raise ValueError(f"cannot train {model!r}; trainable kinds are {MODEL_KINDS}")
@@ -255,7 +293,9 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     ids, content, item_idx, pop, fp = cat.item_ids, cat.content, cat.item_idx, cat.popularity, cat.fingerprint
     seqs, skipped = build_sequences(train_df if users is None else
                                     train_df[train_df[S.USER_ID].isin(np.asarray(users, np.int64))], cat)
-    if not len(seqs):
+    if not len(seqs) and update == "sparse":
+        epochs = 0  # no user with new evidence: nothing to train
+    elif not len(seqs):
         raise ValueError(f"dataset {dataset!r} ({protocol}) has no training user with 2 or more events")
     if tc.fit_splits == "train_valid":  # a refit on everything before the test cut-off: no validation left
         val_cases = build_cases(split, cat, protocol, S.VALID).subset(np.zeros(0, np.int64))
@@ -278,6 +318,14 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         counts[item_idx[pop > 0]] = pop[pop > 0]
         net.id_count.copy_(torch.as_tensor(counts))
     net.to(device).train()
+    sparse_rows = None
+    if update == "sparse":
+        changed = evidence_changed(cat, Path(warm_start))
+        sparse_rows = _freeze_but_rows(net, item_idx[changed])
+        if not sparse_rows:
+            epochs = 0  # nothing to train: the warm start with this catalogue's statistics
+        log.info("sparse update: %d ID row(s) of items with new training evidence train, the rest is frozen",
+                 sparse_rows)
     D.broadcast_module(net)  # data-parallel runs start from rank 0's weights (no-op in one process)
     # Uniform negatives come from the whole catalogue; an ID-only model has no representation of its own for
     # an item without training events (they all share the unknown row), so it draws from items with an ID.
@@ -287,10 +335,12 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         torch.as_tensor(item_idx, device=device),
         logq(pop, tc, len(neg_pool)).to(device) if tc.logq else None, len(ids), neg_pool)
 
-    decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "item_id" not in n and "pos" not in n]
-    no_decay = [p for n, p in net.named_parameters() if not (p.dim() >= 2 and "item_id" not in n and "pos" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98))
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "item_id" not in n and "pos" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "item_id" not in n and "pos" not in n)]
+    groups = [g for g in ({"params": decay, "weight_decay": tc.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups or [{"params": [torch.zeros(1, requires_grad=True)]}], lr=tc.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(math.ceil(len(seqs) / tc.batch_size) / D.world_size())  # per rank
     total_steps = max(1, (tc.schedule_epochs or epochs) * steps_per_epoch)  # the schedule, in optimiser steps
     warmup = min(tc.warmup_steps, max(1, total_steps // 10))  # short runs still reach the full learning rate
@@ -341,7 +391,7 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         # A warm-started fine-tune validates once, after its last epoch: the promotion gate scores it
         # anyway, and validating each of its few epochs costs about as much as training them.
         last = epoch == epochs or stopped == "budget"
-        due = len(val_cases) and (last if warm_start else (epoch % tc.val_every == 0 or last))  # a validation round
+        due = validate_run and len(val_cases) and (last if warm_start else (epoch % tc.val_every == 0 or last))
         val = validate(net, cat, val_cases, cfg.evaluate.ks, cfg.evaluate.batch_users, device) if due else {}
         n_seq = int(D.sum_across(n_seq))  # all ranks
         line = {"epoch": epoch, "step": step, "loss": D.mean_across(float(np.mean(losses)) if losses else float("nan")),
@@ -352,7 +402,7 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
                  line["sequences_per_s"], "  ".join(f"{k} {v:.4f}" for k, v in val.items()), line["lr"],
                  line["elapsed_s"])
         metric = val.get(tc.early_stop_metric)
-        if metric is None and len(val_cases):
+        if metric is None and len(val_cases) and validate_run:
             pass  # no validation round this epoch
         elif metric is None:
             best_state, best_epoch = copy.deepcopy(net.state_dict()), epoch
@@ -380,7 +430,7 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
         "sequences_per_s": seqs_seen / max(train_time, 1e-9), "train_seconds": train_time, "setup_seconds": setup_s,
         "train_sequences": len(seqs), "skipped_users": skipped, "val_users": len(val_cases),
         "items": len(cat), "id_vocab": int(item_idx.max()), "device": str(device), "peak_rss_mb": peak_rss_mb(),
-        "embedding_fingerprint": fp,
+        "embedding_fingerprint": fp, "update": update, "sparse_rows": sparse_rows,
     }
     meta = {
         **summary, "created": created, "model_config": asdict(pcfg),
