@@ -10,7 +10,8 @@ model, rewrite only the changed rows in Milvus). Each run executes in its own pr
     python bench/pipeline.py            # the whole sample, the configured training budgets
     python bench/pipeline.py --quick    # 20% of the users (and the items they touched), short budgets
 
-Writes ``bench/results/pipeline.json`` (``--quick``: ``pipeline.json`` as well, flagged ``"quick": true``)
+Writes ``bench/results/pipeline.json`` (``--quick``: ``pipeline.json`` as well, flagged ``"quick": true``) and
+a copy per size, ``pipeline_whole.json`` or ``pipeline_quick.json``,
 with at least ``full_s``, ``incremental_s``, ``ratio`` (incremental / full), ``peak_rss_mb``, per-task seconds
 (``tasks.full``, ``tasks.incremental``), ``load_avg`` and ``noisy`` (load average over 1.3 before or after).
 """
@@ -175,7 +176,10 @@ def main() -> None:
     }
     result.update(run.finish())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    args.out.write_text(text)
+    # one file per size as well, so the quick and the whole-sample figures are both kept
+    args.out.with_name(f"{args.out.stem}_{'quick' if args.quick else 'whole'}.json").write_text(text)
     print(f"full {full} s, incremental {inc} s, ratio {result['ratio']}, peak RSS {result['peak_rss_mb']} MB "
           f"-> {args.out}")
     if not result["all_ok"]:
