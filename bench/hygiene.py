@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -192,6 +193,7 @@ class Run:
         commit = git_commit()
         return {
             "noisy": noisy, "load_avg": load_before, "commit": commit["sha"], "command": command_line(),
+            "cpu": cpu_info(),
             "hygiene": {
                 "load_avg_before": list(self.start.load_avg), "load_avg_after": list(end.load_avg),
                 **others, "cpu_count": os.cpu_count(), "max_load": self.max_load,
@@ -204,6 +206,22 @@ class Run:
                         "includes this benchmark's own threads, other_cpu_s excludes them",
             },
         }
+
+
+# Instruction sets that change CPU timings by large factors (bf16/int8 kernels, vector width).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """The processor a result was measured on: its model name and which of ``CPU_FLAGS`` it has. The same
+    code can differ 2-3x between two x86 CPUs (AVX2 only vs AVX-512 with bf16), so a figure needs it."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {"model": platform.processor() or None, "flags": None}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -50,8 +50,11 @@ def provenance(data: dict[str, Any]) -> str:
     quiet = "**noisy**: " + "; ".join(data.get("hygiene", {}).get("why_noisy") or ["yes"]) if data["noisy"] \
         else "quiet (`noisy` false)"
     dirty = ", uncommitted changes in the work tree" if data.get("hygiene", {}).get("dirty") else ""
+    cpu = data.get("cpu") or {}
+    on = (f"; CPU {cpu.get('model') or '?'} ({', '.join(cpu.get('flags') or []) or 'none of the listed flags'})"
+          if cpu else "")
     return (f"_`{data.get('command', '?')}` at commit `{str(data.get('commit', '?'))[:7]}`{dirty}; load average "
-            f"{num(data.get('load_avg'), 2)} at the start; {quiet}._")
+            f"{num(data.get('load_avg'), 2)} at the start; {quiet}{on}._")
 
 
 def table(rows: list[tuple[str, str]]) -> str:

@@ -128,7 +128,7 @@ def test_a_run_records_every_hygiene_key(hygiene):
     args = argparse.Namespace(max_load=1000.0, wait_s=0.0, max_other_cpu=1e9)  # no machine state can make this run noisy
     run = hygiene.begin(args, say=lambda _: None)
     out = run.finish()
-    assert set(out) == {"noisy", "load_avg", "commit", "command", "hygiene"}
+    assert set(out) == {"noisy", "load_avg", "commit", "command", "cpu", "hygiene"}
     assert out["noisy"] is False and out["load_avg"] == run.start.load_avg[0]
     assert {"load_avg_before", "load_avg_after", "other_cpu_s", "other_cpu_share", "wait", "why_noisy"} <= set(
         out["hygiene"])
@@ -168,3 +168,11 @@ def test_every_benchmark_uses_the_hygiene_module(name: str):
     src = (REPO / "bench" / f"{name}.py").read_text(encoding="utf-8")
     assert "import hygiene" in src and "hygiene.add_arguments(ap)" in src
     assert "hygiene.begin(" in src and ".finish()" in src
+
+
+def test_cpu_info_names_the_model_and_the_flags_that_matter(hygiene, tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n"
+                 "processor\t: 1\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
+    assert hygiene.cpu_info(str(f)) == {"model": "AMD EPYC 9654", "flags": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert hygiene.cpu_info(str(tmp_path / "missing"))["flags"] is None
