@@ -80,8 +80,10 @@ class EncodeConfig(_Section):
                                                        "cache; raise it on a GPU)")
     max_batch: int = Field(128, ge=1, description="texts per forward batch at most")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
-    onednn: bool = Field(True, description="CPU: Linear layers through oneDNN (AVX-512 where MKL uses AVX2; bf16 "
-                                           "on CPUs with native bf16); same embeddings up to float rounding")
+    onednn: bool | Literal["auto"] = Field(
+        "auto", description="CPU: Linear layers through oneDNN (AVX-512 where MKL uses AVX2; bf16 on CPUs with native "
+                            "bf16); same embeddings up to float rounding. auto: on CPUs with AVX-512, where it is "
+                            "the faster kernel (on AVX2-only CPUs it is slower)")
     shard_items: int = Field(4096, ge=1, description="items per committed part file (the resume unit)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder (Baichuan-style)")

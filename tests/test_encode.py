@@ -183,7 +183,7 @@ def test_bf16_fast_mode_is_its_own_version_close_to_fp32(settings: Settings):
 def test_speed_settings_give_the_same_embeddings(settings: Settings):
     """oneDNN Linear layers, SDPA attention and any batch size: the exact fp32 embeddings, one fingerprint."""
     texts = TEXTS + [f"Volume {i}: " + "a tale of two cities " * (i % 5) for i in range(20)]
-    fast = encoder.load_encoder(settings)
+    fast = encoder.load_encoder(settings.with_overrides(encode={"onednn": True}))
     assert fast.describe()["attention"] == "sdpa"
     plain = encoder.load_encoder(settings.with_overrides(encode={"onednn": False, "batch_tokens": 64}))
     assert plain.onednn_layers == 0 and plain.fingerprint == fast.fingerprint
@@ -397,3 +397,12 @@ def test_cli_encode_json(tiny: Settings, monkeypatch: pytest.MonkeyPatch):
     assert bad.exit_code == 2 and "shard" in bad.output
     missing = CliRunner().invoke(app, ["encode", "--dataset", "nope", "--json"])
     assert missing.exit_code == 2 and "not prepared" in missing.output
+
+
+def test_onednn_auto_follows_the_cpu(monkeypatch):
+    """oneDNN's Linear is the faster kernel with AVX-512 and the slower one on an AVX2-only CPU."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert kernels.onednn_pays() is False
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert kernels.onednn_pays() is True

@@ -109,6 +109,24 @@ def use_onednn_linear(model: "torch.nn.Module") -> int:
 
 
 @lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def onednn_pays() -> bool:
+    """Whether oneDNN's Linear kernel is the faster one here: with AVX-512 it is (MKL's fp32 GEMM stays on
+    AVX2); on an AVX2-only CPU measured 16% slower than the default (390 vs 465 items/s, MiniLM, 2 cores)."""
+    return "avx512f" in cpu_flags() or native_bf16()
+
+
+@lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
     try:
@@ -120,12 +138,4 @@ def native_bf16() -> bool:
             return True
     except Exception:  # noqa: BLE001 - private torch helpers; the flags below decide then
         pass
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
