@@ -477,3 +477,16 @@ def test_postgres_offline_store_materialises_through_feast_and_the_cli_continues
 
     finally:
         features.teardown(cfg, name)
+
+
+def test_a_relative_learn_home_gives_absolute_store_paths(tmp_path, monkeypatch):
+    """Feast joins a relative registry path to the repo path: the store's paths must be absolute."""
+    from learn_tasks.config import load_settings
+    from learn_tasks.online import feast_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LEARN_HOME", "relative-home")
+    conf = feast_config.repo_config(load_settings(), "synth")
+    registry = conf.registry if isinstance(conf.registry, str) else conf.registry.path
+    assert Path(registry).is_absolute() and Path(registry).is_relative_to(tmp_path / "relative-home")
+    assert Path(conf.online_store.path).is_absolute()

@@ -139,7 +139,7 @@ def repo_config(cfg: Settings, dataset: str, write: bool = True):
     """
     from feast.repo_config import RepoConfig
 
-    root = store_dir(cfg, dataset)
+    root = store_dir(cfg, dataset).absolute()  # a relative LEARN_HOME must not be joined to the repo path again
     text = template_text(cfg)
     values = _env_values(cfg, dataset)
     if write:
