@@ -46,9 +46,11 @@ def load_milvus(cfg: Settings, a: RunArgs, gate: Mapping[str, Any] | None = None
         if serving and live is not None and live_version == version:
             res = refresh_live_collection(cfg, a.dataset, Path(serving), live)
             index.release(cfg, a.dataset, live, source=source, run_key=a.key)  # no new record when released
-        elif serving and live is not None and live_version is not None and sparse_base(Path(serving)) == live_version:
+        elif (serving and live is not None and live_version is not None and sparse_base(Path(serving)) == live_version
+              and registry.find_run(cfg, a.dataset, live_version) is not None):
             # A sparse update of the live model: only the rows of items whose vector or statistics changed
             # are rewritten, in the live collection, which then carries (and releases) the new version.
+            # (Without the live model's run there is nothing to compare statistics with: a full load, below.)
             res = refresh_live_collection(cfg, a.dataset, Path(serving), live, base=live_version)
             index.release(cfg, a.dataset, live, source=source, run_key=a.key)
         else:
