@@ -516,6 +516,15 @@ def _fetch_all(client: "MilvusClient", target: str, batch: int, vectors_only: bo
 # ==================================================================================================
 # From a model version to an index (needs the model modules)
 # ==================================================================================================
+def stat_columns(stats: pd.DataFrame, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Popularity, cold-start and long-tail columns of ``ids`` from a run's ``items.parquet`` (indexed by item
+    id): items the model never saw are cold-start, popularity 0, not long-tail."""
+    st = stats.reindex(ids)
+    return (st[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
+            st[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
+            st[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool))
+
+
 def first_seen(cfg: Settings, dataset: str, item_ids: np.ndarray) -> np.ndarray:
     """Epoch seconds of each item's first event (0 = never), from the Feast item table when it is built."""
     path = features.store_dir(cfg, dataset) / "data" / "item_stats.parquet"
@@ -560,12 +569,9 @@ def index_catalogue(cfg: Settings, dataset: str, run_dir: str | Path | None = No
     usable = np.array([bundle.knows(i) or not bundle.uses_content for i in all_ids], bool)
     item_ids = all_ids[usable]
     titles = catalogue[S.TITLE].to_numpy()[usable].tolist() if S.TITLE in catalogue else None
-    stats = bundle.stats.reindex(item_ids)
-    rows = ItemRows(item_ids=item_ids, vectors=bundle.item_vectors(item_ids),
-                    popularity=stats[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
-                    first_seen=first_seen(cfg, dataset, item_ids),
-                    is_cold_start=stats[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
-                    is_long_tail=stats[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool), titles=titles)
+    popularity, cold, tail = stat_columns(bundle.stats, item_ids)
+    rows = ItemRows(item_ids=item_ids, vectors=bundle.item_vectors(item_ids), popularity=popularity,
+                    first_seen=first_seen(cfg, dataset, item_ids), is_cold_start=cold, is_long_tail=tail, titles=titles)
     # Recall is checked on the queries the index will really get: user embeddings of sampled users.
     inter = data.load_interactions(cfg, dataset)
     queries = bundle.sample_user_vectors(inter, cfg.index.recall_queries, seed=cfg.train.seed)

@@ -76,21 +76,12 @@ def sparse_base(run_dir: Path) -> str | None:
     return Path(meta["warm_start"]).name
 
 
-def stat_columns(stats: pd.DataFrame, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Popularity, cold-start and long-tail columns of ``ids`` from a run's ``items.parquet`` (indexed by item
-    id): items the model never saw are cold-start, popularity 0, not long-tail."""
-    st = stats.reindex(ids)
-    return (st[S.POPULARITY].fillna(0).astype(np.int64).to_numpy(),
-            st[S.IS_COLD_START].astype("boolean").fillna(True).to_numpy(bool),
-            st[S.IS_LONG_TAIL].astype("boolean").fillna(False).to_numpy(bool))
-
-
 def item_rows(cfg: Settings, dataset: str, bundle: Any, ids: np.ndarray):
     """``index.ItemRows`` of catalogue items, with the columns a full load writes (``index.index_catalogue``): the
     model's own popularity and slice flags (items it never saw are cold-start), first_seen from the
     feature table."""
     items = data.load_items(cfg, dataset).set_index(S.ITEM_ID).reindex(ids)
-    popularity, cold, tail = stat_columns(bundle.stats, ids)
+    popularity, cold, tail = index.stat_columns(bundle.stats, ids)
     return index.ItemRows(item_ids=ids, vectors=bundle.item_vectors(ids), popularity=popularity,
                           first_seen=index.first_seen(cfg, dataset, ids), is_cold_start=cold, is_long_tail=tail,
                           titles=items[S.TITLE].tolist() if S.TITLE in items else None)
@@ -126,7 +117,8 @@ def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collecti
         if base_dir is None:
             raise index.IndexStoreError(f"{run_dir.name} updates {base}, whose run is not under {dataset}'s models")
         before = pd.read_parquet(base_dir / "items.parquet").set_index(S.ITEM_ID)
-        restated = np.logical_or.reduce([x != y for x, y in zip(stat_columns(before, ids), stat_columns(bundle.stats, ids))])
+        old_cols, new_cols = index.stat_columns(before, ids), index.stat_columns(bundle.stats, ids)
+        restated = np.logical_or.reduce([x != y for x, y in zip(old_cols, new_cols)])
         restated &= have & ~stale
     todo = ids[~have | stale | restated]
     if len(todo):

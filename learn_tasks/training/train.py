@@ -340,7 +340,8 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "item_id" not in n and "pos" not in n)]
     groups = [g for g in ({"params": decay, "weight_decay": tc.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    opt = torch.optim.AdamW(groups or [{"params": [torch.zeros(1, requires_grad=True)]}], lr=tc.lr, betas=(0.9, 0.98))
+    # No group at all only in a sparse update with no row to train, which runs no epoch (epochs = 0 above).
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98)) if groups else None
     steps_per_epoch = math.ceil(math.ceil(len(seqs) / tc.batch_size) / D.world_size())  # per rank
     total_steps = max(1, (tc.schedule_epochs or epochs) * steps_per_epoch)  # the schedule, in optimiser steps
     warmup = min(tc.warmup_steps, max(1, total_steps // 10))  # short runs still reach the full learning rate
