@@ -34,6 +34,8 @@ COLUMNS = [("all", "recall@10", "all R@10"), ("all", "ndcg@10", "all N@10"), ("a
            ("cold_start", "recall@50", "cold-start R@50"), ("long_tail", "recall@50", "long-tail R@50"),
            ("head", "recall@50", "head R@50"), ("cold_users", "recall@50", "cold users R@50")]
 DIFF_METRICS = [("recall@10", "R@10"), ("ndcg@10", "N@10"), ("recall@200", "R@200")]
+PRODUCT = "learn_hybrid"  # the default model kind the README's claims are about
+STANDING = ("recall@10", "recall@200")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -190,6 +192,46 @@ def render_docs(current: list[tuple[str, dict]], earlier: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def apart(row: dict[str, Any] | None, other: dict[str, Any] | None, metric: str) -> int:
+    """+1 when ``row``'s interval lies wholly above ``other``'s, -1 wholly below, 0 when they overlap or a
+    slice is missing (unpaired, so stricter than a paired difference)."""
+    if not row or not other or f"{metric}_ci" not in row or f"{metric}_ci" not in other:
+        return 0
+    (lo, hi), (olo, ohi) = row[f"{metric}_ci"], other[f"{metric}_ci"]
+    return 1 if lo > ohi else -1 if hi < olo else 0
+
+
+def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[str, ...] = STANDING) -> list[str]:
+    """Where the product default stands, per protocol and slice: the paired differences that exclude zero
+    (better / worse), the ties, and the models whose interval lies wholly above or below the default's
+    (models without a paired comparison). Only what an interval supports is said."""
+    lines = [f"**Where {product} (the default) stands**, at " + " and ".join(m.replace("recall", "R") for m in metrics)
+             + ": paired 95% intervals of the difference where the benchmark pairs the models, otherwise only "
+               "intervals that do not overlap count; everything else is a tie.", ""]
+    for protocol in PROTOCOLS:
+        rows, diffs = data.get(protocol) or {}, data["diffs"].get(protocol, {})
+        if product not in rows:
+            continue
+        for metric in metrics:
+            better, worse, tie = [], [], []
+            for s, label in SLICE_NAMES.items():
+                if s not in rows[product]:
+                    continue
+                for model in MODELS:
+                    if model == product or model not in rows:
+                        continue
+                    d = (diffs.get(f"{product}_vs_{model}") or {}).get(s, {}).get(metric)
+                    if d is not None:
+                        verdict = 1 if d["lo"] > 0 else -1 if d["hi"] < 0 else 0
+                    else:
+                        verdict = apart(rows[product].get(s), rows[model].get(s), metric)
+                    (better if verdict > 0 else worse if verdict < 0 else tie).append(f"{model} ({label})")
+            m = metric.replace("recall", "R")
+            lines.append(f"* {protocol} {m}: better than {', '.join(better) or 'none'}; "
+                         f"worse than {', '.join(worse) or 'none'}; tie with {', '.join(tie) or 'none'}.")
+    return lines
+
+
 def render_readme(current: list[tuple[str, dict]], earlier: list[str]) -> str:
     """The block of README.md: all-items Recall@10 and NDCG@10 of every model, both protocols, coverage@10."""
     lines: list[str] = []
@@ -211,6 +253,8 @@ def render_readme(current: list[tuple[str, dict]], earlier: list[str]) -> str:
             lines.append(f"| {model} | " + " | ".join(cells) + f" | {cov} |")
         if data["meta"].get("mode") == "quick":
             lines += ["", "A smoke run (tiny budgets, user samples): not a result."]
+        else:
+            lines += [""] + standing_lines(data)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -374,6 +374,15 @@ class PipelineConfig(_Section):
     gate_metric: str = Field("recall@200", description="validation metric (slice 'all') of the promotion gate")
     promotion_margin: float = Field(0.02, description="promote unless worse than the current model by more "
                                                       "than this share (relative) of its gate metric")
+    gate_slices: list[Literal["cold_start", "long_tail", "head", "cold_users"]] = Field(
+        ["cold_start", "long_tail"], description="slices on which the candidate must not be worse either: it is kept "
+                                                 "out when, on a slice's cases of the gate sample, the paired 95% "
+                                                 "interval of its gate metric minus the current model's lies wholly "
+                                                 "below -promotion_margin x the current model's value; [] = slice "
+                                                 "'all' only")
+    gate_min_cases: int = Field(30, ge=1, description="a gate slice with fewer cases in the sample is reported, "
+                                                      "not enforced")
+    gate_n_boot: int = Field(1000, ge=100, description="bootstrap replicates of the per-slice gate conditions")
     fail_on_alert: bool = Field(False, description="fail the monitor task when monitoring raises an alert")
 
 

@@ -34,6 +34,35 @@ def test_gate_rule(candidate, current, promote) -> None:
         assert "keeping the current model" in reason and "0.0980" in reason
 
 
+def test_slice_conditions_block_only_a_loss_beyond_the_margin_that_chance_does_not_explain() -> None:
+    """Hand-made ranks on 400 cases: 100 cold-start, 100 long-tail, 200 head. recall@10 = rank < 10."""
+    masks = {"cold_start": np.r_[np.ones(100, bool), np.zeros(300, bool)],
+             "long_tail": np.r_[np.zeros(100, bool), np.ones(100, bool), np.zeros(200, bool)],
+             "head": np.r_[np.zeros(200, bool), np.ones(200, bool)], "cold_users": np.zeros(400, bool)}
+    cur = np.full(400, 50)
+    cur[:60] = 0  # current: cold-start recall@10 0.60
+    cur[100:150] = 0  # long-tail 0.50
+    cand = cur.copy()
+    cand[:60] = 50
+    cand[:20] = 0  # candidate: cold-start 0.20, a loss far beyond chance and margin
+    cand[100:148] = 0
+    cand[148:150] = 50  # long-tail 0.48: 2 cases of 100 lost, within what chance gives
+    rows = gate.slice_conditions(cand, cur, masks, ["cold_start", "long_tail", "cold_users"], "recall@10",
+                                 margin=0.02, min_cases=30, n_boot=500)
+    by = {r["slice"]: r for r in rows}
+    assert by["cold_start"]["candidate"] == pytest.approx(0.2) and by["cold_start"]["current"] == pytest.approx(0.6)
+    assert by["cold_start"]["diff"]["mean"] == pytest.approx(-0.4) and by["cold_start"]["blocks"]
+    assert by["long_tail"]["diff"]["hi"] > by["long_tail"]["floor"] and not by["long_tail"]["blocks"]
+    assert by["cold_users"] == {"slice": "cold_users", "cases": 0, "enforced": False, "candidate": None,
+                                "current": None, "blocks": False}
+    reason = gate.slice_reason(rows, "recall@10")
+    assert reason.startswith("the candidate is worse on cold_start recall@10 0.2000 vs 0.6000") and "long_tail" not in reason
+    assert gate.slice_reason([by["long_tail"]], "recall@10") is None
+    # too few cases: reported, never enforced, even for a total loss
+    few = gate.slice_conditions(np.full(400, 50), cur, masks, ["cold_start"], "recall@10", 0.02, min_cases=101)
+    assert few[0]["enforced"] is False and few[0]["blocks"] is False
+
+
 # ----------------------------------------------------------------------------------------- run args
 def test_run_args_from_params(settings: Settings) -> None:
     a = runs.RunArgs.from_params(settings, {"dataset": "synth", "mode": "incremental", "window_days": 3,
@@ -93,6 +122,50 @@ def test_gate_scores_the_promoted_model_as_the_kind_it_is(settings: Settings, tm
                               {"valid": {cfg.pipeline.gate_metric: 0.1, "sample": "s1"}})
     assert scored == [("sasrec", str(promoted))]
     assert res["previous_score"] == 0.5 and res["promoted"] is False  # 0.1 is far below 0.5
+
+
+def test_gate_keeps_a_candidate_out_that_loses_the_cold_start_slice_within_the_overall_margin(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1000 cases, 15 of them cold-start: the candidate misses every cold-start target the current model
+    hits. Overall recall@200 0.985 vs 1.0 is inside the 2% margin; the cold-start slice condition is not."""
+    from learn_tasks.evaluation import gate_sample
+
+    n, cold = 1000, 15
+    sample = gate_sample.FixedSample(
+        user_ids=np.arange(n), hist_offsets=np.arange(n + 1) * 5, hist_items=np.zeros(5 * n, np.int64),
+        target_items=np.arange(n), train_events=np.full(n, 5), catalogue=np.arange(n), meta={"digest": "s1"},
+        target_popularity=np.r_[np.zeros(cold, np.int64), np.full(n - cold, 7)],
+        target_long_tail=np.zeros(n, np.int64))
+    models = tmp_path / "models" / "synth"
+    promoted, candidate = models / "20210101T000000Z-learn_hybrid-aaa111", models / "20210102T000000Z-learn_hybrid-bbb222"
+    for d in (promoted, candidate):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"kind": "learn_hybrid"}))
+    ranks = {str(promoted): np.zeros(n, np.int64), str(candidate): np.r_[np.full(cold, 500), np.zeros(n - cold, np.int64)]}
+
+    def fake_score(cfg, dataset, protocol, kind, run_dir, sample):
+        r = ranks[str(run_dir)]
+        return {"recall@200": float((r < 200).mean()), "ranks": r.tolist(), "cached": True}
+
+    monkeypatch.setattr(gate.registry, "promoted", lambda cfg, dataset: promoted)
+    promotions: list[Path] = []
+    monkeypatch.setattr(gate.registry, "promote", lambda cfg, dataset, run, reason: promotions.append(run))
+    monkeypatch.setattr(gate.gate_sample, "load_sample", lambda cfg, dataset: sample)
+    monkeypatch.setattr(gate.gate_sample, "score", fake_score)
+    evaluated = {"valid": {"recall@200": 0.985, "sample": "s1"}}
+    for slices, promote in ((["cold_start", "long_tail"], False), ([], True)):
+        cfg = settings.with_overrides(home=str(tmp_path / str(len(slices))),
+                                      pipeline={"gate_slices": slices, "gate_min_cases": 10, "gate_n_boot": 200})
+        a = runs.RunArgs.from_params(cfg, {"dataset": "synth"}, None, "2021-01-02")
+        res = gate.promotion_gate(cfg, a, {"run_dir": str(candidate)}, evaluated)
+        assert res["promoted"] is promote
+        if slices:
+            cold_row = next(r for r in res["slices"] if r["slice"] == "cold_start")
+            assert cold_row["cases"] == cold and cold_row["blocks"] and cold_row["diff"]["hi"] == pytest.approx(-1.0)
+            assert next(r for r in res["slices"] if r["slice"] == "long_tail")["cases"] == 0
+            assert "worse on cold_start recall@200 0.0000 vs 1.0000" in res["reason"] and not promotions
+        else:
+            assert res["slices"] == [] and promotions == [candidate]
 
 
 # ------------------------------------------------------------------------------ gate sample and cache

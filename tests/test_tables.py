@@ -116,3 +116,29 @@ def test_committed_pages_match_the_committed_json(tables):
     for path, text in pages.items():
         assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(REPO)} is stale: run python bench/tables.py"
     assert tables.main(["--check"]) == 0
+
+
+def test_a_full_run_says_where_the_default_stands_only_as_far_as_intervals_go(tables, tmp_path):
+    data = fake_result(mode="full")
+    data["loo"]["item_knn"]["all"] = row(0.2)  # interval wholly above the default's: unpaired, still a loss
+    data["loo"]["popular"]["all"] = row(0.078)  # overlapping intervals: a tie, whatever the means say
+    (tmp_path / "quality_movielens.json").write_text(json.dumps(data))
+    readme = tables.render_readme(*tables.load(tmp_path))
+    loo = next(line for line in readme.splitlines() if line.startswith("* loo R@10:"))
+    better, worse, tie = (part.split(", ") for part in
+                          loo.split("better than ", 1)[1].rstrip(".").replace("; worse than ", "|")
+                          .replace("; tie with ", "|").split("|"))
+    assert "sasrec (all)" in better and "sasrec (cold-start)" in better  # paired intervals above zero
+    assert "content_knn (all)" in better  # 0.011 +- 0.01 lies wholly below 0.088 +- 0.01
+    assert worse == ["item_knn (all)"]
+    assert "popular (all)" in tie and "learn (all)" in tie and "recent_popular (cold-start)" in tie
+    assert "* temporal R@200:" in readme and "not a result" not in readme
+    quick = tables.render_readme(*tables.load(_only(tmp_path, fake_result(), "quality_movielens_quick.json")))
+    assert "stands" not in quick  # a smoke run makes no claim
+
+
+def _only(tmp_path, data: dict, name: str):
+    out = tmp_path / "quick"
+    out.mkdir()
+    (out / name).write_text(json.dumps(data))
+    return out

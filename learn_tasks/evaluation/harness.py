@@ -167,7 +167,7 @@ def rank_all(user_vecs, item_vecs, cases: Cases, k_max: int, batch: int = 1024) 
 def rank_scores(score: ScoreFn, n: int, cases: Cases, k_max: int, batch: int = 1024) -> Ranked:
     """Rank the whole catalogue (``n`` items) for every case; ``score(lo, hi)`` gives the [hi - lo, n] scores
     of cases lo..hi-1 (called in increasing order), a tensor of its own: history items other than the target
-    are excluded by overwriting their scores in place."""
+    are excluded by overwriting their scores in place. ``k_max`` 0 skips the top lists (``topk`` [U, 0])."""
     k_max = min(k_max, n)
     ranks, tops = [], []
     with torch.no_grad():
@@ -183,9 +183,10 @@ def rank_scores(score: ScoreFn, n: int, cases: Cases, k_max: int, batch: int = 1
             greater = (scores > t).sum(1, dtype=torch.int32)  # int32 sums are twice as fast as bool -> int64
             ties = (scores == t).sum(1, dtype=torch.int32) - 1
             ranks.append((greater + ties // 2).numpy())
-            tops.append(scores.topk(k_max, dim=1).indices.numpy())
+            if k_max:  # k_max 0: ranks only (the gate needs no top lists)
+                tops.append(scores.topk(k_max, dim=1).indices.numpy())
     return Ranked(np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
-                  np.concatenate(tops) if tops else np.zeros((0, k_max), np.int64))
+                  np.concatenate(tops) if tops else np.zeros((0 if k_max else len(cases), k_max), np.int64))
 
 
 def padded_histories(cases: Cases, which: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

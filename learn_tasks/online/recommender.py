@@ -232,6 +232,8 @@ class Recommender:
             try:
                 self.refresh_replica()
             except Exception as exc:  # noqa: BLE001 - keep serving from the copy we have
+                if self._stop.is_set():
+                    return  # closed while refreshing: its clients are gone, which is no failure
                 log.warning("replica refresh failed: %s", exc)
 
     def _watch_new_items(self) -> None:
@@ -249,6 +251,8 @@ class Recommender:
                 if all(self._in_index(int(i)) for i in logged):
                     seen = len(logged)
             except Exception as exc:  # noqa: BLE001 - keep serving; the next poll tries again
+                if self._stop.is_set():
+                    return
                 log.warning("new-item poll failed: %s", exc)
 
     def refresh_replica(self) -> bool:

@@ -2,18 +2,23 @@
 
 The candidate is promoted unless it is worse than the promoted model by more than
 ``pipeline.promotion_margin`` (relative) on ``pipeline.gate_metric`` over the gate's fixed validation
-sample (:mod:`learn_tasks.evaluation.gate_sample`). Both are scored by the same code on the same cases;
+sample (:mod:`learn_tasks.evaluation.gate_sample`), or worse on one of ``pipeline.gate_slices`` (by default
+the cold-start and long-tail targets the product exists for): there, where slices hold few cases, the
+rule is the paired bootstrap interval of the difference, which must lie wholly below minus the margin to
+keep the candidate out (:func:`slice_conditions`). Both are scored by the same code on the same cases;
 each model is scored as the kind it is, and a score cached for the same model and sample is reused.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from learn_tasks import schema as S
 from learn_tasks.config import Settings
-from learn_tasks.evaluation import gate_sample
+from learn_tasks.evaluation import gate_sample, uncertainty
 from learn_tasks.orchestration.runs import PIPELINE_DAG, PipelineError, RunArgs, record, recorded
 from learn_tasks.orchestration.stages import gate_metric_of
 from learn_tasks.pch import registry
@@ -33,6 +38,45 @@ def decide(candidate: float | None, current: float | None, margin: float) -> tup
         return True, f"candidate {candidate:.4f} >= current {current:.4f} x (1 - {margin:g}) = {floor:.4f}"
     return False, (f"candidate {candidate:.4f} is worse than current {current:.4f} by more than the "
                    f"{margin:.0%} margin (floor {floor:.4f}): keeping the current model")
+
+
+def slice_conditions(candidate_ranks: Sequence[int], current_ranks: Sequence[int], masks: Mapping[str, np.ndarray],
+                     slices: Sequence[str], metric: str, margin: float, min_cases: int,
+                     n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-slice gate conditions on paired per-case ranks (same cases, same order).
+
+    On each slice's cases: the candidate's and the current model's ``metric``, the paired bootstrap 95%
+    interval of their difference, and ``blocks``: the interval lies wholly below ``-margin`` x the current
+    model's value (the candidate is worse beyond the margin, and not by chance). A slice with fewer than
+    ``min_cases`` cases is reported with ``blocks`` False and ``enforced`` False.
+    """
+    cand = uncertainty.case_values(np.asarray(candidate_ranks), metric)
+    cur = uncertainty.case_values(np.asarray(current_ranks), metric)
+    if len(cand) != len(cur):
+        raise ValueError(f"paired ranks of different lengths ({len(cand)} vs {len(cur)})")
+    out = []
+    for name in slices:
+        m = np.asarray(masks[name], bool)
+        row: dict[str, Any] = {"slice": name, "cases": int(m.sum()), "enforced": bool(m.sum() >= min_cases),
+                               "candidate": float(cand[m].mean()) if m.any() else None,
+                               "current": float(cur[m].mean()) if m.any() else None, "blocks": False}
+        if row["enforced"]:
+            diff = uncertainty.paired_difference(cand[m], cur[m], n_boot=n_boot, seed=seed)
+            floor = -margin * row["current"]
+            row.update(diff={k: round(v, 6) for k, v in diff.items()}, floor=floor, blocks=bool(diff["hi"] < floor))
+        out.append(row)
+    return out
+
+
+def slice_reason(rows: Sequence[Mapping[str, Any]], metric: str) -> str | None:
+    """Why the slice conditions keep the candidate out, or None when none does."""
+    bad = [r for r in rows if r["blocks"]]
+    if not bad:
+        return None
+    parts = [f"{r['slice']} {metric} {r['candidate']:.4f} vs {r['current']:.4f} (difference {r['diff']['mean']:+.4f}, "
+             f"95% interval [{r['diff']['lo']:+.4f}, {r['diff']['hi']:+.4f}] below {r['floor']:+.4f}, "
+             f"{r['cases']} cases)" for r in bad]
+    return "the candidate is worse on " + "; ".join(parts) + ": keeping the current model"
 
 
 def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,6 +107,21 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
         except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
             log.warning("cannot score the promoted model %s: %s", current, exc)
     promote, reason = decide(cand_score, cur_score, p.promotion_margin)
+    slices: list[dict[str, Any]] = []
+    if promote and cur_score is not None and p.gate_slices:
+        # The candidate's ranks were cached when evaluate scored it: this reads them back.
+        cand = gate_sample.score(cfg, a.dataset, p.protocol, registry.run_kind(cand_dir) or a.kind(cfg), cand_dir,
+                                 sample)
+        if cand.get("ranks") is not None and cur.get("ranks") is not None:
+            slices = slice_conditions(cand["ranks"], cur["ranks"],
+                                      gate_sample.slice_masks(sample, cfg.evaluate.cold_user_max_events),
+                                      p.gate_slices, p.gate_metric, p.promotion_margin, p.gate_min_cases,
+                                      p.gate_n_boot, cfg.train.seed)
+            why = slice_reason(slices, p.gate_metric)
+            if why:
+                promote, reason = False, why
+        else:
+            log.warning("the gate sample's scores have no per-case ranks: slice conditions not checked")
     if current is not None and current.resolve() == cand_dir.resolve():
         promote, reason = True, "the candidate is already the promoted model"
     elif promote:
@@ -71,7 +130,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
     res = {"promoted": promote, "reason": reason, "metric": p.gate_metric, "margin": p.promotion_margin,
            "candidate": str(cand_dir), "candidate_score": cand_score,
            "previous": str(current) if current else None, "previous_score": cur_score,
-           "previous_score_cached": cur_cached, "sample": evaluated["valid"].get("sample"),
+           "previous_score_cached": cur_cached, "sample": evaluated["valid"].get("sample"), "slices": slices,
            "serving": str(serving) if serving else None}
     log.info("promotion gate: %s (%s)", "promote" if promote else "keep current", reason)
     return record(cfg, a, "gate", res)
