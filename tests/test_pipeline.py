@@ -47,20 +47,20 @@ def test_slice_conditions_block_only_a_loss_beyond_the_margin_that_chance_does_n
     cand[:20] = 0  # candidate: cold-start 0.20, a loss far beyond chance and margin
     cand[100:148] = 0
     cand[148:150] = 50  # long-tail 0.48: 2 cases of 100 lost, within what chance gives
-    rows = gate.slice_conditions(cand, cur, masks, ["cold_start", "long_tail", "cold_users"], "recall@10",
-                                 margin=0.02, min_cases=30, n_boot=500)
-    by = {r["slice"]: r for r in rows}
+    by = gate.slice_conditions(cand, cur, masks, ["cold_start", "long_tail", "cold_users"], "recall@10",
+                               margin=0.02, min_cases=30, n_boot=500)
     assert by["cold_start"]["candidate"] == pytest.approx(0.2) and by["cold_start"]["current"] == pytest.approx(0.6)
-    assert by["cold_start"]["diff"]["mean"] == pytest.approx(-0.4) and by["cold_start"]["blocks"]
-    assert by["long_tail"]["diff"]["hi"] > by["long_tail"]["floor"] and not by["long_tail"]["blocks"]
-    assert by["cold_users"] == {"slice": "cold_users", "cases": 0, "enforced": False, "candidate": None,
-                                "current": None, "blocks": False}
-    reason = gate.slice_reason(rows, "recall@10")
+    assert by["cold_start"]["floor"] == pytest.approx(0.588)
+    assert by["cold_start"]["difference"]["mean"] == pytest.approx(-0.4) and by["cold_start"]["status"] == "failed"
+    lt = by["long_tail"]
+    assert lt["difference"]["hi"] > lt["floor"] - lt["current"] and lt["status"] == "passed"
+    assert by["cold_users"]["cases"] == 0 and by["cold_users"]["status"] == "skipped"
+    reason = gate.slice_reason(by, "recall@10")
     assert reason.startswith("the candidate is worse on cold_start recall@10 0.2000 vs 0.6000") and "long_tail" not in reason
-    assert gate.slice_reason([by["long_tail"]], "recall@10") is None
+    assert gate.slice_reason({"long_tail": lt}, "recall@10") is None
     # too few cases: reported, never enforced, even for a total loss
     few = gate.slice_conditions(np.full(400, 50), cur, masks, ["cold_start"], "recall@10", 0.02, min_cases=101)
-    assert few[0]["enforced"] is False and few[0]["blocks"] is False
+    assert few["cold_start"]["status"] == "skipped"
 
 
 # ----------------------------------------------------------------------------------------- run args
@@ -160,12 +160,18 @@ def test_gate_keeps_a_candidate_out_that_loses_the_cold_start_slice_within_the_o
         res = gate.promotion_gate(cfg, a, {"run_dir": str(candidate)}, evaluated)
         assert res["promoted"] is promote
         if slices:
-            cold_row = next(r for r in res["slices"] if r["slice"] == "cold_start")
-            assert cold_row["cases"] == cold and cold_row["blocks"] and cold_row["diff"]["hi"] == pytest.approx(-1.0)
-            assert next(r for r in res["slices"] if r["slice"] == "long_tail")["cases"] == 0
+            cold_row = res["slices"]["cold_start"]
+            assert cold_row["cases"] == cold and cold_row["status"] == "failed"
+            assert cold_row["difference"]["hi"] == pytest.approx(-1.0)
+            assert res["slices"]["long_tail"]["status"] == "skipped"  # no long-tail case in this sample
             assert "worse on cold_start recall@200 0.0000 vs 1.0000" in res["reason"] and not promotions
+            from learn_tasks.orchestration.summary import render_summary
+            md = render_summary({"promotion": res, "run": {"dataset": "synth", "mode": "incremental", "start": a.start,
+                                                           "end": a.end}, "reports": {}})
+            assert "| cold_start | 15 | 0.0000 | 1.0000 | 0.9800 | -1.0000 [-1.0000, -1.0000] | failed |" in md
+            assert "| long_tail | 0 | - | - | - | - | skipped |" in md
         else:
-            assert res["slices"] == [] and promotions == [candidate]
+            assert res["slices"] == {} and promotions == [candidate]
 
 
 # ------------------------------------------------------------------------------ gate sample and cache

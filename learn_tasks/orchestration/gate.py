@@ -42,40 +42,43 @@ def decide(candidate: float | None, current: float | None, margin: float) -> tup
 
 def slice_conditions(candidate_ranks: Sequence[int], current_ranks: Sequence[int], masks: Mapping[str, np.ndarray],
                      slices: Sequence[str], metric: str, margin: float, min_cases: int,
-                     n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+                     n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per-slice gate conditions on paired per-case ranks (same cases, same order).
 
-    On each slice's cases: the candidate's and the current model's ``metric``, the paired bootstrap 95%
-    interval of their difference, and ``blocks``: the interval lies wholly below ``-margin`` x the current
-    model's value (the candidate is worse beyond the margin, and not by chance). A slice with fewer than
-    ``min_cases`` cases is reported with ``blocks`` False and ``enforced`` False.
+    One row per slice: its ``cases``, both models' ``metric`` (``candidate``, ``current``), the ``floor``
+    (current x (1 - margin)), the paired bootstrap 95% interval of candidate minus current (``difference``:
+    mean, lo, hi) and ``status``: ``failed`` when the whole interval lies below ``floor - current`` (worse
+    beyond the margin, and not by chance), else ``passed``; ``skipped`` (never enforced) with fewer than
+    ``min_cases`` cases.
     """
     cand = uncertainty.case_values(np.asarray(candidate_ranks), metric)
     cur = uncertainty.case_values(np.asarray(current_ranks), metric)
     if len(cand) != len(cur):
         raise ValueError(f"paired ranks of different lengths ({len(cand)} vs {len(cur)})")
-    out = []
+    out: dict[str, dict[str, Any]] = {}
     for name in slices:
         m = np.asarray(masks[name], bool)
-        row: dict[str, Any] = {"slice": name, "cases": int(m.sum()), "enforced": bool(m.sum() >= min_cases),
-                               "candidate": float(cand[m].mean()) if m.any() else None,
-                               "current": float(cur[m].mean()) if m.any() else None, "blocks": False}
-        if row["enforced"]:
-            diff = uncertainty.paired_difference(cand[m], cur[m], n_boot=n_boot, seed=seed)
-            floor = -margin * row["current"]
-            row.update(diff={k: round(v, 6) for k, v in diff.items()}, floor=floor, blocks=bool(diff["hi"] < floor))
-        out.append(row)
+        n = int(m.sum())
+        if n == 0 or n < min_cases:
+            out[name] = {"cases": n, "status": "skipped", "why": f"{n} case(s) < pipeline.gate_min_cases {min_cases}"}
+            continue
+        c, k = float(cand[m].mean()), float(cur[m].mean())
+        diff = uncertainty.paired_difference(cand[m], cur[m], n_boot=n_boot, seed=seed)
+        floor = k * (1.0 - margin)
+        out[name] = {"cases": n, "candidate": c, "current": k, "floor": floor,
+                     "difference": {key: round(v, 6) for key, v in diff.items()},
+                     "status": "failed" if diff["hi"] < floor - k else "passed"}
     return out
 
 
-def slice_reason(rows: Sequence[Mapping[str, Any]], metric: str) -> str | None:
+def slice_reason(rows: Mapping[str, Mapping[str, Any]], metric: str) -> str | None:
     """Why the slice conditions keep the candidate out, or None when none does."""
-    bad = [r for r in rows if r["blocks"]]
+    bad = {name: r for name, r in rows.items() if r["status"] == "failed"}
     if not bad:
         return None
-    parts = [f"{r['slice']} {metric} {r['candidate']:.4f} vs {r['current']:.4f} (difference {r['diff']['mean']:+.4f}, "
-             f"95% interval [{r['diff']['lo']:+.4f}, {r['diff']['hi']:+.4f}] below {r['floor']:+.4f}, "
-             f"{r['cases']} cases)" for r in bad]
+    parts = [f"{name} {metric} {r['candidate']:.4f} vs {r['current']:.4f} (difference {r['difference']['mean']:+.4f}, "
+             f"95% interval [{r['difference']['lo']:+.4f}, {r['difference']['hi']:+.4f}] below "
+             f"{r['floor'] - r['current']:+.4f}, {r['cases']} cases)" for name, r in bad.items()]
     return "the candidate is worse on " + "; ".join(parts) + ": keeping the current model"
 
 
@@ -107,7 +110,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
         except Exception as exc:  # noqa: BLE001 - a current model that cannot be scored is replaced, loudly
             log.warning("cannot score the promoted model %s: %s", current, exc)
     promote, reason = decide(cand_score, cur_score, p.promotion_margin)
-    slices: list[dict[str, Any]] = []
+    slices: dict[str, dict[str, Any]] = {}
     if promote and cur_score is not None and p.gate_slices:
         # The candidate's ranks were cached when evaluate scored it: this reads them back.
         cand = gate_sample.score(cfg, a.dataset, p.protocol, registry.run_kind(cand_dir) or a.kind(cfg), cand_dir,
