@@ -36,6 +36,7 @@ COLUMNS = [("all", "recall@10", "all R@10"), ("all", "ndcg@10", "all N@10"), ("a
 DIFF_METRICS = [("recall@10", "R@10"), ("ndcg@10", "N@10"), ("recall@200", "R@200")]
 PRODUCT = "learn_hybrid"  # the default model kind the README's claims are about
 STANDING = ("recall@10", "recall@200")
+STANDING_SLICES = ("all", "cold_start", "long_tail")  # what the README's claims are about
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -192,29 +193,33 @@ def render_docs(current: list[tuple[str, dict]], earlier: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def apart(row: dict[str, Any] | None, other: dict[str, Any] | None, metric: str) -> int:
-    """+1 when ``row``'s interval lies wholly above ``other``'s, -1 wholly below, 0 when they overlap or a
-    slice is missing (unpaired, so stricter than a paired difference)."""
+def apart(row: dict[str, Any] | None, other: dict[str, Any] | None, metric: str) -> int | None:
+    """+1 when ``row``'s interval lies wholly above ``other``'s, -1 wholly below, 0 when they overlap (not
+    distinguished: unpaired intervals that overlap are no evidence of a tie either), None without data."""
     if not row or not other or f"{metric}_ci" not in row or f"{metric}_ci" not in other:
-        return 0
+        return None
     (lo, hi), (olo, ohi) = row[f"{metric}_ci"], other[f"{metric}_ci"]
     return 1 if lo > ohi else -1 if hi < olo else 0
 
 
-def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[str, ...] = STANDING) -> list[str]:
-    """Where the product default stands, per protocol and slice: the paired differences that exclude zero
-    (better / worse), the ties, and the models whose interval lies wholly above or below the default's
-    (models without a paired comparison). Only what an interval supports is said."""
-    lines = [f"**Where {product} (the default) stands**, at " + " and ".join(m.replace("recall", "R") for m in metrics)
-             + ": paired 95% intervals of the difference where the benchmark pairs the models, otherwise only "
-               "intervals that do not overlap count; everything else is a tie.", ""]
+def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[str, ...] = STANDING,
+                   slices: tuple[str, ...] = STANDING_SLICES) -> list[str]:
+    """Where the product default stands, per protocol, metric and the slices its claims are about: better /
+    worse where the benchmark's paired 95% interval of the difference excludes zero (tie where it does not),
+    and, for models without a paired comparison, only intervals that do not overlap count (else "not
+    distinguished"). Nothing is said where a slice or metric is missing."""
+    lines = [f"**Where {product} (the default) stands** on "
+             + ", ".join(SLICE_NAMES[s] for s in slices) + " at " + " and ".join(m.replace("recall", "R") for m in metrics)
+             + ": better / worse / tie from the paired 95% interval of the difference; models the benchmark does "
+               "not pair with the default count as better or worse only when the two intervals do not overlap. "
+               "These are many intervals at 95% each: a lone better or worse entry can be chance.", ""]
     for protocol in PROTOCOLS:
         rows, diffs = data.get(protocol) or {}, data["diffs"].get(protocol, {})
         if product not in rows:
             continue
         for metric in metrics:
-            better, worse, tie = [], [], []
-            for s, label in SLICE_NAMES.items():
+            out: dict[str, list[str]] = {"better than": [], "worse than": [], "tie with": [], "not distinguished from": []}
+            for s in slices:
                 if s not in rows[product]:
                     continue
                 for model in MODELS:
@@ -222,13 +227,15 @@ def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[
                         continue
                     d = (diffs.get(f"{product}_vs_{model}") or {}).get(s, {}).get(metric)
                     if d is not None:
-                        verdict = 1 if d["lo"] > 0 else -1 if d["hi"] < 0 else 0
+                        word = "better than" if d["lo"] > 0 else "worse than" if d["hi"] < 0 else "tie with"
                     else:
-                        verdict = apart(rows[product].get(s), rows[model].get(s), metric)
-                    (better if verdict > 0 else worse if verdict < 0 else tie).append(f"{model} ({label})")
+                        v = apart(rows[product].get(s), rows[model].get(s), metric)
+                        if v is None:
+                            continue
+                        word = "better than" if v > 0 else "worse than" if v < 0 else "not distinguished from"
+                    out[word].append(f"{model} ({SLICE_NAMES[s]})")
             m = metric.replace("recall", "R")
-            lines.append(f"* {protocol} {m}: better than {', '.join(better) or 'none'}; "
-                         f"worse than {', '.join(worse) or 'none'}; tie with {', '.join(tie) or 'none'}.")
+            lines.append(f"* {protocol} {m}: " + "; ".join(f"{w} {', '.join(v) or 'none'}" for w, v in out.items()) + ".")
     return lines
 
 

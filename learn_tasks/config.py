@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learn_tasks.paths import Paths
 
@@ -383,6 +383,15 @@ class PipelineConfig(_Section):
     gate_min_cases: int = Field(30, ge=1, description="a gate slice with fewer cases in the sample is reported, "
                                                       "not enforced")
     gate_n_boot: int = Field(1000, ge=100, description="bootstrap replicates of the per-slice gate conditions")
+
+    @model_validator(mode="after")
+    def _slices_need_a_per_case_metric(self) -> "PipelineConfig":
+        # The slice conditions compare per-case values; mrr and coverage have no per-case form there.
+        if self.gate_slices and not re.fullmatch(r"(recall|hr|ndcg)@\d+", self.gate_metric):
+            raise ValueError(f"pipeline.gate_metric {self.gate_metric!r} has no per-case form for "
+                             f"pipeline.gate_slices {self.gate_slices}: use recall@K, hr@K or ndcg@K, or "
+                             "set pipeline.gate_slices: []")
+        return self
     fail_on_alert: bool = Field(False, description="fail the monitor task when monitoring raises an alert")
 
 

@@ -87,7 +87,11 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
     p = cfg.pipeline
     cand_dir = Path(trained["run_dir"])
     current = registry.promoted(cfg, a.dataset)
-    done = recorded(cfg, a, "gate")
+    # The rule's settings are inputs: a re-run after changing them decides again.
+    inputs = {k: getattr(p, k) for k in ("gate_metric", "promotion_margin", "gate_slices", "gate_min_cases",
+                                         "gate_n_boot")}
+    inputs["sample"] = evaluated["valid"].get("sample")
+    done = recorded(cfg, a, "gate", inputs)
     if done and done.get("candidate") == str(cand_dir) and current is not None \
             and str(current) == done.get("serving"):
         return done  # decided before for this interval and nothing moved since
@@ -111,20 +115,25 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
             log.warning("cannot score the promoted model %s: %s", current, exc)
     promote, reason = decide(cand_score, cur_score, p.promotion_margin)
     slices: dict[str, dict[str, Any]] = {}
+    slice_error = None
     if promote and cur_score is not None and p.gate_slices:
-        # The candidate's ranks were cached when evaluate scored it: this reads them back.
-        cand = gate_sample.score(cfg, a.dataset, p.protocol, registry.run_kind(cand_dir) or a.kind(cfg), cand_dir,
-                                 sample)
-        if cand.get("ranks") is not None and cur.get("ranks") is not None:
+        try:
+            # The candidate's ranks were cached when evaluate scored it: this reads them back.
+            cand = gate_sample.score(cfg, a.dataset, p.protocol, registry.run_kind(cand_dir) or a.kind(cfg),
+                                     cand_dir, sample)
+            if cand.get("sample", sample.digest) != sample.digest or cand.get("ranks") is None \
+                    or cur.get("ranks") is None:
+                raise ValueError("the scores on the gate sample carry no per-case ranks of this sample")
             slices = slice_conditions(cand["ranks"], cur["ranks"],
                                       gate_sample.slice_masks(sample, cfg.evaluate.cold_user_max_events),
                                       p.gate_slices, p.gate_metric, p.promotion_margin, p.gate_min_cases,
                                       p.gate_n_boot, cfg.train.seed)
-            why = slice_reason(slices, p.gate_metric)
-            if why:
-                promote, reason = False, why
-        else:
-            log.warning("the gate sample's scores have no per-case ranks: slice conditions not checked")
+        except Exception as exc:  # noqa: BLE001 - the overall rule stands; the record and the log say why
+            slice_error = f"{type(exc).__name__}: {exc}"
+            log.warning("promotion gate: slice conditions not checked (%s)", slice_error)
+        why = slice_reason(slices, p.gate_metric)
+        if why:
+            promote, reason = False, why
     if current is not None and current.resolve() == cand_dir.resolve():
         promote, reason = True, "the candidate is already the promoted model"
     elif promote:
@@ -134,6 +143,7 @@ def promotion_gate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any], evalua
            "candidate": str(cand_dir), "candidate_score": cand_score,
            "previous": str(current) if current else None, "previous_score": cur_score,
            "previous_score_cached": cur_cached, "sample": evaluated["valid"].get("sample"), "slices": slices,
+           "slices_error": slice_error,
            "serving": str(serving) if serving else None}
     log.info("promotion gate: %s (%s)", "promote" if promote else "keep current", reason)
-    return record(cfg, a, "gate", res)
+    return record(cfg, a, "gate", res, inputs)
