@@ -400,9 +400,15 @@ def test_cli_encode_json(tiny: Settings, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_onednn_auto_follows_the_cpu(monkeypatch):
-    """oneDNN's Linear is the faster kernel with AVX-512 and the slower one on an AVX2-only CPU."""
+    """fp32: oneDNN's Linear is the faster kernel on non-Intel CPUs with AVX-512 (MKL stays on AVX2 there),
+    the slower one on Intel (MKL has AVX-512) and on AVX2-only CPUs. bf16: wherever bf16 is native."""
     monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert kernels.onednn_pays() is False
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
-    assert kernels.onednn_pays() is True
+    assert kernels.onednn_pays() is True and kernels.onednn_pays("bf16") is False
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    assert kernels.onednn_pays() is False
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert kernels.onednn_pays("bf16") is True and kernels.onednn_pays("fp32") is False

@@ -190,7 +190,7 @@ class Encoder:
         if ecfg.quantize == "int8":
             model = _quantize_int8(model)
         # On a CPU the Linear layers that quantisation left as they were run through oneDNN (see kernels).
-        onednn = kernels.onednn_pays() if ecfg.onednn == "auto" else ecfg.onednn
+        onednn = kernels.onednn_pays(ecfg.dtype) if ecfg.onednn == "auto" else ecfg.onednn
         self.onednn_layers = kernels.use_onednn_linear(model) if onednn and self.device == "cpu" else 0
         if self.device == "cpu" and ecfg.dtype == "bf16" and not kernels.native_bf16():
             log.warning("encode.dtype=bf16 on a CPU without native bf16 arithmetic is emulated and slower than "

@@ -120,10 +120,29 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def onednn_pays() -> bool:
-    """Whether oneDNN's Linear kernel is the faster one here: with AVX-512 it is (MKL's fp32 GEMM stays on
-    AVX2); on an AVX2-only CPU measured 16% slower than the default (390 vs 465 items/s, MiniLM, 2 cores)."""
-    return "avx512f" in cpu_flags() or native_bf16()
+@lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_pays(dtype: str = "fp32") -> bool:
+    """Whether oneDNN's Linear kernel is the faster one here for ``dtype``.
+
+    bf16: on CPUs with native bf16 arithmetic (oneDNN's AVX512-BF16 / AMX kernels). fp32: on CPUs with
+    AVX-512 other than Intel's, where PyTorch's default GEMM (MKL) stays on AVX2 and oneDNN's AVX-512
+    kernel ran about twice as fast; on Intel, MKL already uses AVX-512 and oneDNN measured slower (208 vs
+    291 items/s, MiniLM, 2 cores, a Xeon with AVX-512 and AMX), as on an AVX2-only CPU (390 vs 465).
+    """
+    if dtype == "bf16":
+        return native_bf16()
+    return "avx512f" in cpu_flags() and cpu_vendor() != "GenuineIntel"
 
 
 @lru_cache(maxsize=1)
