@@ -74,9 +74,14 @@ def with_ci(row: dict[str, Any] | None, metric: str) -> str:
     return f"{pct(row[metric])} [{pct(lo)}, {pct(hi)}]"
 
 
+def verdict(d: dict[str, Any]) -> str:
+    """better / worse when a paired difference's interval excludes zero, else tie."""
+    return d.get("verdict") or ("better" if d["lo"] > 0 else "worse" if d["hi"] < 0 else "tie")
+
+
 def signed(d: dict[str, Any]) -> str:
     """A difference in percentage points with its interval and verdict."""
-    word = d.get("verdict") or ("better" if d["lo"] > 0 else "worse" if d["hi"] < 0 else "tie")
+    word = verdict(d)
     return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {word}"
 
 
@@ -227,7 +232,7 @@ def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[
                         continue
                     d = (diffs.get(f"{product}_vs_{model}") or {}).get(s, {}).get(metric)
                     if d is not None:
-                        word = "better than" if d["lo"] > 0 else "worse than" if d["hi"] < 0 else "tie with"
+                        word = {"better": "better than", "worse": "worse than", "tie": "tie with"}[verdict(d)]
                     else:
                         v = apart(rows[product].get(s), rows[model].get(s), metric)
                         if v is None:
