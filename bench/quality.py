@@ -22,8 +22,9 @@ schedule, and the results do not depend on ``--jobs`` or on the machine's load.
 
 Writes ``bench/results/quality_<dataset>[_quick].json`` (``amazon_books``, ``movielens``):
 ``{"loo"|"temporal": {model: {slice: {"recall@K", "recall@K_ci", "ndcg@K", "ndcg@K_ci", "cases"}}},
-"diffs", "coverage", "cold_pool", "seeds", "final", "selection", "timing", "meta"}`` plus the hygiene keys
-(``noisy``, ``load_avg``, ``commit``, ``command``, ``hygiene``). ``python bench/tables.py`` turns the
+"diffs", "coverage", "cold_pool", "seeds", "final", "selection", "timing", "complete", "meta"}`` plus the hygiene keys
+(``noisy``, ``load_avg``, ``commit``, ``command``, ``hygiene``). The file is written after each protocol, so a
+run cut short keeps what it finished (``"complete": false``, ``meta.protocols_done``). ``python bench/tables.py`` turns the
 files into the tables of docs/results.md and README.md.
 """
 from __future__ import annotations
@@ -346,14 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=tuning.worker_init) as pool:
         bench = Bench(args, cfg, pool)
-        for protocol in protocols:
+        for n, protocol in enumerate(protocols, 1):
             bench.protocol(protocol, plan, result)
+            # Written after every protocol, so a run cut short keeps the protocols it finished; "complete"
+            # says whether every protocol asked for is in the file.
+            out = write_result(result, bench, args, cfg, run, plan, protocols[:n], protocols, t_start)
+    print(f"wrote {out.relative_to(REPO)} in {time.perf_counter() - t_start:.0f}s (noisy: {result['noisy']})")
+    return 0
+
+
+def write_result(result: dict, bench: Bench, args: argparse.Namespace, cfg, run, plan: tuning.Plan,
+                 done: list[str], protocols: list[str], t_start: float) -> Path:
+    """Add timing, meta and the hygiene keys to ``result`` and write it (atomically) to its results file."""
     result["timing"] = {p: {k: {**t, "train_s_per_epoch": t["train_s"] / max(t["epochs"], 1),
                                 "other_s_per_run": (t["wall_s"] - t["train_s"]) / max(t["runs"], 1)}
                             for k, t in by.items()} for p, by in bench.timing.items()}
     result["budget_stops"] = bench.budget_stops
+    result["complete"] = done == protocols
     result["meta"] = {
         "mode": "quick" if args.quick else "full", "dataset": args.dataset, "protocols": protocols,
+        "protocols_done": done,
         "plan": plan.to_dict(), "max_epochs": args.max_epochs, "patience": args.patience, "refit": args.refit,
         "seeds": args.seed_list, "max_users": args.max_users, "val_users": args.val_users,
         "train_users": args.train_users, "budget_s": args.budget_s, "jobs": args.jobs, "n_boot": args.n_boot,
@@ -365,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(run.finish())
     out = RESULTS / output_name(args.dataset, args.quick)
     write_json(plain(result), out)
-    print(f"wrote {out.relative_to(REPO)} in {time.perf_counter() - t_start:.0f}s (noisy: {result['noisy']})")
-    return 0
+    hygiene.log(f"{out.relative_to(REPO)}: protocols {', '.join(done)} of {', '.join(protocols)} written")
+    return out
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ def signed(d: dict[str, Any]) -> str:
 def title(name: str, data: dict[str, Any]) -> str:
     meta = data["meta"]
     label = DATASETS.get(meta.get("dataset", ""), meta.get("dataset", name))
-    return f"{label}, {'quick smoke run' if meta.get('mode') == 'quick' else 'full run'}"
+    kind = 'quick smoke run' if meta.get('mode') == 'quick' else 'full run'
+    if data.get("complete") is False:  # written after each protocol: a run cut short keeps what it finished
+        kind += f" (partial: {', '.join(meta.get('protocols_done', []))} of {', '.join(meta.get('protocols', []))})"
+    return f"{label}, {kind}"
 
 
 def provenance(name: str, data: dict[str, Any]) -> str:

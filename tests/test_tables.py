@@ -147,3 +147,20 @@ def _only(tmp_path, data: dict, name: str):
     out.mkdir()
     (out / name).write_text(json.dumps(data))
     return out
+
+
+def test_a_run_cut_short_shows_the_protocols_it_finished_and_says_it_is_partial(tables, tmp_path):
+    data = fake_result(mode="full")
+    for key in ("diffs", "coverage", "cold_pool", "users", "selection", "final"):
+        data[key].pop("temporal")
+    del data["temporal"]
+    data["complete"] = False
+    data["meta"].update(protocols=["loo", "temporal"], protocols_done=["loo"])
+    (tmp_path / "quality_movielens.json").write_text(json.dumps(data))
+    current, earlier = tables.load(tmp_path)
+    assert [n for n, _ in current] == ["quality_movielens.json"] and not earlier
+    docs = tables.render_docs(current, earlier)
+    assert "full run (partial: loo of loo, temporal)" in docs
+    assert "**loo**" in docs and "**temporal**" not in docs
+    readme = tables.render_readme(current, earlier)
+    assert "(partial: loo of loo, temporal)" in readme and "temporal R@10" not in readme
