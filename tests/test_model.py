@@ -160,6 +160,12 @@ def test_evidence_weighting_scores_cold_items_from_content_and_popular_items_by_
     users = m.encode_users(content, mask, idx)
     assert torch.allclose(users, torch.cat([plain.encode_users(content, mask, idx), plain.encode_users(content, mask)], 1),
                           atol=1e-6)
+    # both readings come from one pass over twice the rows; without IDs both are the ID-free reading
+    no_ids = plain.encode_users(content, mask)
+    assert torch.allclose(m.encode_users(content, mask), torch.cat([no_ids, no_ids], 1), atol=1e-6)
+    shift = [int(mask.shape[1] - n) for n in mask.sum(1)]  # right-aligned input is re-aligned in the one pass too
+    right = [torch.stack([torch.roll(t[b], s, 0) for b, s in enumerate(shift)]) for t in (content, mask, idx)]
+    assert torch.allclose(m.encode_users(*right), users, atol=1e-6)
     # the mixed score is one inner product: w <u, v> + (1 - w) <u', v'>
     score = users @ items.T
     expect = (plain.encode_users(content, mask, idx) @ with_id.T) * w.T + \

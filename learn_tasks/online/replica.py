@@ -23,7 +23,7 @@ class Replica:
     Scores are one float32 matrix-vector product through numpy's BLAS, held to one thread (the service
     sets it; several BLAS threads per request only contend on a busy machine). The product is bound by
     reading the matrix from memory; measured on a 38.5k x 128 matrix out of cache, numpy's single-thread
-    kernel takes 0.8 ms against 1.9 ms for ``torch.mv``.
+    kernel takes 0.8 ms against 1.9 ms for ``torch.mv``; the top-k selection that follows is torch's.
     """
 
     def __init__(self, rows: ItemRows):
@@ -73,6 +73,8 @@ class Replica:
 
     def search(self, query: np.ndarray, k: int, exclude: set[int]) -> list[dict[str, Any]]:
         """Exact top-k by inner product, ``exclude`` left out; best first, ties by item id."""
+        import torch  # loaded already by the model bundle; not at import: this module is imported by light tools
+
         ids, matrix, pos, cold, tail, titles = self._snapshot
         scores = matrix @ np.ascontiguousarray(query, np.float32)
         rows = [pos[i] for i in exclude if i in pos]
@@ -81,9 +83,11 @@ class Replica:
         k_eff = min(k, len(ids))
         if k_eff <= 0:
             return []
-        # One extra candidate settles a tie at the k-th place by item id.
+        # One extra candidate settles a tie at the k-th place by item id. torch's top-k selection over the
+        # scores (shared memory, no copy) is several times faster than numpy's argpartition at this size.
         n = min(k_eff + 1, len(ids))
-        top = np.argpartition(-scores, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
+        top = torch.topk(torch.from_numpy(scores), n, sorted=False).indices.numpy() if n < len(ids) \
+            else np.arange(len(ids))
         hits = sorted(zip(scores[top].tolist(), top.tolist()), key=lambda h: (-h[0], int(ids[h[1]])))[:k_eff]
         return [{S.ITEM_ID: int(ids[r]), "score": v, S.TITLE: titles[r],
                  S.IS_COLD_START: bool(cold[r]), S.IS_LONG_TAIL: bool(tail[r])}

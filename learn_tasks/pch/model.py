@@ -324,9 +324,18 @@ class PCH(nn.Module):
         Sequences longer than ``max_len`` keep their most recent events. Rows with no event get the
         embedding of an empty history's first position (callers should not ask for them).
         """
-        if self.mixing:
-            return torch.cat([self._encode_users(content, mask, item_idx), self._encode_users(content, mask, None)], -1)
-        return self._encode_users(content, mask, item_idx)
+        if not self.mixing:
+            return self._encode_users(content, mask, item_idx)
+        if item_idx is None:  # no IDs given: both readings are the ID-free one
+            u = self._encode_users(content, mask, None)
+            return torch.cat([u, u], -1)
+        # Both readings in one pass of twice the rows (without IDs = every ID the unknown row, as
+        # ``_id_input`` does for None): at serving time a request is one user, where the tower's cost is
+        # per-call overhead, not arithmetic.
+        B = mask.shape[0]
+        both = self._encode_users(None if content is None else torch.cat([content, content]), torch.cat([mask, mask]),
+                                  torch.cat([item_idx, torch.full_like(item_idx, UNKNOWN_ITEM)]))  # [2B, out]
+        return torch.cat([both[:B], both[B:]], -1)
 
     def _encode_users(self, content: Tensor | None, mask: Tensor, item_idx: Tensor | None = None) -> Tensor:
         content, mask, item_idx = left_align(content, mask, item_idx)
@@ -341,9 +350,11 @@ class PCH(nn.Module):
                 content = torch.gather(content, 1, idx[..., None].expand(-1, -1, content.shape[-1]))
             if item_idx is not None:
                 item_idx = torch.gather(item_idx, 1, idx)
-        states = self.user_states(self.embed_items(content, item_idx), mask)  # [B, L, out]
-        last = (mask.sum(1) - 1).clamp(min=0)
-        return states[torch.arange(states.shape[0], device=states.device), last]
+        lengths = mask.sum(1)
+        states = self.transformer(self.embed_items(content, item_idx), lengths)  # [B, L, d_model]
+        last = (lengths - 1).clamp(min=0)
+        # Only the last event's state is projected: the same vector as user_states()[:, last], L times less work.
+        return self.project(states[torch.arange(states.shape[0], device=states.device), last])  # [B, out]
 
 
 def seed_query(vectors, out_dim: int):
