@@ -355,6 +355,11 @@ class PipelineConfig(_Section):
     model: ModelKind = Field(
         DEFAULT_MODEL_KIND, description="kind of the candidate each run trains; the promotion gate compares it with "
                                     "the promoted model (of any kind) on validation")
+    challengers: list[ModelKind] = Field(
+        [], description="kinds a full run trains besides `model`, each with the same epochs and budget: the one with "
+                        "the best validation early-stopping metric becomes the candidate (the gate still compares it "
+                        "with the promoted model), so the kind that ships follows this deployment's validation "
+                        "evidence; an incremental run updates the promoted model's kind when it is one of these")
     epochs: int = Field(20, description="full retrain: epoch limit (the budget usually stops it first)")
     budget_s: float = Field(150.0, description="full retrain: wall-clock training budget in seconds")
     incremental_update: Literal["sparse", "dense"] = Field(

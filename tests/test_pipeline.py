@@ -273,6 +273,49 @@ def test_incremental_retrain_warm_starts_only_from_a_promoted_model_of_the_same_
     assert second["run_dir"] != first["run_dir"]
 
 
+def test_challengers_train_every_kind_and_the_best_on_validation_is_the_candidate(
+        settings: Settings, synth_dataset: str) -> None:
+    from learn_tasks.data import datasets as data
+    from learn_tasks.pch import registry
+    from learn_tasks.storage import write_json
+
+    items = data.load_items(settings, synth_dataset)[S.ITEM_ID].to_numpy(np.int64)
+    fp = "enc-test"  # a complete embedding version of random content vectors
+    vdir = store.store_dir(settings, synth_dataset, fp)
+    store.write_part(vdir, items, [f"h{i}" for i in items],
+                     np.random.default_rng(0).normal(size=(len(items), 8)).astype(np.float32), "s0of1")
+    write_json({"dim": 8, "dataset": synth_dataset}, vdir / "manifest.json")
+    store.set_current_fingerprint(settings, synth_dataset, fp)
+    small = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 10},
+             "train": {"batch_size": 64, "n_random_negatives": 16, "val_users": 50, "threads": 1, "patience": 5}}
+    cfg = settings.with_overrides(**small, pipeline={"model": "learn", "challengers": ["sasrec", "learn"],
+                                                     "protocol": "loo"})
+    day = pd.Timestamp("2021-01-01", tz="UTC")
+    full = runs.RunArgs(synth_dataset, "full", day, day + pd.Timedelta(days=1), epochs=2, budget_s=60)
+    assert stages.candidate_kinds(cfg, full) == ["learn", "sasrec"]  # pipeline.model first, no kind twice
+    assert stages.candidate_kinds(cfg, runs.RunArgs(synth_dataset, "full", day, day + pd.Timedelta(days=1),
+                                                    model="sasrec")) == ["sasrec"]  # a run naming its kind
+    trained = stages.train_pch(cfg, full)
+    choice = trained["choice"]
+    metric = cfg.train.early_stop_metric
+    assert [c["kind"] for c in choice["kinds"]] == ["learn", "sasrec"] and choice["metric"] == metric
+    best = max(choice["kinds"], key=lambda c: c["val"])
+    assert trained["kind"] == choice["chosen"] == best["kind"] and trained["run_dir"] == best["run_dir"]
+    assert trained["val"][metric] == best["val"]
+    assert all(Path(c["run_dir"]).exists() for c in choice["kinds"]) and len({c["run_dir"] for c in choice["kinds"]}) == 2
+    assert stages.train_pch(cfg, full)["reused"]  # same inputs: nothing trained again
+
+    # an increment updates the promoted model's kind, whichever of the allowed kinds it is
+    registry.promote(cfg, synth_dataset, trained["run_dir"], reason="test")
+    inc = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2),
+                       epochs=1, budget_s=30)
+    assert stages.candidate_kinds(cfg, inc) == [trained["kind"]]
+    update = stages.train_pch(cfg, inc)
+    assert update["kind"] == trained["kind"] and update["warm_start"] == trained["run_dir"] and "choice" not in update
+    # without challengers a promoted sasrec is not allowed: the increment trains pipeline.model (`learn`)
+    assert stages.candidate_kinds(cfg.with_overrides(pipeline={"challengers": []}), inc) == ["learn"]
+
+
 # ------------------------------------------------------------------- land, validate, publish (no Airflow)
 def _digest(*paths: Path) -> str:
     h = hashlib.sha256()

@@ -2,8 +2,9 @@
 and monitoring. Each is one call into its stage's package, recorded under the run's key.
 
 3. ``refresh_user_features`` (Feast) and ``encode_new_items`` (CEG, one mapped task per shard) in parallel.
-4. ``train_pch``: a full run trains from scratch; an incremental run warm-starts from the promoted model
-   with a small budget.
+4. ``train_pch``: a full run trains from scratch (every kind of ``pipeline.challengers`` too, the best on
+   validation becoming the candidate); an incremental run warm-starts from the promoted model with a
+   small budget.
 5. ``evaluate``: the candidate on the test split (slices: cold-start, long-tail, head, cold users) and
    on the validation split, where the promotion gate (:mod:`learn_tasks.orchestration.gate`) compares
    it with the promoted model.
@@ -65,25 +66,61 @@ def encode_new_items(cfg: Settings, a: RunArgs, shard: Sequence[int]) -> dict[st
     return record(cfg, a, f"encode_{i}_of_{n}", small)
 
 
+def _one_or_all(kinds: list[str]) -> str | list[str]:
+    return kinds[0] if len(kinds) == 1 else kinds  # one kind as before: an existing record stays valid
+
+
 def _train_inputs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
     return {"data": data_fingerprint(cfg, a.dataset), "embeddings": store.current_fingerprint(cfg, a.dataset),
-            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": a.kind(cfg),
+            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": _one_or_all(candidate_kinds(cfg, a)),
             "settings": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
                          "pipeline": cfg.pipeline.model_dump()}}
 
 
+def candidate_kinds(cfg: Settings, a: RunArgs) -> list[str]:
+    """The kinds this run trains: a full run ``pipeline.model`` and ``pipeline.challengers`` (only the run's own
+    ``model`` when it names one); an incremental run one kind, the promoted model's when it is among them."""
+    allowed = list(dict.fromkeys([a.kind(cfg), *([] if a.model else cfg.pipeline.challengers)]))
+    if a.mode == FULL:
+        return allowed
+    promoted = registry.promoted(cfg, a.dataset)
+    kind = registry.run_kind(promoted) if promoted is not None else None
+    return [kind if kind in allowed else a.kind(cfg)]
+
+
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Train the candidate (full: from scratch; incremental: warm start from the promoted model)."""
-    p = cfg.pipeline
+    """Train the candidate (full: from scratch; incremental: warm start from the promoted model). With
+    ``pipeline.challengers`` a full run trains every kind and the best on validation is the candidate."""
     inputs = _train_inputs(cfg, a)
     done = recorded(cfg, a, "train", inputs)
     if done and Path(done["run_dir"]).exists():
         # Same interval, same inputs: the model is already trained (recorded again so the summary says so).
         return record(cfg, a, "train", {**done, "reused": True, "trained_because": None}, inputs)
     why = why_again(cfg, a, "train", inputs)
-    kind = a.kind(cfg)
-    if store.current_fingerprint(cfg, a.dataset) is None and kind != "sasrec":
+    kinds = candidate_kinds(cfg, a)
+    if store.current_fingerprint(cfg, a.dataset) is None and any(k != "sasrec" for k in kinds):
         raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
+    runs = [_train_kind(cfg, a, kind, encoded) for kind in kinds]
+    small = runs[0]
+    if len(runs) > 1:
+        metric = cfg.train.early_stop_metric
+        value = lambda r: (r.get("val") or {}).get(metric)  # noqa: E731
+        scored = [r for r in runs if value(r) is not None]
+        if not scored:
+            raise PipelineError(f"none of the kinds {kinds} has a validation {metric}: cannot choose a candidate")
+        small = max(scored, key=value)  # ties: the first listed, pipeline.model before the challengers
+        small["choice"] = {"metric": metric, "chosen": small["kind"],
+                           "kinds": [{"kind": r["kind"], "run_dir": r["run_dir"], "val": value(r),
+                                      "best_epoch": r.get("best_epoch"), "stopped": r.get("stopped")} for r in runs]}
+        log.info("candidate kind %s: validation %s %s", small["kind"], metric,
+                 ", ".join(f"{r['kind']} {value(r)}" for r in runs))
+    small["trained_because"] = why
+    return record(cfg, a, "train", small, inputs)
+
+
+def _train_kind(cfg: Settings, a: RunArgs, kind: str, encoded: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+    """One kind's training run of this pipeline run (its record's fields)."""
+    p = cfg.pipeline
     warm = registry.promoted(cfg, a.dataset) if a.mode == INCREMENTAL else None
     if warm is not None and registry.run_kind(warm) != kind:
         # Another kind serves (pipeline.model was changed): its weights cannot seed this architecture,
@@ -109,9 +146,9 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
             "sparse_rows")
     small = {k: res.get(k) for k in keep}
     small.update({"warm_start": str(warm) if warm else None, "epochs_limit": epochs, "budget_s": budget,
-                  "encoded": _encode_totals(encoded), "reused": False, "trained_because": why,
+                  "encoded": _encode_totals(encoded), "reused": False,
                   "fine_tune_users": None if users is None else len(users)})
-    return record(cfg, a, "train", small, inputs)
+    return small
 
 
 def fine_tune_users(cfg: Settings, a: RunArgs, window_only: bool = False) -> np.ndarray | None:
@@ -179,9 +216,10 @@ def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) ->
     done = recorded(cfg, a, "evaluate", inputs)
     if done:
         return done
-    test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=a.kind(cfg),
+    kind = trained.get("kind") or a.kind(cfg)  # a full run with challengers chose it on validation
+    test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=kind,
                                 run_dir=trained["run_dir"], stage=S.TEST)
-    valid = gate_sample.score(cfg, a.dataset, p.protocol, a.kind(cfg), trained["run_dir"], sample)
+    valid = gate_sample.score(cfg, a.dataset, p.protocol, kind, trained["run_dir"], sample)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
                     "coverage": test.get("coverage"), "report": test["meta"].get("report")},

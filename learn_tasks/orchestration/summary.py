@@ -97,7 +97,13 @@ def render_summary(s: Mapping[str, Any]) -> str:
                   f"stopped by {t.get('stopped')}, {_f(t.get('train_seconds'), 1)} s; validation {val or '- (scored by the gate)'}"
                   + (f"; warm start from {Path(t['warm_start']).name}" if t.get("warm_start") else "")
                   + (f" (sparse update: {t.get('sparse_rows')} ID row(s) trained)" if t.get("update") == "sparse" else "")
-                  + ("; reused (same inputs)" if t.get("reused") else ""), ""]
+                  + ("; reused (same inputs)" if t.get("reused") else "")]
+        choice = t.get("choice")
+        if choice:  # pipeline.challengers: every kind trained, the best on validation is the candidate
+            lines.append(f"- candidate kind chosen on validation {choice['metric']}: " + ", ".join(
+                f"{c['kind']} {_f(c.get('val'))}{' (chosen)' if c['kind'] == choice['chosen'] else ''}"
+                for c in choice["kinds"]))
+        lines.append("")
     ev = s.get("evaluation")
     if ev:
         table = ev["test"]["table"]
