@@ -315,6 +315,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          ("val_users", profile["val_users"]), ("train_users", profile["train_users"])):
         if getattr(args, key) is None:
             setattr(args, key, default)
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not protocols or set(protocols) - {"loo", "temporal"}:
+        ap.error(f"--protocols: a comma-separated list of loo and temporal, not {args.protocols!r}")
     if args.seeds < 3:
         ap.error("--seeds must be at least 3: intervals carry seed-to-seed noise")
     if not args.quick and args.patience < 10:

@@ -353,8 +353,9 @@ class PipelineConfig(_Section):
                                    "trigger without a mode")
     protocol: Literal["loo", "temporal"] = "loo"
     model: ModelKind = Field(
-        DEFAULT_MODEL_KIND, description="kind of the candidate each run trains; the promotion gate compares it with "
-                                    "the promoted model (of any kind) on validation")
+        DEFAULT_MODEL_KIND, description="kind of the candidate each run trains (with `challengers`, a full run's "
+                                    "choice among them); the promotion gate compares it with the promoted model "
+                                    "(of any kind) on validation")
     challengers: list[ModelKind] = Field(
         [], description="kinds a full run trains besides `model`, each with the same epochs and budget: the one with "
                         "the best validation early-stopping metric becomes the candidate (the gate still compares it "

@@ -160,6 +160,10 @@ def test_evidence_weighting_scores_cold_items_from_content_and_popular_items_by_
     users = m.encode_users(content, mask, idx)
     assert torch.allclose(users, torch.cat([plain.encode_users(content, mask, idx), plain.encode_users(content, mask)], 1),
                           atol=1e-6)
+    # each reading is the user states' last event (only that one is projected)
+    last = mask.sum(1) - 1
+    states = plain.user_states(plain.embed_items(content, idx), mask)[torch.arange(len(last)), last]
+    assert torch.allclose(users[:, :m.config.out_dim], states, atol=1e-6)
     # both readings come from one pass over twice the rows; without IDs both are the ID-free reading
     no_ids = plain.encode_users(content, mask)
     assert torch.allclose(m.encode_users(content, mask), torch.cat([no_ids, no_ids], 1), atol=1e-6)

@@ -304,16 +304,25 @@ def test_challengers_train_every_kind_and_the_best_on_validation_is_the_candidat
     assert trained["val"][metric] == best["val"]
     assert all(Path(c["run_dir"]).exists() for c in choice["kinds"]) and len({c["run_dir"] for c in choice["kinds"]}) == 2
     assert stages.train_pch(cfg, full)["reused"]  # same inputs: nothing trained again
+    # a retry after a change of the choice's inputs reuses each kind's own record
+    (runs.run_dir(cfg, full) / "train.json").unlink()
+    again = stages.train_pch(cfg, full)
+    assert [c["reused"] for c in again["choice"]["kinds"]] == [True, True] and again["run_dir"] == trained["run_dir"]
 
-    # an increment updates the promoted model's kind, whichever of the allowed kinds it is
-    registry.promote(cfg, synth_dataset, trained["run_dir"], reason="test")
+    # an increment updates the promoted model's kind when it is allowed: here the challenger's
+    sasrec = next(c for c in choice["kinds"] if c["kind"] == "sasrec")
+    registry.promote(cfg, synth_dataset, sasrec["run_dir"], reason="test")
     inc = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2),
                        epochs=1, budget_s=30)
-    assert stages.candidate_kinds(cfg, inc) == [trained["kind"]]
+    assert stages.candidate_kinds(cfg, inc) == ["sasrec"]
     update = stages.train_pch(cfg, inc)
-    assert update["kind"] == trained["kind"] and update["warm_start"] == trained["run_dir"] and "choice" not in update
-    # without challengers a promoted sasrec is not allowed: the increment trains pipeline.model (`learn`)
+    assert update["kind"] == "sasrec" and update["warm_start"] == sasrec["run_dir"] and "choice" not in update
+    # without challengers the promoted sasrec is not allowed: the increment trains pipeline.model (`learn`)
     assert stages.candidate_kinds(cfg.with_overrides(pipeline={"challengers": []}), inc) == ["learn"]
+    # kinds validated on different terms cannot be chosen between
+    uneven = cfg.with_overrides(train={"per_model": {"sasrec": {"train": {"val_users": 10}}}})
+    with pytest.raises(runs.PipelineError, match="validate alike"):
+        stages.candidate_kinds(uneven, full)
 
 
 # ------------------------------------------------------------------- land, validate, publish (no Airflow)

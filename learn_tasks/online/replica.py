@@ -80,6 +80,7 @@ class Replica:
         rows = [pos[i] for i in exclude if i in pos]
         if rows:
             scores[rows] = -np.inf
+        np.nan_to_num(scores, copy=False, nan=-np.inf, posinf=np.inf, neginf=-np.inf)  # torch's top-k would rank a NaN first
         k_eff = min(k, len(ids))
         if k_eff <= 0:
             return []

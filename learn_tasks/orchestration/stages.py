@@ -29,6 +29,7 @@ from learn_tasks.monitoring import monitor, rules
 from learn_tasks.online import updates
 from learn_tasks.orchestration.runs import (FULL, INCREMENTAL, PipelineError, RunArgs, data_fingerprint, record,
                                             recorded, why_again)
+from learn_tasks.pch import kinds as pch_kinds
 from learn_tasks.pch import registry
 from learn_tasks.training import train
 
@@ -66,15 +67,15 @@ def encode_new_items(cfg: Settings, a: RunArgs, shard: Sequence[int]) -> dict[st
     return record(cfg, a, f"encode_{i}_of_{n}", small)
 
 
-def _one_or_all(kinds: list[str]) -> str | list[str]:
-    return kinds[0] if len(kinds) == 1 else kinds  # one kind as before: an existing record stays valid
-
-
-def _train_inputs(cfg: Settings, a: RunArgs) -> dict[str, Any]:
+def _train_inputs(cfg: Settings, a: RunArgs, kind: str | None = None) -> dict[str, Any]:
+    """What a training run depends on; ``kind``: one kind's run of several (``pipeline.challengers``)."""
+    kinds = [kind] if kind else candidate_kinds(cfg, a)
+    pipeline = cfg.pipeline.model_dump()
+    if not pipeline["challengers"]:  # without challengers, records written before the setting existed stay valid
+        pipeline.pop("challengers")
     return {"data": data_fingerprint(cfg, a.dataset), "embeddings": store.current_fingerprint(cfg, a.dataset),
-            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": _one_or_all(candidate_kinds(cfg, a)),
-            "settings": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
-                         "pipeline": cfg.pipeline.model_dump()}}
+            "mode": a.mode, "epochs": a.epochs, "budget_s": a.budget_s, "model": kinds[0] if len(kinds) == 1 else kinds,
+            "settings": {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(), "pipeline": pipeline}}
 
 
 def candidate_kinds(cfg: Settings, a: RunArgs) -> list[str]:
@@ -82,10 +83,22 @@ def candidate_kinds(cfg: Settings, a: RunArgs) -> list[str]:
     ``model`` when it names one); an incremental run one kind, the promoted model's when it is among them."""
     allowed = list(dict.fromkeys([a.kind(cfg), *([] if a.model else cfg.pipeline.challengers)]))
     if a.mode == FULL:
+        if len(allowed) > 1:
+            _check_comparable(cfg, allowed)
         return allowed
     promoted = registry.promoted(cfg, a.dataset)
     kind = registry.run_kind(promoted) if promoted is not None else None
     return [kind if kind in allowed else a.kind(cfg)]
+
+
+def _check_comparable(cfg: Settings, kinds: Sequence[str]) -> None:
+    """Kinds chosen between on validation must be scored alike: the same early-stopping metric on the same
+    validation users (each kind's settings resolved as training resolves them), and a validation split."""
+    terms = {k: (r.train.early_stop_metric, r.train.val_users, r.train.fit_splits)
+             for k, r in ((k, pch_kinds.resolve(cfg, k)) for k in kinds)}
+    if len(set(terms.values())) > 1 or any(fit != "train" for _, _, fit in terms.values()):
+        raise PipelineError("pipeline.challengers: every kind must validate alike (train.early_stop_metric, "
+                            f"train.val_users, train.fit_splits = train); resolved per kind: {terms}")
 
 
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
@@ -100,21 +113,30 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
     kinds = candidate_kinds(cfg, a)
     if store.current_fingerprint(cfg, a.dataset) is None and any(k != "sasrec" for k in kinds):
         raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
-    runs = [_train_kind(cfg, a, kind, encoded) for kind in kinds]
-    small = runs[0]
-    if len(runs) > 1:
-        metric = cfg.train.early_stop_metric
-        value = lambda r: (r.get("val") or {}).get(metric)  # noqa: E731
-        scored = [r for r in runs if value(r) is not None]
-        if not scored:
-            raise PipelineError(f"none of the kinds {kinds} has a validation {metric}: cannot choose a candidate")
-        small = max(scored, key=value)  # ties: the first listed, pipeline.model before the challengers
-        small["choice"] = {"metric": metric, "chosen": small["kind"],
-                           "kinds": [{"kind": r["kind"], "run_dir": r["run_dir"], "val": value(r),
-                                      "best_epoch": r.get("best_epoch"), "stopped": r.get("stopped")} for r in runs]}
-        log.info("candidate kind %s: validation %s %s", small["kind"], metric,
-                 ", ".join(f"{r['kind']} {value(r)}" for r in runs))
-    small["trained_because"] = why
+    if len(kinds) == 1:
+        small = _train_kind(cfg, a, kinds[0], encoded)
+        small["trained_because"] = why
+        return record(cfg, a, "train", small, inputs)
+    runs = []
+    for kind in kinds:  # each kind recorded on its own: a retry after one kind failed keeps the others
+        k_inputs = _train_inputs(cfg, a, kind)
+        k_done = recorded(cfg, a, f"train_{kind}", k_inputs)
+        if k_done and Path(k_done["run_dir"]).exists():
+            runs.append({**k_done, "reused": True})
+        else:
+            runs.append(record(cfg, a, f"train_{kind}", _train_kind(cfg, a, kind, encoded), k_inputs))
+    metric = pch_kinds.resolve(cfg, kinds[0]).train.early_stop_metric  # the same for every kind (checked)
+    value = lambda r: (r.get("val") or {}).get(metric)  # noqa: E731
+    scored = [r for r in runs if value(r) is not None]
+    if not scored:
+        raise PipelineError(f"none of the kinds {kinds} has a validation {metric}: cannot choose a candidate")
+    best = max(scored, key=value)  # ties: the first listed, pipeline.model before the challengers
+    small = {**best, "reused": False, "trained_because": why,
+             "choice": {"metric": metric, "chosen": best["kind"],
+                        "kinds": [{"kind": r["kind"], "run_dir": r["run_dir"], "val": value(r), "reused": r["reused"],
+                                   "best_epoch": r.get("best_epoch"), "stopped": r.get("stopped")} for r in runs]}}
+    log.info("candidate kind %s: validation %s %s", best["kind"], metric,
+             ", ".join(f"{r['kind']} {value(r)}" for r in runs))
     return record(cfg, a, "train", small, inputs)
 
 
