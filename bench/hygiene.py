@@ -166,6 +166,8 @@ class Run:
     wait: dict[str, Any] = field(default_factory=dict)
     start: Snapshot = field(default_factory=Snapshot.take)
     killed_own_s: float = 0.0  # CPU of descendants of processes this run killed, which no one waits for
+    # The code that runs is the code at the start: a long run records that commit, not HEAD at its end.
+    code: dict[str, Any] = field(default_factory=git_commit)
 
     def before_kill(self, pid: int) -> None:
         """Call just before SIGKILL of our child ``pid``: its own CPU time reaches us when we wait for it,
@@ -190,7 +192,7 @@ class Run:
         others = other_cpu(self.start, end)
         load_before = self.start.load_avg[0]
         noisy = is_noisy(load_before, others["other_cpu_share"], self.max_load, self.max_other)
-        commit = git_commit()
+        commit, at_end = self.code, git_commit()
         return {
             "noisy": noisy, "load_avg": load_before, "commit": commit["sha"], "command": command_line(),
             "cpu": cpu_info(),
@@ -198,6 +200,8 @@ class Run:
                 "load_avg_before": list(self.start.load_avg), "load_avg_after": list(end.load_avg),
                 **others, "cpu_count": os.cpu_count(), "max_load": self.max_load,
                 "max_other_cpu_share": self.max_other, "wait": self.wait, "dirty": commit["dirty"],
+                # HEAD moved while it ran (modules imported later may come from the newer code)
+                "commit_at_end": at_end["sha"] if at_end["sha"] != commit["sha"] else None,
                 "why_noisy": ([f"load average {load_before} >= {self.max_load} at the start"]
                               if load_before >= self.max_load else [])
                 + ([f"other processes used {others['other_cpu_share']:.1%} of the CPU"]

@@ -132,6 +132,10 @@ def test_a_run_records_every_hygiene_key(hygiene):
     assert out["noisy"] is False and out["load_avg"] == run.start.load_avg[0]
     assert {"load_avg_before", "load_avg_after", "other_cpu_s", "other_cpu_share", "wait", "why_noisy"} <= set(
         out["hygiene"])
+    assert out["commit"] == hygiene.git_commit()["sha"] and out["hygiene"]["commit_at_end"] is None
+    run.code = {"sha": "0" * 40, "dirty": False}  # the commit the run started from, not HEAD at its end
+    moved = run.finish()
+    assert moved["commit"] == "0" * 40 and moved["hygiene"]["commit_at_end"] == hygiene.git_commit()["sha"]
     strict = hygiene.begin(argparse.Namespace(max_load=0.0, wait_s=0.0, max_other_cpu=1.0), say=lambda _: None)
     res = strict.finish()  # no machine has a load average under 0
     assert res["noisy"] is True and "load average" in res["hygiene"]["why_noisy"][0]
