@@ -266,6 +266,10 @@ def render_readme(current: list[tuple[str, dict]], earlier: list[str]) -> str:
             cells = [with_ci(data[p].get(model, {}).get("all"), m) for p in present for m in ("recall@10", "ndcg@10")]
             cov = " / ".join(pct(data["coverage"].get(p, {}).get(model, {}).get("coverage@10")) for p in present)
             lines.append(f"| {model} | " + " | ".join(cells) + f" | {cov} |")
+        cases = "; ".join(f"{p} {data.get('users', {}).get(p, {}).get('test', '?')} test users ("
+                          + ", ".join(f"{SLICE_NAMES[sl]} {(data[p].get(PRODUCT, {}).get(sl) or {}).get('cases', 0)}"
+                                      for sl in ("cold_start", "long_tail")) + " cases)" for p in present)
+        lines += ["", f"Cases: {cases}. Few cases give wide intervals."]
         if data["meta"].get("mode") == "quick":
             lines += ["", "A smoke run (tiny budgets, user samples): not a result."]
         else:

@@ -84,6 +84,7 @@ def test_tables_show_every_model_both_protocols_intervals_coverage_and_ties(tabl
     readme = tables.render_readme(current, earlier)
     assert "| learn_hybrid | 8.80 [7.80, 9.80] | 4.40 [3.40, 5.40] | 8.80 [7.80, 9.80] | 4.40 [3.40, 5.40] | 18.00 / 18.00 |" in readme
     assert readme.count("| ") > 7 and "not a result" in readme
+    assert "Cases: loo 300 test users (cold-start 10, long-tail 20 cases); temporal 55 test users" in readme
 
 
 def test_full_runs_come_first_and_a_file_without_intervals_is_earlier(tables, tmp_path):
