@@ -315,8 +315,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          ("val_users", profile["val_users"]), ("train_users", profile["train_users"])):
         if getattr(args, key) is None:
             setattr(args, key, default)
-    protocols = [p for p in args.protocols.split(",") if p]
-    if not protocols or set(protocols) - {"loo", "temporal"}:
+    args.protocol_list = [p for p in args.protocols.split(",") if p]
+    if not args.protocol_list or set(args.protocol_list) - {"loo", "temporal"}:
         ap.error(f"--protocols: a comma-separated list of loo and temporal, not {args.protocols!r}")
     if args.seeds < 3:
         ap.error("--seeds must be at least 3: intervals carry seed-to-seed noise")
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if store.current_fingerprint(cfg, args.dataset) is None:
         hygiene.log(f"encoding {args.dataset} (once)")
         encode.encode_catalogue(cfg, args.dataset)
-    protocols = [p for p in args.protocols.split(",") if p]
+    protocols = args.protocol_list
     for protocol in protocols:  # cache the splits before the workers read them
         load_split(cfg, args.dataset, protocol)
     plan = tuning.Plan(args.configs, args.min_epochs, args.eta)

@@ -67,9 +67,8 @@ def encode_new_items(cfg: Settings, a: RunArgs, shard: Sequence[int]) -> dict[st
     return record(cfg, a, f"encode_{i}_of_{n}", small)
 
 
-def _train_inputs(cfg: Settings, a: RunArgs, kind: str | None = None) -> dict[str, Any]:
-    """What a training run depends on; ``kind``: one kind's run of several (``pipeline.challengers``)."""
-    kinds = [kind] if kind else candidate_kinds(cfg, a)
+def _train_inputs(cfg: Settings, a: RunArgs, kinds: Sequence[str]) -> dict[str, Any]:
+    """What a training run of ``kinds`` (:func:`candidate_kinds`) depends on."""
     pipeline = cfg.pipeline.model_dump()
     if not pipeline["challengers"]:  # without challengers, records written before the setting existed stay valid
         pipeline.pop("challengers")
@@ -104,13 +103,13 @@ def _check_comparable(cfg: Settings, kinds: Sequence[str]) -> None:
 def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Train the candidate (full: from scratch; incremental: warm start from the promoted model). With
     ``pipeline.challengers`` a full run trains every kind and the best on validation is the candidate."""
-    inputs = _train_inputs(cfg, a)
+    kinds = candidate_kinds(cfg, a)
+    inputs = _train_inputs(cfg, a, kinds)
     done = recorded(cfg, a, "train", inputs)
     if done and Path(done["run_dir"]).exists():
         # Same interval, same inputs: the model is already trained (recorded again so the summary says so).
         return record(cfg, a, "train", {**done, "reused": True, "trained_because": None}, inputs)
     why = why_again(cfg, a, "train", inputs)
-    kinds = candidate_kinds(cfg, a)
     if store.current_fingerprint(cfg, a.dataset) is None and any(k != "sasrec" for k in kinds):
         raise PipelineError(f"no complete embedding version for {a.dataset}: the encode tasks did not finish")
     if len(kinds) == 1:
@@ -119,7 +118,7 @@ def train_pch(cfg: Settings, a: RunArgs, encoded: Sequence[Mapping[str, Any]] | 
         return record(cfg, a, "train", small, inputs)
     runs = []
     for kind in kinds:  # each kind recorded on its own: a retry after one kind failed keeps the others
-        k_inputs = _train_inputs(cfg, a, kind)
+        k_inputs = {**inputs, "model": kind}
         k_done = recorded(cfg, a, f"train_{kind}", k_inputs)
         if k_done and Path(k_done["run_dir"]).exists():
             runs.append({**k_done, "reused": True})
