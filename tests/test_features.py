@@ -2,9 +2,11 @@
 point-in-time training reads, online event pushes, and the production stack against Redis + PostgreSQL."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -490,3 +492,40 @@ def test_a_relative_learn_home_gives_absolute_store_paths(tmp_path, monkeypatch)
     registry = conf.registry if isinstance(conf.registry, str) else conf.registry.path
     assert Path(registry).is_absolute() and Path(registry).is_relative_to(tmp_path / "relative-home")
     assert Path(conf.online_store.path).is_absolute()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("checks", [False, True])
+def test_feast_is_imported_without_typeguard_instrumentation_unless_asked(tmp_path, checks: bool) -> None:
+    """``features.feast_type_checks`` off: Feast's classes are not instrumented (their constructors are Feast's
+    own code objects) and other packages' ``@typechecked`` still checks; on: Feast keeps its checks."""
+    script = textwrap.dedent("""
+        import json, os, sys
+        import typeguard
+        from learn_tasks.config import load_settings
+        from learn_tasks.online import feast_config
+
+        feast_config.import_feast(load_settings())
+        import feast.feature_view as fv
+
+        @typeguard.typechecked
+        def takes_int(x: int) -> int:
+            return x
+
+        try:
+            takes_int("not an int")
+            others_checked = False
+        except typeguard.TypeCheckError:
+            others_checked = True
+        code = fv.FeatureView.__init__.__code__
+        instrumented = any("typeguard" in str(c) for c in (*code.co_names, *code.co_consts))
+        print(json.dumps({"instrumented": instrumented, "others_checked": others_checked,
+                          "restored": typeguard.typechecked is not feast_config._unchecked}))
+    """)
+    env = {**os.environ, "LEARN_HOME": str(tmp_path), "LEARN_FEATURES__FEAST_TYPE_CHECKS": str(checks).lower()}
+    path = tmp_path / "probe.py"  # a file: typeguard reads the source of what it instruments
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"instrumented": checks, "others_checked": True, "restored": True}

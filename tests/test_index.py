@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from learn_tasks import schema as S
-from learn_tasks.online import index
+from learn_tasks.online import index, index_rows
 from learn_tasks.online import milvus_server
 from learn_tasks.online.milvus_server import IndexLockedError, IndexStoreError
 from learn_tasks.config import Settings
@@ -57,7 +57,7 @@ def test_item_rows_validation_and_names() -> None:
 
 # ------------------------------------------------------------------------------------- Milvus Lite
 @pytest.mark.integration
-def test_alias_swap_keep_versions_rollback_upsert(settings: Settings) -> None:
+def test_alias_swap_keep_versions_rollback_upsert(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = settings.with_overrides(index={"keep_versions": 2, "index_type": "HNSW", "flat_max_rows": None,
                                             "recall_queries": 64})
     try:
@@ -98,6 +98,17 @@ def test_alias_swap_keep_versions_rollback_upsert(settings: Settings) -> None:
         fetched = index.fetch_all(client, third["collection"])
         assert len(fetched) == 401 and fetched.item_ids[-1] == 99_999
         assert np.allclose(fetched.vectors[0], rows(seed=3).vectors[0], atol=1e-6)
+        # Read by ranges cut at the ids a caller expects: still every row, unexpected ones (99_999, below the
+        # first expected id) included, the same values as the iterator's.
+        expected = np.arange(150, 500, 3)
+        ranged = index.fetch_all(client, third["collection"], batch=16, expected_ids=expected)
+        assert np.array_equal(ranged.item_ids, fetched.item_ids) and np.array_equal(ranged.vectors, fetched.vectors)
+        assert ranged.titles == fetched.titles and np.array_equal(ranged.popularity, fetched.popularity)
+        # A range that reaches Milvus' result limit may be cut short: the iterator reads the collection then.
+        monkeypatch.setattr(index_rows, "RANGE_ROWS_MAX", 40)
+        assert index_rows.fetch_ranges(client, third["collection"], expected, 32, [S.ITEM_ID]) is None
+        fallback = index.fetch_all(client, third["collection"], batch=16, expected_ids=expected, vectors_only=True)
+        assert np.array_equal(fallback.item_ids, fetched.item_ids)
 
         from learn_tasks.cli import app
 
@@ -115,7 +126,7 @@ def test_locked_lite_data_gives_a_clear_error(settings: Settings) -> None:
     code = textwrap.dedent(f"""
         import os, sys
         os.environ["LEARN_HOME"] = {home!r}
-        from learn_tasks.online import index
+        from learn_tasks.online import index, index_rows
         from learn_tasks.config import load_settings
         index.connect(load_settings())
         print("ready", flush=True)
@@ -147,7 +158,7 @@ def test_local_server_is_shared_by_processes(settings: Settings) -> None:
             import os
             os.environ["LEARN_HOME"] = {settings.home!r}
             os.environ["LEARN_INDEX__SERVER_PORT"] = "{cfg.index.server_port}"
-            from learn_tasks.online import index
+            from learn_tasks.online import index, index_rows
             from learn_tasks.config import load_settings
             print(index.current(load_settings(), "books"))
         """)

@@ -209,7 +209,14 @@ def test_other_kinds_train_and_evaluate(settings, synth_dataset, kind):
 
 def test_checkpoint_vocab_marks_unseen_items_unknown(settings, synth_dataset):
     emb = topic_embeddings(settings, synth_dataset)
-    res = train.train_model(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        res = train.train_model(small(settings), synth_dataset, "temporal", "learn_hybrid", epochs=1, embeddings=emb)
+        # train.threads (1) held for the run only: the caller's stages after it get their threads back
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     vocab = pd.read_parquet(f"{res['run_dir']}/items.parquet")
     split = splits.load_split(settings, synth_dataset, "temporal")
     seen = set(split.loc[split[S.SPLIT] == S.TRAIN, S.ITEM_ID])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from learn_tasks.config import REPO_ROOT, Settings
+from learn_tasks.config import REPO_ROOT, Settings, load_settings
 from learn_tasks.storage import read_json, write_text
 
 if TYPE_CHECKING:  # feast is heavy; imported where used
@@ -129,6 +129,40 @@ def template_text(cfg: Settings) -> str:
     return text
 
 
+def import_feast(cfg: Settings | None = None) -> None:
+    """Import Feast in this process, without typeguard's ``@typechecked`` instrumentation of its classes
+    unless ``features.feast_type_checks`` (``cfg``'s, else the environment's settings).
+
+    Feast decorates its public classes with ``@typechecked``, which re-parses and recompiles every method
+    while Feast is imported: about half of the import's time, paid by every task and server that opens a
+    store. Without it, Feast runs as it does under ``python -O`` (where ``@typechecked`` is a no-op by
+    typeguard's design). Only the import of Feast itself is affected: the decorator is swapped for the
+    duration of that import and restored, so other packages keep their checks. A no-op once Feast is
+    imported (a process that imported it first keeps whatever it got).
+    """
+    if "feast" in sys.modules:
+        return
+    if cfg is None:
+        cfg = load_settings()
+    if cfg.features.feast_type_checks:
+        import feast  # noqa: F401
+        return
+    import typeguard
+
+    checked = typeguard.typechecked
+    typeguard.typechecked = _unchecked
+    try:
+        import feast  # noqa: F401
+        import feast.feature_store  # noqa: F401  (its submodules decorate classes too)
+    finally:
+        typeguard.typechecked = checked
+
+
+def _unchecked(target: Any = None, **_: Any) -> Any:
+    """``typeguard.typechecked`` as it is under ``python -O``: the target unchanged (also as ``@typechecked()``)."""
+    return target if target is not None else (lambda t: t)
+
+
 def repo_config(cfg: Settings, dataset: str, write: bool = True):
     """The Feast RepoConfig of a dataset's store; also renders its feature_store.yaml for the ``feast`` CLI.
 
@@ -137,6 +171,7 @@ def repo_config(cfg: Settings, dataset: str, write: bool = True):
     offline tables live in the registry's database (``features.offline_url`` unset), the offline URL
     placeholder becomes ``${LEARN_FEATURES__REGISTRY_URL}``, so the file needs no variable learn did not.
     """
+    import_feast(cfg)
     from feast.repo_config import RepoConfig
 
     root = store_dir(cfg, dataset).absolute()  # a relative LEARN_HOME must not be joined to the repo path again
@@ -163,6 +198,7 @@ def repo_config(cfg: Settings, dataset: str, write: bool = True):
 
 def get_store(cfg: Settings, dataset: str) -> "FeatureStore":
     """A FeatureStore on the dataset's store directory (file data sources resolve under it)."""
+    import_feast(cfg)
     from feast import FeatureStore
 
     root = store_dir(cfg, dataset)
@@ -181,6 +217,7 @@ def load_definitions(repo: Path = FEATURE_REPO, offline_store: str = "file") -> 
     afterwards so they never shadow anything else. ``offline_store`` (``file`` or ``postgres``) is handed
     to ``data_sources.py`` through ``LEARN_FEAST_OFFLINE_STORE`` for the duration of the import.
     """
+    import_feast()
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 

@@ -28,7 +28,6 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -43,6 +42,8 @@ from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.online import features, milvus_server, releases
 from learn_tasks.online.bundle import ModelBundle, encode_pending_items, load_new_items
 from learn_tasks.online.exact import exact_topk, recall_at_k  # noqa: F401  (index.exact_topk is public)
+from learn_tasks.online.index_rows import (SCALARS, TITLE_MAX, VECTOR, ItemRows, fetch_iterator,  # noqa: F401
+                                           fetch_ranges, item_rows)
 from learn_tasks.online.milvus_server import LITE_GRPC_OPTIONS, IndexStoreError, check_lite_lock
 from learn_tasks.pch import registry
 
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("learn.index")
 
-VECTOR = S.EMBEDDING
-TITLE_MAX = 1024
-SCALARS = (S.POPULARITY, S.FIRST_SEEN, S.IS_COLD_START, S.IS_LONG_TAIL, S.TITLE)
 PROP = "learn."  # prefix of our collection properties
 
 
@@ -133,46 +131,6 @@ def close(cfg: Settings) -> None:
 # ==================================================================================================
 # What goes in a collection
 # ==================================================================================================
-@dataclass
-class ItemRows:
-    """Column arrays of the rows of a collection (one row per item)."""
-
-    item_ids: np.ndarray  # [N] int64
-    vectors: np.ndarray  # [N, D] float32, L2-normalised by the item tower
-    popularity: np.ndarray | None = None  # [N] int64
-    first_seen: np.ndarray | None = None  # [N] int64 epoch seconds, 0 = never
-    is_cold_start: np.ndarray | None = None  # [N] bool
-    is_long_tail: np.ndarray | None = None  # [N] bool
-    titles: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
-        n = len(self.item_ids)
-        if self.vectors.ndim != 2 or len(self.vectors) != n:
-            raise ValueError(f"vectors must be [N={n}, D], got {self.vectors.shape}")
-        if len(np.unique(self.item_ids)) != n:
-            raise ValueError("item_ids contain duplicates")
-        if not np.isfinite(self.vectors).all():
-            bad = self.item_ids[~np.isfinite(self.vectors).all(axis=1)][:5].tolist()
-            raise ValueError(f"non-finite vectors for item_ids {bad}")
-        self.popularity = np.zeros(n, np.int64) if self.popularity is None else np.asarray(self.popularity, np.int64)
-        self.first_seen = np.zeros(n, np.int64) if self.first_seen is None else np.asarray(self.first_seen, np.int64)
-        self.is_cold_start = (self.popularity == 0) if self.is_cold_start is None else np.asarray(self.is_cold_start, bool)
-        self.is_long_tail = np.zeros(n, bool) if self.is_long_tail is None else np.asarray(self.is_long_tail, bool)
-        self.titles = [""] * n if self.titles is None else ["" if t is None or t != t else str(t)[:TITLE_MAX]
-                                                           for t in self.titles]
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def records(self, lo: int = 0, hi: int | None = None) -> list[dict[str, Any]]:
-        hi = len(self) if hi is None else hi
-        return [{S.ITEM_ID: int(self.item_ids[i]), VECTOR: self.vectors[i], S.POPULARITY: int(self.popularity[i]),
-                 S.FIRST_SEEN: int(self.first_seen[i]), S.IS_COLD_START: bool(self.is_cold_start[i]),
-                 S.IS_LONG_TAIL: bool(self.is_long_tail[i]), S.TITLE: self.titles[i]} for i in range(lo, hi)]
-
-
 def _schema(dim: int):
     from pymilvus import DataType, MilvusClient
 
@@ -470,10 +428,23 @@ def upsert(cfg: Settings, dataset: str, rows: ItemRows, target: str | None = Non
     return {"collection": target, "upserted": len(rows)}
 
 
-def fetch_all(client: "MilvusClient", target: str, batch: int = 4096, vectors_only: bool = False) -> ItemRows:
+
+def fetch_all(client: "MilvusClient", target: str, batch: int = 4096, vectors_only: bool = False,
+              expected_ids: np.ndarray | None = None) -> ItemRows:
     """Every row of a collection (vectors included), sorted by item id; ``vectors_only``: ids and vectors
-    (the other columns get their defaults), a fraction of the transfer."""
+    (the other columns get their defaults), a fraction of the transfer.
+
+    ``expected_ids``: ids the caller expects to find (the catalogue). They cut the whole id space into
+    consecutive ranges of about ``2 * batch`` expected rows, read with one query each: two to three times
+    faster than Milvus' query iterator, and still every row (ids the caller did not expect included).
+    Should a range come back at Milvus' result limit, the iterator reads the collection instead.
+    """
     ensure_loaded(client, target)
+    fields = [S.ITEM_ID, VECTOR, *(() if vectors_only else SCALARS)]
+    if expected_ids is not None and len(expected_ids):
+        recs = fetch_ranges(client, target, np.unique(np.asarray(expected_ids, np.int64)), 2 * batch, fields)
+        if recs is not None:
+            return item_rows(recs, vectors_only)
     # Milvus Lite lacks the timestamp RPC the iterator tries first; it falls back by itself, so keep
     # its error and warning out of the logs.
     quiet = [logging.getLogger(n) for n in ("grpc._server", "pymilvus")]
@@ -481,36 +452,10 @@ def fetch_all(client: "MilvusClient", target: str, batch: int = 4096, vectors_on
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     try:
-        return _fetch_all(client, target, batch, vectors_only)
+        return item_rows(fetch_iterator(client, target, batch, fields), vectors_only)
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
-
-
-def _fetch_all(client: "MilvusClient", target: str, batch: int, vectors_only: bool = False) -> ItemRows:
-    it = client.query_iterator(target, batch_size=batch, filter=f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}",
-                               output_fields=[S.ITEM_ID, VECTOR, *(() if vectors_only else SCALARS)])
-    recs: list[dict] = []
-    try:
-        while True:
-            chunk = it.next()
-            if not chunk:
-                break
-            recs.extend(chunk)
-    finally:
-        it.close()
-    recs.sort(key=lambda r: r[S.ITEM_ID])
-    dim = len(recs[0][VECTOR]) if recs else 0
-    if vectors_only:
-        return ItemRows(item_ids=np.array([r[S.ITEM_ID] for r in recs], np.int64),
-                        vectors=np.array([r[VECTOR] for r in recs], np.float32).reshape(len(recs), dim))
-    return ItemRows(item_ids=np.array([r[S.ITEM_ID] for r in recs], np.int64),
-                    vectors=np.array([r[VECTOR] for r in recs], np.float32).reshape(len(recs), dim),
-                    popularity=np.array([r[S.POPULARITY] for r in recs], np.int64),
-                    first_seen=np.array([r[S.FIRST_SEEN] for r in recs], np.int64),
-                    is_cold_start=np.array([r[S.IS_COLD_START] for r in recs], bool),
-                    is_long_tail=np.array([r[S.IS_LONG_TAIL] for r in recs], bool),
-                    titles=[r[S.TITLE] for r in recs])
 
 
 # ==================================================================================================

@@ -157,13 +157,14 @@ class Recommender:
                              f"but the promoted model is {self.bundle.version}: run `learn index --dataset "
                              f"{self.dataset}` to index it (or roll the model back)", 503)
         index.ensure_loaded(self.client, self.collection)
+        items = data.load_items(cfg, self.dataset)
         self.replica: Replica | None = None
-        rows = index.fetch_all(self.client, self.collection) if cfg.serve.search == "replica" else None
+        rows = (index.fetch_all(self.client, self.collection, expected_ids=items[S.ITEM_ID].to_numpy(np.int64))
+                if cfg.serve.search == "replica" else None)
         if rows is not None:
             self.replica = Replica(rows)
 
         # Catalogue titles and the popular fallback (the model's training popularity).
-        items = data.load_items(cfg, self.dataset)
         self.titles: dict[int, str] = dict(zip(items[S.ITEM_ID].astype(int),
                                                items[S.TITLE].fillna("").astype(str))) if S.TITLE in items else {}
         st = self.bundle.stats
@@ -265,7 +266,7 @@ class Recommender:
         rows = int(self.client.get_collection_stats(self.collection).get("row_count", -1))
         if rows == len(self.replica):
             return False
-        fresh = index.fetch_all(self.client, self.collection)
+        fresh = index.fetch_all(self.client, self.collection, expected_ids=self.replica.ids)
         with self.write_lock:  # not in the middle of this service's own upsert
             self.replica = Replica(fresh)
         self.replica_reloads += 1

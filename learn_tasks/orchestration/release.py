@@ -101,9 +101,9 @@ def refresh_live_collection(cfg: Settings, dataset: str, run_dir: Path, collecti
     or model statistics (popularity, slice flags) differ are rewritten, then the collection is marked as
     ``run_dir``'s (:func:`learn_tasks.online.index.adopt`) so releasing it serves the new model."""
     client = index.connect(cfg)
-    stored = index.fetch_all(client, collection, vectors_only=True)
     bundle = ModelBundle.load(cfg, dataset, run_dir)
     ids, skipped = indexable(bundle, data.load_items(cfg, dataset)[S.ITEM_ID].to_numpy(np.int64))
+    stored = index.fetch_all(client, collection, vectors_only=True, expected_ids=ids)
     vectors = bundle.item_vectors(ids)
     pos = pd.Series(np.arange(len(stored.item_ids)), index=stored.item_ids).reindex(ids)
     have = pos.notna().to_numpy()

@@ -268,6 +268,19 @@ def train_model(cfg: Settings, dataset: str, protocol: str = S.PROTOCOL_LOO, mod
     other item keeps its exact vector, so the serving index needs only those rows rewritten. A content-only
     model has no ID rows: its sparse update trains nothing and only takes the new item statistics.
     """
+    # ``train.threads`` holds for this run only: every stage of a pipeline run shares one process, and
+    # training's single thread must not slow down the evaluation that follows it.
+    threads = torch.get_num_threads()
+    try:
+        return _train_model(cfg, dataset, protocol, model, epochs, budget_s, warm_start, embeddings, users, update,
+                            validate_run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_model(cfg: Settings, dataset: str, protocol: str, model: str | None, epochs: int | None,
+                 budget_s: float | None, warm_start: str | Path | None, embeddings: tuple[np.ndarray, np.ndarray] | None,
+                 users: np.ndarray | None, update: str, validate_run: bool) -> dict[str, Any]:
     if update not in ("dense", "sparse"):
         raise ValueError(f"update must be 'dense' or 'sparse', got {update!r}")
     if update == "sparse" and not warm_start:
