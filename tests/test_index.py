@@ -101,6 +101,7 @@ def test_alias_swap_keep_versions_rollback_upsert(settings: Settings, monkeypatc
         # Read by ranges cut at the ids a caller expects: still every row, unexpected ones (99_999, below the
         # first expected id) included, the same values as the iterator's.
         expected = np.arange(150, 500, 3)
+        assert len(index_rows.fetch_ranges(client, third["collection"], expected, 32, [S.ITEM_ID])) == 401
         ranged = index.fetch_all(client, third["collection"], batch=16, expected_ids=expected)
         assert np.array_equal(ranged.item_ids, fetched.item_ids) and np.array_equal(ranged.vectors, fetched.vectors)
         assert ranged.titles == fetched.titles and np.array_equal(ranged.popularity, fetched.popularity)
@@ -126,7 +127,7 @@ def test_locked_lite_data_gives_a_clear_error(settings: Settings) -> None:
     code = textwrap.dedent(f"""
         import os, sys
         os.environ["LEARN_HOME"] = {home!r}
-        from learn_tasks.online import index, index_rows
+        from learn_tasks.online import index
         from learn_tasks.config import load_settings
         index.connect(load_settings())
         print("ready", flush=True)
@@ -158,7 +159,7 @@ def test_local_server_is_shared_by_processes(settings: Settings) -> None:
             import os
             os.environ["LEARN_HOME"] = {settings.home!r}
             os.environ["LEARN_INDEX__SERVER_PORT"] = "{cfg.index.server_port}"
-            from learn_tasks.online import index, index_rows
+            from learn_tasks.online import index
             from learn_tasks.config import load_settings
             print(index.current(load_settings(), "books"))
         """)

@@ -137,25 +137,32 @@ def import_feast(cfg: Settings | None = None) -> None:
     while Feast is imported: about half of the import's time, paid by every task and server that opens a
     store. Without it, Feast runs as it does under ``python -O`` (where ``@typechecked`` is a no-op by
     typeguard's design). Only the import of Feast itself is affected: the decorator is swapped for the
-    duration of that import and restored, so other packages keep their checks. A no-op once Feast is
-    imported (a process that imported it first keeps whatever it got).
+    duration of that import and restored, so other packages keep their checks. The modules learn uses are
+    imported in that window (the PostgreSQL source too, with ``features.offline_store: postgres``); a Feast
+    module first imported later keeps its checks. A no-op once Feast is imported (a process that imported it
+    first keeps whatever it got).
     """
-    if "feast" in sys.modules:
-        return
-    if cfg is None:
-        cfg = load_settings()
-    if cfg.features.feast_type_checks:
-        import feast  # noqa: F401
-        return
-    import typeguard
+    with _import_lock:  # two threads must not both swap the decorator (the second would restore the no-op)
+        if "feast" in sys.modules:
+            return
+        if cfg is None:
+            cfg = load_settings()
+        if cfg.features.feast_type_checks:
+            import feast  # noqa: F401
+            return
+        import typeguard
 
-    checked = typeguard.typechecked
-    typeguard.typechecked = _unchecked
-    try:
-        import feast  # noqa: F401
-        import feast.feature_store  # noqa: F401  (its submodules decorate classes too)
-    finally:
-        typeguard.typechecked = checked
+        checked = typeguard.typechecked
+        typeguard.typechecked = _unchecked
+        try:
+            import feast  # noqa: F401
+            if cfg.features.offline_store == "postgres":
+                import feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source  # noqa: F401
+        finally:
+            typeguard.typechecked = checked
+
+
+_import_lock = threading.Lock()
 
 
 def _unchecked(target: Any = None, **_: Any) -> Any:
@@ -209,7 +216,8 @@ def get_store(cfg: Settings, dataset: str) -> "FeatureStore":
 _definitions_lock = threading.Lock()
 
 
-def load_definitions(repo: Path = FEATURE_REPO, offline_store: str = "file") -> dict[str, list]:
+def load_definitions(repo: Path = FEATURE_REPO, offline_store: str = "file",
+                     cfg: Settings | None = None) -> dict[str, list]:
     """Import the Feast objects of ``feature_repo/`` the way ``feast apply`` does (each file as a module).
 
     The files import each other by plain module name (``from entities import user``), as ``feast apply``
@@ -217,7 +225,7 @@ def load_definitions(repo: Path = FEATURE_REPO, offline_store: str = "file") -> 
     afterwards so they never shadow anything else. ``offline_store`` (``file`` or ``postgres``) is handed
     to ``data_sources.py`` through ``LEARN_FEAST_OFFLINE_STORE`` for the duration of the import.
     """
-    import_feast()
+    import_feast(cfg)
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 

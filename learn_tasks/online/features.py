@@ -263,7 +263,7 @@ def apply(cfg: Settings, dataset: str, store: "FeatureStore | None" = None, forc
     """
     store = store or get_store(cfg, dataset)
     state = load_state(cfg, dataset)
-    defs = load_definitions(offline_store=cfg.features.offline_store)
+    defs = load_definitions(offline_store=cfg.features.offline_store, cfg=cfg)
     key = {"definitions": definitions_hash(), "stores": store_identity(cfg, dataset)}
     if not force and state.get("applied") == key:
         try:

@@ -63,14 +63,19 @@ def fetch_ranges(client: "MilvusClient", target: str, ids: np.ndarray, per_range
                  fields: list[str]) -> list[dict] | None:
     """Every row of the collection, read as the ranges ``(-inf, ids[k]), [ids[k], ids[2k]), ..., [ids[jk], +inf)``
     of ``ids`` (sorted) with ``k = per_range``, one query each; None when a range reaches the result limit (it
-    may hold rows the query did not return)."""
+    may hold rows the query did not return) or the query fails (the iterator reads the collection then)."""
+    from pymilvus.exceptions import MilvusException
+    per_range = max(1, min(per_range, RANGE_ROWS_MAX // 2))  # room for rows the caller did not expect
     cuts = ids[per_range::per_range].tolist()
     bounds = list(zip([None, *cuts], [*cuts, None]))
     recs: list[dict] = []
     for lo, hi in bounds:
         terms = [f"{S.ITEM_ID} >= {lo}" if lo is not None else None, f"{S.ITEM_ID} < {hi}" if hi is not None else None]
         expr = " and ".join(t for t in terms if t) or f"{S.ITEM_ID} >= {np.iinfo(np.int64).min}"
-        got = client.query(target, filter=expr, output_fields=fields)
+        try:
+            got = client.query(target, filter=expr, output_fields=fields)
+        except MilvusException:  # e.g. a range over Milvus' result size (rows added above the last cut)
+            return None
         if len(got) >= RANGE_ROWS_MAX:
             return None
         recs.extend(got)
