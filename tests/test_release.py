@@ -247,7 +247,11 @@ def test_a_restart_between_promotion_and_load_serves_the_previous_release(traine
     assert h.json()["checks"]["model"]["version"] == runs[0].name
     body = restarted.get(f"/recommendations/{_known_user(cfg)}").json()
     assert body["model_version"] == runs[0].name and body["index_collection"] == rel["collection"]
-    assert recommender.Recommender(cfg, "synth", load_encoder=False).bundle.version == runs[0].name
+    current = recommender.Recommender(cfg, "synth", load_encoder=False)
+    try:
+        assert current.bundle.version == runs[0].name
+    finally:
+        current.close()  # its replica watcher would outlive the test's Milvus client
 
     # The load then runs: the next look serves the promoted model.
     index.index_catalogue(cfg, "synth", source="test")

@@ -211,8 +211,11 @@ def test_new_item_is_recommendable_at_once_and_events_count(served) -> None:
 
     # A restarted service still knows the item (persisted, restored into its replica).
     again = recommender.Recommender(served["cfg"], "synth", load_encoder=False)
-    assert again.replica is not None and new[S.ITEM_ID] in again.replica and again.new_items >= 1
-    assert again.recommend(user, k=3)["strategy"] == "personalized"
+    try:
+        assert again.replica is not None and new[S.ITEM_ID] in again.replica and again.new_items >= 1
+        assert again.recommend(user, k=3)["strategy"] == "personalized"
+    finally:
+        again.close()  # its replica watcher would outlive the test's Milvus client
 
 
 @pytest.mark.integration
