@@ -129,6 +129,9 @@ def template_text(cfg: Settings) -> str:
     return text
 
 
+_import_lock = threading.Lock()
+
+
 def import_feast(cfg: Settings | None = None) -> None:
     """Import Feast in this process, without typeguard's ``@typechecked`` instrumentation of its classes
     unless ``features.feast_type_checks`` (``cfg``'s, else the environment's settings).
@@ -160,9 +163,6 @@ def import_feast(cfg: Settings | None = None) -> None:
                 import feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source  # noqa: F401
         finally:
             typeguard.typechecked = checked
-
-
-_import_lock = threading.Lock()
 
 
 def _unchecked(target: Any = None, **_: Any) -> Any:
