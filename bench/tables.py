@@ -243,7 +243,8 @@ def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[
                         word = "better than" if v > 0 else "worse than" if v < 0 else "not distinguished from"
                     out[word].append(f"{model} ({SLICE_NAMES[s]})")
             m = metric.replace("recall", "R")
-            lines.append(f"* {protocol} {m}: " + "; ".join(f"{w} {', '.join(v) or 'none'}" for w, v in out.items()) + ".")
+            said = [f"{w} {', '.join(v)}" for w, v in out.items() if v]  # an empty verdict is left out, not "none"
+            lines.append(f"* {protocol} {m}: " + ("; ".join(said) or "no model to compare with") + ".")
     return lines
 
 
