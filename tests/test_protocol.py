@@ -16,6 +16,7 @@ from learn_tasks.cli import app
 from learn_tasks.data import datasets as data
 from learn_tasks.data import splits
 from learn_tasks.evaluation import baselines, harness
+from learn_tasks.pch.catalogue import Catalogue
 
 DAY = 86_400
 T0 = 1_600_000_000 - 1_600_000_000 % DAY  # a midnight
@@ -81,6 +82,18 @@ def test_cold_start_means_first_seen_after_the_cut_off_and_cold_users_count_the_
     assert test["per_case"]["ranks"][1] < valid["meta"]["items"]
 
 
+def test_reference_times_of_prepared_data_are_unix_seconds(timeline):
+    # what recent_popular's window counts back from: the cut-off (temporal) or just after the user's last
+    # history event (loo), in seconds whatever resolution the prepared split stores
+    ids = np.arange(100, 108)
+    cat = Catalogue(ids, None, np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64))
+    loo = harness.build_cases(splits.load_split(timeline, "timeline", "loo"), cat, "loo", S.TEST)
+    want = {1: T0 + 12 * DAY + 1, 2: T0 + 14 * DAY + 1, 3: T0 + 3 * DAY + 1}
+    assert dict(zip(loo.user_ids.tolist(), loo.ref_times.tolist())) == want
+    temporal = harness.build_cases(splits.load_split(timeline, "timeline", "temporal"), cat, "temporal", S.TEST)
+    assert temporal.ref_times.tolist() == [T0 + 20 * DAY] * len(temporal)
+
+
 def test_split_kcore_looks_only_at_the_training_period(settings):
     # item 50 has one training event and many test events; a whole-timeline 2-core keeps it, a 2-core
     # of the training period alone drops its training event, and never filters later events
@@ -115,6 +128,18 @@ def test_recent_popular_counts_the_window_before_each_reference_time():
         baselines.recent_popular_scores(rows, times, T0 + DAY * np.array([10, 3]), 3, days=3)
     every = baselines.recent_popular_scores(rows, times, T0 + DAY * np.array([10]), 3, days=0)(0, 1).numpy()
     assert every[0].tolist() == pytest.approx([2 + 2 / 4, 3 + 3 / 4, 0.0])  # days=0: all time
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_unix_seconds_reads_the_unit_from_the_dtype(unit):
+    # Prepared datasets hold microseconds; reading them as nanoseconds made every time 1000x too small,
+    # so recent_popular's windows covered all history.
+    stamps = pd.Series(pd.to_datetime([T0, T0 + DAY + 1, -1], unit="s", utc=True)).astype(f"datetime64[{unit}, UTC]")
+    want = [T0, T0 + DAY + 1, -1]
+    assert harness.unix_seconds(stamps).tolist() == want
+    assert harness.unix_seconds(stamps.dt.tz_localize(None)).tolist() == want  # naive = UTC
+    assert harness.unix_seconds(stamps.dt.tz_convert("Asia/Tokyo")).tolist() == want
+    assert harness.unix_seconds([pd.Timestamp(T0, unit="s", tz="UTC"), "1970-01-01T00:00:01.5Z"]).tolist() == [T0, 1]
 
 
 def test_item_knn_is_the_cosine_of_user_sets():

@@ -109,7 +109,17 @@ def stage_cutoff(split: pd.DataFrame, protocol: str, stage: str) -> pd.Timestamp
 
 
 def unix_seconds(ts) -> np.ndarray:
-    return (pd.to_datetime(pd.Series(ts), utc=True).astype("int64") // 10**9).to_numpy(np.int64)
+    """Whole seconds since the epoch (floored) of timestamps in any resolution; naive ones are UTC.
+
+    Prepared datasets hold microsecond timestamps (Parquet's), others nanoseconds: the unit comes from the
+    dtype, never from an assumed ``10**9`` ticks per second.
+    """
+    s = pd.Series(ts)
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+    elif not np.issubdtype(s.dtype, np.datetime64):  # strings, Timestamps, datetimes
+        s = pd.to_datetime(s, utc=True).dt.tz_localize(None)
+    return s.to_numpy("datetime64[s]").astype(np.int64)
 
 
 def build_cases(split: pd.DataFrame, cat: Catalogue, protocol: str, stage: str = S.TEST) -> Cases:
