@@ -16,11 +16,13 @@ The ID-based SASRec baseline is a trained model and lives in :mod:`learn_tasks.p
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from scipy import sparse
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 DAY_S = 86_400
 ScoreFn = Callable[[int, int], torch.Tensor]  # (lo, hi) -> a new [hi - lo, N] tensor: scores of cases lo..hi-1
@@ -92,6 +94,8 @@ def cooccurrence_neighbours(user_idx: np.ndarray, item_rows: np.ndarray, n_items
 
     ``user_idx``/``item_rows`` are the known (user, item) events (repeats count once); the diagonal is 0.
     """
+    from scipy import sparse  # here, not at the top: the pipeline's evaluation never needs it
+
     users = np.unique(user_idx, return_inverse=True)[1]
     x = sparse.csr_matrix((np.ones(len(users), np.float32), (users, item_rows)),
                           shape=(int(users.max(initial=-1)) + 1, n_items))
@@ -126,6 +130,7 @@ def item_knn_scores(sim: sparse.csr_matrix, hist_rows: np.ndarray, hist_offsets:
     popularity tie-break far below any similarity difference."""
     pop = np.asarray(popularity, np.float64)
     tie = torch.as_tensor(1e-6 * pop / max(pop.max(initial=0.0), 1.0), dtype=torch.float32)
+    from scipy import sparse
 
     def score(lo: int, hi: int) -> torch.Tensor:
         rows, cols = [], []
