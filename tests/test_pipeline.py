@@ -176,7 +176,7 @@ def test_gate_keeps_a_candidate_out_that_loses_the_cold_start_slice_within_the_o
 
 # ------------------------------------------------------------------------------ gate sample and cache
 def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchanged(
-        settings: Settings, synth_dataset: str) -> None:
+        settings: Settings, synth_dataset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The promoted model was scored on the fixed sample as the candidate of the run that promoted it;
     the next run's gate reuses that score. A new sample (or another model) is scored afresh, and a
     score is the same whether computed or reused."""
@@ -192,7 +192,18 @@ def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchang
     full = runs.RunArgs(synth_dataset, "full", day, day + pd.Timedelta(days=1))
     inc = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2))
     run_a = train.train_model(cfg, synth_dataset, model="sasrec", epochs=1)["run_dir"]
+    from learn_tasks.evaluation import harness
+    from learn_tasks.pch.model import PCH
+
+    item_passes = []
+    encode_items = PCH.encode_items
+    monkeypatch.setattr(PCH, "encode_items", lambda self, *a, **k: item_passes.append(1) or encode_items(self, *a, **k))
     ev_a = stages.evaluate_candidate(cfg, full, {"run_dir": run_a})
+    # the test report and the gate sample share one scorer: one pass over the (small) catalogue, same figures
+    assert len(item_passes) == 1
+    alone = harness.evaluate_run(stages.eval_settings(cfg, cfg.pipeline.eval_users), synth_dataset, "loo",
+                                 model="sasrec", run_dir=run_a, write_report=False)
+    assert ev_a["test"]["table"][S.SLICE_ALL]["recall@10"] == alone[S.SLICE_ALL]["recall@10"]
     sample = gate_sample.load_sample(cfg, synth_dataset)
     assert ev_a["valid"]["users"] == len(sample) == 80 and ev_a["valid"]["sample"] == sample.digest
     first = gate.promotion_gate(cfg, full, {"run_dir": run_a}, ev_a)

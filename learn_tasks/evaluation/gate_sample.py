@@ -36,8 +36,8 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import store
 from learn_tasks.config import Settings
 from learn_tasks.data import splits
-from learn_tasks.evaluation.harness import (Cases, build_cases, case_slices, known_events, make_scorer, rank_all,
-                                            sample_cases)
+from learn_tasks.evaluation.harness import (Cases, Scorer, build_cases, case_slices, known_events, make_scorer,
+                                            rank_all, sample_cases)
 from learn_tasks.evaluation.metrics import rank_metrics
 from learn_tasks.pch.catalogue import Catalogue, catalogue_item_ids, item_popularity, tail_mask
 from learn_tasks.state import exclusive
@@ -200,17 +200,18 @@ def _remember(cfg: Settings, dataset: str, key: str, value: Mapping[str, Any], k
 
 
 def score(cfg: Settings, dataset: str, protocol: str, kind: str, run_dir: str | Path, sample: FixedSample,
-          use_cache: bool = True) -> dict[str, Any]:
+          use_cache: bool = True, scorer: Scorer | None = None) -> dict[str, Any]:
     """Rank-based metrics (slice ``all``) of a trained run on the fixed sample, plus ``ranks`` (each case's
-    0-based target rank, in sample order), ``cached`` (whether the score was reused) and ``users``."""
+    0-based target rank, in sample order), ``cached`` (whether the score was reused) and ``users``.
+    ``scorer``: :func:`~learn_tasks.evaluation.harness.make_scorer` of that run, when the caller has one."""
     run_dir = Path(run_dir)
     key = score_key(cfg, dataset, run_dir, sample)
     if use_cache:
         hit = cached_score(cfg, dataset, key)
         if hit is not None:
             return {**hit, "cached": True}
-    split = splits.load_split(cfg, dataset, protocol)
-    scorer = make_scorer(cfg, dataset, protocol, kind, split, run_dir)
+    if scorer is None:
+        scorer = make_scorer(cfg, dataset, protocol, kind, splits.load_split(cfg, dataset, protocol), run_dir)
     cat = scorer.cat
     model_cases = Cases(sample.user_ids, sample.hist_offsets, cat.rows(sample.hist_items),
                         cat.rows(sample.target_items))

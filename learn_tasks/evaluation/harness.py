@@ -211,19 +211,21 @@ def padded_histories(cases: Cases, which: np.ndarray, max_len: int) -> tuple[np.
     return rows, mask
 
 
-def model_vectors(model, cat: Catalogue, cases: Cases, batch: int = 1024, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """User vectors for ``cases`` and item vectors for the whole catalogue from a PCH model."""
+def model_vectors(model, cat: Catalogue, cases: Cases, batch: int = 1024, device: str = "cpu",
+                  items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """User vectors for ``cases`` and item vectors for the whole catalogue from a PCH model (``items``: the
+    catalogue's vectors from an earlier call with the same model, returned as they are)."""
     c = model.config
     content = torch.as_tensor(cat.content) if c.uses_content else None
     idx = torch.as_tensor(cat.item_idx)
     was_training = model.training
     model.eval()
-    items, users = [], []
+    item_parts, users = [], []
     with torch.no_grad():
-        for lo in range(0, len(cat), 8192):
+        for lo in range(0, len(cat) if items is None else 0, 8192):
             sl = slice(lo, lo + 8192)
-            items.append(model.encode_items(content[sl].to(device) if content is not None else None,
-                                            idx[sl].to(device)).float().cpu())
+            item_parts.append(model.encode_items(content[sl].to(device) if content is not None else None,
+                                                 idx[sl].to(device)).float().cpu())
         # Users in order of history length, so a batch is padded only to similar lengths.
         order = np.argsort(np.minimum(np.diff(cases.hist_offsets), c.max_len), kind="stable")
         for lo in range(0, len(cases), batch):
@@ -235,7 +237,7 @@ def model_vectors(model, cat: Catalogue, cases: Cases, batch: int = 1024, device
     out = np.zeros((len(cases), c.vector_dim), np.float32)
     if users:
         out[order] = torch.cat(users).numpy()
-    return out, torch.cat(items).numpy()
+    return out, (items if items is not None else torch.cat(item_parts).numpy())
 
 
 # ==================================================================================================
@@ -322,8 +324,15 @@ def make_scorer(cfg: Settings, dataset: str, protocol: str, model: str, split: p
         pcfg = replace(pcfg, **model_overrides)
         net.config = pcfg
     cat = checkpoint_catalogue(cfg, dataset, run_dir, split, pcfg.uses_content, embeddings)
-    return Scorer(pcfg.kind, lambda cases: model_vectors(net, cat, cases, cfg.evaluate.batch_users), cat, run_dir,
-                  {"fingerprint": cat.fingerprint, "config": read_json(run_dir / "config.json")})
+    item_vecs: list[np.ndarray] = []  # the catalogue's vectors do not depend on the cases: computed once
+
+    def vectors(cases: Cases) -> tuple[np.ndarray, np.ndarray]:
+        users, items = model_vectors(net, cat, cases, cfg.evaluate.batch_users, items=next(iter(item_vecs), None))
+        item_vecs[:] = [items]
+        return users, items
+
+    return Scorer(pcfg.kind, vectors, cat, run_dir, {"fingerprint": cat.fingerprint,
+                                                     "config": read_json(run_dir / "config.json")})
 
 
 def _baseline_scorer(cfg: Settings, dataset: str, model: str, split: pd.DataFrame,
@@ -380,19 +389,22 @@ def evaluate_cases(scorer: Scorer, cases: Cases, cfg: Settings, popularity: np.n
 def evaluate_run(cfg: Settings, dataset: str, protocol: str, model: str | None = None,
                  run_dir: str | Path | None = None, stage: str = S.TEST,
                  embeddings: tuple[np.ndarray, np.ndarray] | None = None, write_report: bool = True,
-                 keep_cases: bool = False, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                 keep_cases: bool = False, model_overrides: dict[str, Any] | None = None,
+                 scorer: Scorer | None = None) -> dict[str, Any]:
     """Evaluate a trained run (latest of ``model`` by default) or a baseline; write metrics.json and a report.
 
     Returns ``{slice: {"recall@10", "hr@10", "ndcg@10", ..., "mrr", "cases"}, "coverage": {...},
     "popularity_buckets": [...], "meta": {...}}`` (+ ``"future"`` under the temporal protocol). With
     ``keep_cases`` also ``"per_case": {"user_ids", "ranks", "slices": {slice: mask}}`` (numpy arrays, in
     user order, not written to the report) for paired comparisons of models on the same cases.
-    ``model`` defaults to ``pipeline.model``.
+    ``model`` defaults to ``pipeline.model``. ``scorer``: one :func:`make_scorer` built for the same model,
+    run and ``stage`` (the pipeline scores the candidate on test and on the gate sample with one).
     """
     model = model or cfg.pipeline.model
     split = splits.load_split(cfg, dataset, protocol)
-    scorer = make_scorer(cfg, dataset, protocol, model, split, Path(run_dir) if run_dir else None, embeddings, stage,
-                         model_overrides)
+    if scorer is None:
+        scorer = make_scorer(cfg, dataset, protocol, model, split, Path(run_dir) if run_dir else None, embeddings,
+                             stage, model_overrides)
     cases = build_cases(split, scorer.cat, protocol, stage)
     if not len(cases):
         raise ValueError(f"dataset {dataset!r} has no {stage} cases under protocol {protocol!r}")

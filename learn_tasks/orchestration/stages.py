@@ -24,6 +24,7 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import encode, store
 from learn_tasks.config import Settings
 from learn_tasks.data import datasets as data
+from learn_tasks.data.splits import load_split
 from learn_tasks.evaluation import gate_sample, harness
 from learn_tasks.monitoring import monitor, rules
 from learn_tasks.online import updates
@@ -238,9 +239,12 @@ def evaluate_candidate(cfg: Settings, a: RunArgs, trained: Mapping[str, Any]) ->
     if done:
         return done
     kind = trained.get("kind") or a.kind(cfg)  # a full run with challengers chose it on validation
+    # One scorer for both: the checkpoint, its catalogue and the item vectors are loaded and computed once.
+    scorer = harness.make_scorer(cfg, a.dataset, p.protocol, kind, load_split(cfg, a.dataset, p.protocol),
+                                 Path(trained["run_dir"]))
     test = harness.evaluate_run(eval_settings(cfg, users), a.dataset, p.protocol, model=kind,
-                                run_dir=trained["run_dir"], stage=S.TEST)
-    valid = gate_sample.score(cfg, a.dataset, p.protocol, kind, trained["run_dir"], sample)
+                                run_dir=trained["run_dir"], stage=S.TEST, scorer=scorer)
+    valid = gate_sample.score(cfg, a.dataset, p.protocol, kind, trained["run_dir"], sample, scorer=scorer)
     res = {"run_dir": trained["run_dir"], "protocol": p.protocol,
            "test": {"users": test["meta"]["users"], "table": _table(test, cfg.evaluate.ks),
                     "coverage": test.get("coverage"), "report": test["meta"].get("report")},
