@@ -197,8 +197,10 @@ def test_no_shift_no_alert_and_outputs_load(home: Path) -> None:
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Alerts (0)" in page and "cold_start.event_share" in page
     assert read_json(out / "summary.json")["values"] == json.loads(json.dumps(v))
+    assert sorted(res["sections"]) == ["content", "interactions", "users"] and not (out / "summary.html").exists()
     for section in ("summary", "interactions", "users", "content"):
-        assert (out / f"{section}.html").stat().st_size > 10_000
+        if section != "summary":  # the summary is the page's table; its snapshot is in the workspace
+            assert (out / f"{section}.html").stat().st_size > 10_000 and f"src='{section}.html'" in page
         snap = Snapshot.load(out / "snapshots" / f"{section}.json")
         assert snap.dict()["metrics"], section
     # the workspace has the project, one snapshot per section, and the dashboard
