@@ -298,12 +298,13 @@ def _entity(view: str) -> str:
 
 
 def _rows_to_write(cfg: Settings, dataset: str, view: str, window: Window, previous: dict[str, pa.Table] | None,
-                   touched_users: np.ndarray | None) -> pa.Table:
+                   touched_users: np.ndarray | None, table: pa.Table | None = None) -> pa.Table:
     """The latest row in ``window`` of each entity of a view; with ``previous``, only the rows that differ
-    from it, plus those of ``touched_users``."""
+    from it, plus those of ``touched_users``. ``table``: the view's feature table as written (else read)."""
     entity = _entity(view)
-    latest = latest_in_window(pq.read_table(store_dir(cfg, dataset) / "data" / f"{TABLES[view]}.parquet"),
-                              entity, window)
+    if table is None:
+        table = pq.read_table(store_dir(cfg, dataset) / "data" / f"{TABLES[view]}.parquet")
+    latest = latest_in_window(table, entity, window)
     if previous is not None and view in previous:
         features_of = [c for c in latest.column_names if c not in (entity, S.EVENT_TIMESTAMP)]
         keep = feature_delta.changed_rows(latest, previous[view], entity, features_of)
@@ -369,7 +370,8 @@ def _materialize_with_feast(cfg: Settings, dataset: str, window: Window, store: 
 
 def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
                 store: "FeatureStore | None" = None, force: bool = False, batch: int = 10_000,
-                previous: dict[str, pa.Table] | None = None, touched_users: np.ndarray | None = None) -> bool:
+                previous: dict[str, pa.Table] | None = None, touched_users: np.ndarray | None = None,
+                tables: dict[str, pa.Table] | None = None) -> bool:
     """Put the latest row of every entity inside ``window`` into the online store (True when it ran).
 
     File offline store: what ``feast materialize`` does, written through Feast's online write API (see
@@ -379,6 +381,7 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
 
     ``previous`` (per view, the rows written last time) limits the write to new or changed rows plus
     ``touched_users`` (landed events): the online values end the same as after writing every row.
+    ``tables``: the feature tables just written (by table name), so the file store need not read them back.
     """
     store = store or get_store(cfg, dataset)
     state = load_state(cfg, dataset)
@@ -391,7 +394,8 @@ def materialize(cfg: Settings, dataset: str, window: Window, fingerprint: str,
     else:
         written = {"rows": {}, "changed_only": previous is not None, "by": "online_write"}
         for view in TABLES:
-            rows = _rows_to_write(cfg, dataset, view, window, previous, touched_users)
+            rows = _rows_to_write(cfg, dataset, view, window, previous, touched_users,
+                                  (tables or {}).get(TABLES[view]))
             _write_online(store, view, rows, batch)
             written["rows"][view] = rows.num_rows
     state["materialized"] = key
@@ -467,7 +471,8 @@ def materialize_features(cfg: Settings, dataset: str, start: str | datetime | No
     store = get_store(cfg, dataset)
     applied = apply(cfg, dataset, store, force=force)
     lap("apply")
-    materialized = materialize(cfg, dataset, window, fp, store, force=force, previous=previous, touched_users=touched)
+    materialized = materialize(cfg, dataset, window, fp, store, force=force, previous=previous, touched_users=touched,
+                               tables=tables)
     lap("materialize")
     state = load_state(cfg, dataset)
     return {
