@@ -165,6 +165,22 @@ def test_fingerprint_covers_what_changes_embeddings_only(settings: Settings):
     assert encoder.load_encoder(settings.with_overrides(encode={"pooling": "first"})).fingerprint != base
 
 
+def test_encode_threads_hold_only_while_encoding(settings: Settings):
+    # `learn run` runs every stage in one process: encode.threads must not leak into training or ranking
+    import torch
+
+    before = torch.get_num_threads()
+    enc = encoder.load_encoder(settings.with_overrides(encode={"threads": before + 1}))
+    seen = []
+    forward = enc.model.forward
+    enc.model.forward = lambda *a, **k: seen.append(torch.get_num_threads()) or forward(*a, **k)
+    try:
+        enc.encode_texts(TEXTS[:2])
+    finally:
+        enc.model.forward = forward
+    assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before
+
+
 def test_int8_fast_mode_stays_close_to_fp32(settings: Settings):
     fp32 = encoder.load_encoder(settings)
     int8 = encoder.load_encoder(settings.with_overrides(encode={"quantize": "int8"}))

@@ -172,8 +172,6 @@ class Encoder:
         from transformers import AutoTokenizer
 
         self.cfg = ecfg
-        if ecfg.threads > 0:
-            torch.set_num_threads(ecfg.threads)
         self.model_id = ecfg.model
         self.path = resolve_model_path(ecfg.model)
         self.device = _pick_device(ecfg.device)
@@ -277,6 +275,20 @@ class Encoder:
         kwargs: dict[str, Any] = {"output_hidden_states": need_hidden}
         if self.is_decoder:
             kwargs["use_cache"] = False  # no KV cache: one forward pass per batch
+        # encode.threads holds only while encoding: the process's other stages keep their own thread count
+        threads = torch.get_num_threads()
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return self._forward(ids, lengths, kwargs, out)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _forward(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, kwargs: dict[str, Any],
+                 out: np.ndarray) -> np.ndarray:
+        import torch
+
+        need_hidden = self.cfg.layer != -1
         with torch.inference_mode():
             for rows in self.batches(lengths):
                 width = int(lengths[rows].max())
