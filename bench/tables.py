@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,14 @@ DIFF_METRICS = [("recall@10", "R@10"), ("ndcg@10", "N@10"), ("recall@200", "R@20
 PRODUCT = "learn_hybrid"  # the default model kind the README's claims are about
 STANDING = ("recall@10", "recall@200")
 STANDING_SLICES = ("all", "cold_start", "long_tail")  # what the README's claims are about
+# Fixes that change figures of files already committed. A file whose commit does not contain the fix keeps
+# its figures (only code writes them) but its tables mark the models named here as stale, and the README's
+# claims leave them out, until the file is written again by the fixed code.
+FIXES = (
+    {"commit": "9a5d696", "models": ("recent_popular",),
+     "what": "read the prepared datasets' microsecond timestamps as nanoseconds, so a window of N days counted "
+             "N thousand days (in effect all history: the windows chosen from scored alike)"},
+)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -56,9 +65,39 @@ def load(results_dir: Path = RESULTS) -> tuple[list[tuple[str, dict]], list[str]
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise SystemExit(f"{path}: not JSON ({exc})") from exc
-        (current.append((path.name, data)) if is_current(data) else earlier.append(path.name))
+        if is_current(data):
+            data["_stale"] = stale(data)
+            current.append((path.name, data))
+        else:
+            earlier.append(path.name)
     current.sort(key=lambda nd: (nd[1]["meta"].get("mode") == "quick", nd[1]["meta"].get("dataset", ""), nd[0]))
     return current, earlier
+
+
+def contains(commit: str | None, fix: str) -> bool | None:
+    """Whether ``commit`` descends from ``fix`` (None when git cannot tell)."""
+    if not commit:
+        return None
+    res = subprocess.run(["git", "merge-base", "--is-ancestor", fix, commit], cwd=REPO, capture_output=True)
+    return {0: True, 1: False}.get(res.returncode)
+
+
+def stale(data: dict[str, Any]) -> dict[str, str]:
+    """model -> why its figures in ``data`` predate a fix of :data:`FIXES` (empty when none does)."""
+    out: dict[str, str] = {}
+    for fix in FIXES:
+        if contains(data.get("commit"), fix["commit"]) is False:
+            for model in fix["models"]:
+                out[model] = f"written before commit `{fix['commit']}`: {model} {fix['what']}"
+    return out
+
+
+def name_of(model: str, data: dict[str, Any]) -> str:
+    return f"{model} (stale)" if model in data.get("_stale", {}) else model
+
+
+def stale_note(data: dict[str, Any]) -> list[str]:
+    return [f"Stale: {why}; rerun the benchmark to replace them." for why in data.get("_stale", {}).values()]
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -126,7 +165,7 @@ def protocol_table(data: dict[str, Any], protocol: str) -> list[str]:
         if model not in rows:
             continue
         cov = data["coverage"].get(protocol, {}).get(model, {}).get("coverage@10")
-        lines.append(f"| {model} | " + " | ".join(with_ci(rows[model].get(s), m) for s, m, _ in cols)
+        lines.append(f"| {name_of(model, data)} | " + " | ".join(with_ci(rows[model].get(s), m) for s, m, _ in cols)
                      + f" | {pct(cov)} |")
     some = next(iter(rows.values()))
     lines += ["", "Cases: " + ", ".join(f"{SLICE_NAMES.get(s, s)} {some[s]['cases']:,}" for s in SLICE_NAMES if s in some)
@@ -147,7 +186,7 @@ def diff_table(data: dict[str, Any]) -> list[str]:
             by_slice, other = diffs[pair], pair.split("_vs_", 1)[1]
             for s in SLICE_NAMES:
                 if s in by_slice:
-                    lines.append(f"| {protocol} | vs {other} | {SLICE_NAMES[s]} | "
+                    lines.append(f"| {protocol} | vs {name_of(other, data)} | {SLICE_NAMES[s]} | "
                                  + " | ".join(signed(by_slice[s][m]) for m, _ in DIFF_METRICS) + " |")
     return lines
 
@@ -194,6 +233,7 @@ def render_docs(current: list[tuple[str, dict]], earlier: list[str]) -> str:
     lines += earlier_note(earlier)
     for name, data in current:
         lines += [f"### {title(name, data)}", "", provenance(name, data), ""]
+        lines += [line for note in stale_note(data) for line in (note, "")]
         for protocol in PROTOCOLS:
             if protocol in data:
                 lines += protocol_table(data, protocol) + [""]
@@ -220,7 +260,9 @@ def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[
              + ", ".join(SLICE_NAMES[s] for s in slices) + " at " + " and ".join(m.replace("recall", "R") for m in metrics)
              + ": better / worse / tie from the paired 95% interval of the difference; models the benchmark does "
                "not pair with the default count as better or worse only when the two intervals do not overlap. "
-               "These are many intervals at 95% each: a lone better or worse entry can be chance.", ""]
+               "These are many intervals at 95% each: a lone better or worse entry can be chance."
+             + (" Left out: " + ", ".join(sorted(data["_stale"])) + " (stale figures, see above)."
+                if data.get("_stale") else ""), ""]
     for protocol in PROTOCOLS:
         rows, diffs = data.get(protocol) or {}, data["diffs"].get(protocol, {})
         if product not in rows:
@@ -231,7 +273,7 @@ def standing_lines(data: dict[str, Any], product: str = PRODUCT, metrics: tuple[
                 if s not in rows[product]:
                     continue
                 for model in MODELS:
-                    if model == product or model not in rows:
+                    if model == product or model not in rows or model in data.get("_stale", {}):
                         continue
                     d = (diffs.get(f"{product}_vs_{model}") or {}).get(s, {}).get(metric)
                     if d is not None:
@@ -266,11 +308,12 @@ def render_readme(current: list[tuple[str, dict]], earlier: list[str]) -> str:
                 continue
             cells = [with_ci(data[p].get(model, {}).get("all"), m) for p in present for m in ("recall@10", "ndcg@10")]
             cov = " / ".join(pct(data["coverage"].get(p, {}).get(model, {}).get("coverage@10")) for p in present)
-            lines.append(f"| {model} | " + " | ".join(cells) + f" | {cov} |")
+            lines.append(f"| {name_of(model, data)} | " + " | ".join(cells) + f" | {cov} |")
         cases = "; ".join(f"{p} {data.get('users', {}).get(p, {}).get('test', '?')} test users ("
                           + ", ".join(f"{SLICE_NAMES[sl]} {(data[p].get(PRODUCT, {}).get(sl) or {}).get('cases', 0)}"
                                       for sl in ("cold_start", "long_tail")) + " cases)" for p in present)
         lines += ["", f"Cases: {cases}. Few cases give wide intervals."]
+        lines += [line for note in stale_note(data) for line in ("", note)]
         if data["meta"].get("mode") == "quick":
             lines += ["", "A smoke run (tiny budgets, user samples): not a result."]
         else:

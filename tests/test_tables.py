@@ -165,3 +165,23 @@ def test_a_run_cut_short_shows_the_protocols_it_finished_and_says_it_is_partial(
     assert "**loo**" in docs and "**temporal**" not in docs
     readme = tables.render_readme(current, earlier)
     assert "(partial: loo of loo, temporal)" in readme and "temporal R@10" not in readme
+
+
+def test_figures_written_before_a_fix_are_marked_stale_and_make_no_claim(tables, tmp_path):
+    fix = tables.FIXES[0]
+    data = fake_result(mode="full")
+    data["commit"] = f"{fix['commit']}~1"  # the commit before the fix
+    (tmp_path / "quality_movielens.json").write_text(json.dumps(data))
+    current, earlier = tables.load(tmp_path)
+    readme, docs = tables.render_readme(current, earlier), tables.render_docs(current, earlier)
+    for model in fix["models"]:
+        assert f"| {model} (stale) |" in readme and f"| {model} (stale) |" in docs
+        assert f"vs {model} (stale)" in docs
+        claims = [line for line in readme.splitlines() if line.startswith("* ")]
+        assert claims and not any(model in line for line in claims)
+        assert f"Left out: {model}" in readme
+    assert f"written before commit `{fix['commit']}`" in readme
+    data["commit"] = fix["commit"]  # written by the fixed code: nothing stale
+    (tmp_path / "quality_movielens.json").write_text(json.dumps(data))
+    readme = tables.render_readme(*tables.load(tmp_path))
+    assert "(stale)" not in readme and "Stale:" not in readme
