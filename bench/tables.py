@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ STANDING = ("recall@10", "recall@200")
 STANDING_SLICES = ("all", "cold_start", "long_tail")  # what the README's claims are about
 # Fixes that change figures of files already committed. A file whose commit does not contain the fix keeps
 # its figures (only code writes them) but its tables mark the models named here as stale, and the README's
-# claims leave them out, until the file is written again by the fixed code.
+# claims leave them out, until the file is written again by the fixed code. Where git cannot tell (no
+# history), a file written (meta.created) before the fix's commit date counts as without it.
 FIXES = (
-    {"commit": "9a5d696", "models": ("recent_popular",),
+    {"commit": "9a5d6963eb92d9c685a02e4c67d2739ee7d4282c", "date": "2026-11-29T00:40:25+00:00",
+     "models": ("recent_popular",),
      "what": "read the prepared datasets' microsecond timestamps as nanoseconds, so a window of N days counted "
              "N thousand days (in effect all history: the windows chosen from scored alike)"},
 )
@@ -75,20 +78,30 @@ def load(results_dir: Path = RESULTS) -> tuple[list[tuple[str, dict]], list[str]
 
 
 def contains(commit: str | None, fix: str) -> bool | None:
-    """Whether ``commit`` descends from ``fix`` (None when git cannot tell)."""
+    """Whether ``commit`` descends from ``fix``; None when git cannot tell (no git, no such commit in this
+    clone's history, a shallow clone)."""
     if not commit:
         return None
-    res = subprocess.run(["git", "merge-base", "--is-ancestor", fix, commit], cwd=REPO, capture_output=True)
+    try:
+        res = subprocess.run(["git", "merge-base", "--is-ancestor", fix, commit], cwd=REPO, capture_output=True)
+    except OSError:
+        return None
     return {0: True, 1: False}.get(res.returncode)
 
 
 def stale(data: dict[str, Any]) -> dict[str, str]:
-    """model -> why its figures in ``data`` predate a fix of :data:`FIXES` (empty when none does)."""
+    """model -> why its figures in ``data`` may predate a fix of :data:`FIXES` (empty when none does).
+    A file that neither git nor its creation time places after the fix is stale: no claim may rest on it."""
     out: dict[str, str] = {}
     for fix in FIXES:
-        if contains(data.get("commit"), fix["commit"]) is False:
+        has = contains(data.get("commit"), fix["commit"])
+        created = (data.get("meta") or {}).get("created")
+        if has is None and created:
+            has = datetime.fromisoformat(created) >= datetime.fromisoformat(fix["date"])
+        if has is not True:
+            when = "written before" if has is False else "not known to contain"
             for model in fix["models"]:
-                out[model] = f"written before commit `{fix['commit']}`: {model} {fix['what']}"
+                out[model] = f"{when} commit `{fix['commit'][:7]}`: {model} {fix['what']}"
     return out
 
 
