@@ -529,3 +529,14 @@ def test_feast_is_imported_without_typeguard_instrumentation_unless_asked(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"instrumented": checks, "others_checked": True, "restored": True}
+
+
+@pytest.mark.integration
+def test_the_embedded_stack_loads_no_postgresql_driver_and_no_scipy() -> None:
+    """Every `learn run` task and the service import these modules: the file offline store needs neither
+    psycopg (PostgreSQL offline tables) nor scipy (the item-kNN baseline), so neither is loaded with them."""
+    probe = ("import json, sys; import learn_tasks.orchestration.tasks, learn_tasks.online.service; "
+             "print(json.dumps(sorted(m for m in ('psycopg', 'psycopg2', 'scipy') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -192,6 +192,7 @@ def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchang
     full = runs.RunArgs(synth_dataset, "full", day, day + pd.Timedelta(days=1))
     inc = runs.RunArgs(synth_dataset, "incremental", day + pd.Timedelta(days=1), day + pd.Timedelta(days=2))
     run_a = train.train_model(cfg, synth_dataset, model="sasrec", epochs=1)["run_dir"]
+    from learn_tasks.data.splits import load_split
     from learn_tasks.evaluation import harness
     from learn_tasks.pch.model import PCH
 
@@ -203,9 +204,12 @@ def test_gate_reuses_the_promoted_models_score_only_while_its_inputs_are_unchang
     assert len(item_passes) == 1
     alone = harness.evaluate_run(stages.eval_settings(cfg, cfg.pipeline.eval_users), synth_dataset, "loo",
                                  model="sasrec", run_dir=run_a, write_report=False)
-    assert ev_a["test"]["table"][S.SLICE_ALL]["recall@10"] == alone[S.SLICE_ALL]["recall@10"]
+    assert ev_a["test"]["table"] == stages._table(alone, cfg.evaluate.ks)
     sample = gate_sample.load_sample(cfg, synth_dataset)
     assert ev_a["valid"]["users"] == len(sample) == 80 and ev_a["valid"]["sample"] == sample.digest
+    scorer = harness.make_scorer(cfg, synth_dataset, "loo", "sasrec", load_split(cfg, synth_dataset, "loo"), run_a)
+    with pytest.raises(ValueError, match="not for the run"):  # its score would be cached under another run's key
+        gate_sample.score(cfg, synth_dataset, "loo", "sasrec", Path(run_a).parent / "other", sample, scorer=scorer)
     first = gate.promotion_gate(cfg, full, {"run_dir": run_a}, ev_a)
     assert first["promoted"] and first["previous"] is None
 

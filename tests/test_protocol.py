@@ -140,6 +140,8 @@ def test_unix_seconds_reads_the_unit_from_the_dtype(unit):
     assert harness.unix_seconds(stamps.dt.tz_localize(None)).tolist() == want  # naive = UTC
     assert harness.unix_seconds(stamps.dt.tz_convert("Asia/Tokyo")).tolist() == want
     assert harness.unix_seconds([pd.Timestamp(T0, unit="s", tz="UTC"), "1970-01-01T00:00:01.5Z"]).tolist() == [T0, 1]
+    with pytest.raises(ValueError, match="1 missing timestamp"):
+        harness.unix_seconds(pd.concat([stamps, pd.Series([pd.NaT], dtype=stamps.dtype)]))
 
 
 def test_item_knn_is_the_cosine_of_user_sets():

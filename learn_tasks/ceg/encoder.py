@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -42,6 +43,7 @@ STORE_FORMAT = 1  # bump when the meaning of stored rows changes: every fingerpr
 # tokenising so a megabyte-long description costs no more than a long title.
 _CHARS_PER_TOKEN_CAP = 24
 _HASH_FULL_LIMIT = 256 * 2**20  # files up to this size are hashed fully, larger ones sampled
+_THREADS_LOCK = threading.Lock()  # held while an encode with encode.threads > 0 has torch's count changed
 
 
 class EncodeError(RuntimeError):
@@ -275,14 +277,17 @@ class Encoder:
         kwargs: dict[str, Any] = {"output_hidden_states": need_hidden}
         if self.is_decoder:
             kwargs["use_cache"] = False  # no KV cache: one forward pass per batch
-        # encode.threads holds only while encoding: the process's other stages keep their own thread count
-        threads = torch.get_num_threads()
-        if self.cfg.threads > 0:
-            torch.set_num_threads(self.cfg.threads)
-        try:
+        if self.cfg.threads <= 0:
             return self._forward(ids, lengths, kwargs, out)
-        finally:
-            torch.set_num_threads(threads)
+        # encode.threads holds only while encoding: the process's other stages keep their own thread count.
+        # torch's count is process-wide, so encodes that set it take turns (else two could restore out of order).
+        with _THREADS_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.cfg.threads)
+            try:
+                return self._forward(ids, lengths, kwargs, out)
+            finally:
+                torch.set_num_threads(threads)
 
     def _forward(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, kwargs: dict[str, Any],
                  out: np.ndarray) -> np.ndarray:

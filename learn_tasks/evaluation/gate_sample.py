@@ -36,8 +36,8 @@ from learn_tasks import schema as S
 from learn_tasks.ceg import store
 from learn_tasks.config import Settings
 from learn_tasks.data import splits
-from learn_tasks.evaluation.harness import (Cases, Scorer, build_cases, case_slices, known_events, make_scorer,
-                                            rank_all, sample_cases)
+from learn_tasks.evaluation.harness import (Cases, Scorer, build_cases, case_slices, check_scorer, known_events,
+                                            make_scorer, rank_all, sample_cases)
 from learn_tasks.evaluation.metrics import rank_metrics
 from learn_tasks.pch.catalogue import Catalogue, catalogue_item_ids, item_popularity, tail_mask
 from learn_tasks.state import exclusive
@@ -212,6 +212,7 @@ def score(cfg: Settings, dataset: str, protocol: str, kind: str, run_dir: str | 
             return {**hit, "cached": True}
     if scorer is None:
         scorer = make_scorer(cfg, dataset, protocol, kind, splits.load_split(cfg, dataset, protocol), run_dir)
+    check_scorer(scorer, run_dir)  # the score is cached under run_dir's key
     cat = scorer.cat
     model_cases = Cases(sample.user_ids, sample.hist_offsets, cat.rows(sample.hist_items),
                         cat.rows(sample.target_items))

@@ -117,8 +117,10 @@ def unix_seconds(ts) -> np.ndarray:
     s = pd.Series(ts)
     if isinstance(s.dtype, pd.DatetimeTZDtype):
         s = s.dt.tz_convert("UTC").dt.tz_localize(None)
-    elif not np.issubdtype(s.dtype, np.datetime64):  # strings, Timestamps, datetimes
+    elif not pd.api.types.is_datetime64_dtype(s.dtype):  # strings, Timestamps, datetimes
         s = pd.to_datetime(s, utc=True).dt.tz_localize(None)
+    if s.isna().any():
+        raise ValueError(f"{int(s.isna().sum())} missing timestamp(s): every event needs its time")
     return s.to_numpy("datetime64[s]").astype(np.int64)
 
 
@@ -335,6 +337,15 @@ def make_scorer(cfg: Settings, dataset: str, protocol: str, model: str, split: p
                                                      "config": read_json(run_dir / "config.json")})
 
 
+def check_scorer(scorer: Scorer, run_dir: str | Path | None, embeddings: Any = None,
+                 model_overrides: dict[str, Any] | None = None) -> None:
+    """A scorer handed in must be the one the other arguments describe (ValueError otherwise)."""
+    if embeddings is not None or model_overrides:
+        raise ValueError("give embeddings and model_overrides to make_scorer, not beside a scorer")
+    if run_dir is not None and (scorer.run_dir is None or Path(run_dir).resolve() != scorer.run_dir.resolve()):
+        raise ValueError(f"the scorer is for {scorer.run_dir}, not for the run {run_dir}")
+
+
 def _baseline_scorer(cfg: Settings, dataset: str, model: str, split: pd.DataFrame,
                      embeddings: tuple[np.ndarray, np.ndarray] | None, stage: str) -> Scorer:
     known = known_events(split, stage)
@@ -402,7 +413,9 @@ def evaluate_run(cfg: Settings, dataset: str, protocol: str, model: str | None =
     """
     model = model or cfg.pipeline.model
     split = splits.load_split(cfg, dataset, protocol)
-    if scorer is None:
+    if scorer is not None:
+        check_scorer(scorer, run_dir, embeddings, model_overrides)
+    else:
         scorer = make_scorer(cfg, dataset, protocol, model, split, Path(run_dir) if run_dir else None, embeddings,
                              stage, model_overrides)
     cases = build_cases(split, scorer.cat, protocol, stage)
