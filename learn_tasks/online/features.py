@@ -55,7 +55,7 @@ from learn_tasks.data import datasets as data
 from learn_tasks.data import eventlog
 from learn_tasks.data.eventlog_stores import open_log
 from learn_tasks.data.splits import load_split
-from learn_tasks.online import feature_delta
+from learn_tasks.online import feature_delta, offline_tables
 from learn_tasks.online.feast_config import (  # noqa: F401 - re-exported: callers reach them as features.X
     ITEM_STATS_SERVICE, ITEM_STATS_VIEW, TABLES, USER_ACTIVITY_VIEW, USER_RECENT_VIEW, FeaturesError,
     definitions_hash, get_store, load_definitions, load_state, offline_url, project_name, repo_config, state_path,
@@ -248,8 +248,6 @@ def sync_offline(cfg: Settings, dataset: str, fingerprint: str, tables: dict[str
     """
     if cfg.features.offline_store != "postgres":
         return None
-    from learn_tasks.online import offline_tables  # psycopg: the file offline store never loads it
-
     url, schema = offline_url(cfg), project_name(dataset)
     if not force and offline_tables.synced_fingerprint(url, schema) == fingerprint:
         return {}
@@ -339,8 +337,6 @@ def _materialize_with_feast(cfg: Settings, dataset: str, window: Window, store: 
     statistics moved. A changed user row stamped before that range (a late event) is not in it; those
     rows are written directly, so the online values end as after a full materialisation.
     """
-    from learn_tasks.online import offline_tables
-
     url, schema = offline_url(cfg), project_name(dataset)
     last = window.end - pd.Timedelta(microseconds=1)  # Feast's range includes its end; the window does not
     prev_end = pd.Timestamp(done["window"]["end"]) if previous is not None and done else None

@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pandas as pd
-import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-from psycopg import sql
 
 from learn_tasks import postgres
 from learn_tasks import schema as S
 from learn_tasks.online import feature_delta
 from learn_tasks.online.feast_config import FeaturesError
+
+if TYPE_CHECKING:  # psycopg loads only when PostgreSQL is used: the file offline store never needs it
+    import psycopg
+    from psycopg import sql
 
 log = logging.getLogger("learn.features")
 
@@ -80,6 +82,8 @@ def connection_fields(url: str) -> dict[str, Any]:
 
 def connect(url: str) -> psycopg.Connection:
     """A psycopg 3 connection (Feast's PostgreSQL store uses psycopg 3; the other stores psycopg2)."""
+    import psycopg
+
     f = connection_fields(url)
     try:
         return psycopg.connect(host=f["host"], port=f["port"], dbname=f["database"], user=f["user"] or None,
@@ -143,6 +147,8 @@ def _latest(table: pa.Table) -> int:
 
 def _copy(cur: psycopg.Cursor, target: sql.Composable, cols: list[tuple[str, str]], table: pa.Table) -> None:
     """Binary ``COPY`` of ``table``'s columns ``cols`` into ``target``."""
+    from psycopg import sql
+
     col_ids = sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols)
     with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, col_ids)) as copy:
         copy.set_types([t for _, t in cols])
@@ -159,6 +165,8 @@ def _merge_table(cur: psycopg.Cursor, schema: str, name: str, table: pa.Table,
     difference is sent (:func:`feature_delta.table_delta`); without it, every row, and the stored rows
     whose keys are not among them are deleted.
     """
+    from psycopg import sql
+
     keys = KEYS[name]
     missing = [k for k in keys if k not in table.column_names]
     if missing:
@@ -226,6 +234,8 @@ def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint:
     what it changed, not the whole history). Returns per table: rows in it, rows sent, rows inserted or
     updated, rows deleted. Concurrent syncs of one schema queue on a transaction-scoped advisory lock.
     """
+    from psycopg import sql
+
     unknown = set(tables) - set(KEYS)
     if unknown:
         raise OfflineTablesError(f"unknown feature table(s) {sorted(unknown)}; expected {sorted(KEYS)}")
@@ -253,6 +263,8 @@ def sync_tables(url: str, schema: str, tables: dict[str, pa.Table], fingerprint:
 # ==================================================================================================
 def synced_fingerprint(url: str, schema: str, names: list[str] | tuple[str, ...] = tuple(KEYS)) -> str | None:
     """The fingerprint every table of ``names`` was last synced from; None when they differ or one is missing."""
+    from psycopg import sql
+
     with connect(url) as conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s)", (f'"{schema}"."{META_TABLE}"',))
         if cur.fetchone()[0] is None:
@@ -266,6 +278,8 @@ def synced_fingerprint(url: str, schema: str, names: list[str] | tuple[str, ...]
 
 def entities_in_range(url: str, schema: str, name: str, start: datetime, end: datetime) -> int:
     """Entities with a row stamped in [start, end]: how many rows Feast materialises for that range."""
+    from psycopg import sql
+
     key = KEYS[name][0]
     with connect(url) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(DISTINCT {k}) FROM {t} WHERE {ts} BETWEEN %s AND %s").format(
@@ -276,6 +290,8 @@ def entities_in_range(url: str, schema: str, name: str, start: datetime, end: da
 
 def read_table(url: str, schema: str, name: str) -> pd.DataFrame:
     """A whole offline table, ordered by its key (for checks and tools; the pipeline reads Parquet)."""
+    from psycopg import sql
+
     with connect(url) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT * FROM {} ORDER BY {}").format(
             sql.Identifier(schema, name), sql.SQL(", ").join(map(sql.Identifier, KEYS[name]))))
