@@ -293,7 +293,7 @@ class Encoder:
                  out: np.ndarray) -> np.ndarray:
         import torch
 
-        need_hidden = self.cfg.layer != -1
+        need_hidden = kwargs["output_hidden_states"]
         with torch.inference_mode():
             for rows in self.batches(lengths):
                 width = int(lengths[rows].max())
